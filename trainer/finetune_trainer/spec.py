@@ -1,0 +1,357 @@
+"""The FineTuneJob spec: one typed model shared by the trainer and the operator.
+
+This module must never import torch or kubernetes: the operator imports it to validate
+specs and to generate the CRD schema, and it has neither installed.
+
+Field names are the v1alpha1 API contract (DESIGN §2): camelCase on the wire,
+snake_case in Python. Unknown fields are errors, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from finetune_trainer.architectures import ARCHITECTURES
+from finetune_trainer.errors import JobFileError
+
+API_GROUP = "finetune.dev"
+API_VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+
+# Kubernetes quantities such as "500m", "4", "16Gi", "1.5".
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+# DNS-1123 label: volume names, container names.
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+MAX_PATH = 1024
+MAX_NAME = 253
+
+
+def _no_parent_segments(path: str | None) -> str | None:
+    """Reject '..' path segments and control characters: paths end up in pod specs and file I/O."""
+    if path is None:
+        return None
+    if any(part == ".." for part in re.split(r"[\\/]", path)):
+        raise ValueError("must not contain '..' segments")
+    if any(ord(c) < 32 for c in path):
+        raise ValueError("must not contain control characters")
+    return path
+
+
+PathStr = Annotated[str, Field(min_length=1, max_length=MAX_PATH)]
+
+
+class _Model(BaseModel):
+    """Base: camelCase aliases, unknown fields rejected, assignment validated."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+        frozen=False,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The camelCase dict as it appears in YAML and in the CRD."""
+        return self.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+class Weights(_Model):
+    """Where the pretrained backbone comes from."""
+
+    source: Literal["torchvision", "file", "none"] = Field(
+        "torchvision", description="torchvision: a named weights enum; file: a local state_dict; none: random init"
+    )
+    name: str = Field(
+        "DEFAULT",
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_]+$",
+        description="torchvision weights enum member, e.g. IMAGENET1K_V1 or DEFAULT",
+    )
+    path: PathStr | None = Field(None, description="file: a state_dict, checkpoint or .safetensors file")
+
+    @model_validator(mode="after")
+    def _path_rules(self) -> Weights:
+        _no_parent_segments(self.path)
+        if self.source == "file" and not self.path:
+            raise ValueError("weights.path is required when weights.source is 'file'")
+        return self
+
+
+class ModelSpec(_Model):
+    architecture: Literal[ARCHITECTURES] = Field(  # type: ignore[valid-type]
+        "resnet18", description="a torchvision classification model name"
+    )
+    weights: Weights = Field(default_factory=Weights)
+
+
+class Augment(_Model):
+    random_resized_crop: bool = Field(False, description="RandomResizedCrop on training images")
+    horizontal_flip: bool = Field(False, description="RandomHorizontalFlip on training images")
+    color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="ColorJitter strength (0 = off)")
+
+    @property
+    def any_random(self) -> bool:
+        return self.random_resized_crop or self.horizontal_flip or self.color_jitter > 0
+
+
+class Dataset(_Model):
+    builtin: Literal["digits"] | None = Field(None, description="bundled demo data (no network)")
+    path: PathStr | None = Field(None, description="ImageFolder root: train/ and val/, or class folders")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="val split when there is no val/ folder")
+    image_size: int = Field(224, ge=8, le=1024, description="side of the square network input")
+    classes: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME)]] | None = Field(
+        None, max_length=10000, description="use only these class names (default: all)"
+    )
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+    augment: Augment = Field(default_factory=Augment)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Dataset:
+        _no_parent_segments(self.path)
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError("set exactly one of dataset.builtin or dataset.path")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("dataset.classes has duplicates")
+        return self
+
+
+class Freeze(_Model):
+    policy: Literal["head", "partial", "full"] = Field(
+        "head", description="head: backbone frozen; partial: last N stages train; full: all train"
+    )
+    trainable_stages: int | None = Field(
+        None, ge=1, le=32, description="partial: how many of the backbone's last stages train (default 1)"
+    )
+    backbone_lr_scale: float = Field(
+        0.1, gt=0.0, le=10.0, description="partial/full: learning-rate multiplier for backbone parameters"
+    )
+
+    @model_validator(mode="after")
+    def _stages_only_with_partial(self) -> Freeze:
+        if self.trainable_stages is not None and self.policy != "partial":
+            raise ValueError("freeze.trainableStages is only valid with freeze.policy 'partial'")
+        return self
+
+    @property
+    def stages(self) -> int:
+        return self.trainable_stages or 1
+
+
+class Head(_Model):
+    hidden_units: int = Field(0, ge=0, le=65536, description="0 = one Linear layer")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class EarlyStopping(_Model):
+    patience: int = Field(0, ge=0, le=10000, description="epochs without improvement before stopping (0 = off)")
+    target_accuracy: float | None = Field(None, gt=0.0, le=1.0, description="stop once val accuracy reaches it")
+
+
+class Training(_Model):
+    epochs: int = Field(10, ge=1, le=10000)
+    batch_size: int = Field(32, ge=1, le=65536)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: float = Field(0.001, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+    scheduler: Literal["none", "cosine", "step"] = "none"
+    step_size: int = Field(10, ge=1, le=10000, description="step scheduler: epochs between decays")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step scheduler: decay factor")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    log_every_steps: int = Field(10, ge=1, le=100000, description="progress events every N steps")
+
+
+class Output(_Model):
+    path: PathStr = Field("/output", description="checkpoints/, the exported weights and model.json")
+
+    @model_validator(mode="after")
+    def _safe(self) -> Output:
+        _no_parent_segments(self.path)
+        return self
+
+
+class Resources(_Model):
+    gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per worker")
+    cpu: str | None = Field(None, max_length=32, pattern=QUANTITY_PATTERN, description="CPU request and limit")
+    memory: str | None = Field(None, max_length=32, pattern=QUANTITY_PATTERN, description="memory request and limit")
+
+
+# Volume sources users may mount; each is passed through to the pod spec as Kubernetes defines it.
+VOLUME_SOURCES = ("persistentVolumeClaim", "emptyDir", "configMap", "secret", "nfs", "csi", "hostPath", "ephemeral")
+K8sObject = dict[str, Any]
+
+
+class Volume(_Model):
+    name: str = Field(..., max_length=63, pattern=DNS_LABEL_PATTERN)
+    mount_path: PathStr = Field(..., description="absolute path inside the trainer container")
+    read_only: bool = False
+    persistent_volume_claim: K8sObject | None = None
+    empty_dir: K8sObject | None = None
+    config_map: K8sObject | None = None
+    secret: K8sObject | None = None
+    nfs: K8sObject | None = None
+    csi: K8sObject | None = None
+    host_path: K8sObject | None = None
+    ephemeral: K8sObject | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Volume:
+        _no_parent_segments(self.mount_path)
+        if not self.mount_path.startswith("/"):
+            raise ValueError("volumes[].mountPath must be an absolute path")
+        wire = self.to_wire()
+        given = [k for k in VOLUME_SOURCES if k in wire]
+        if len(given) != 1:
+            raise ValueError(f"volume {self.name!r} needs exactly one source of {', '.join(VOLUME_SOURCES)}")
+        return self
+
+    def source(self) -> dict[str, Any]:
+        """The pod-spec volume: name plus its one source."""
+        wire = self.to_wire()
+        return {"name": self.name, **{k: wire[k] for k in VOLUME_SOURCES if k in wire}}
+
+
+class Scheduling(_Model):
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[K8sObject] = Field(default_factory=list, max_length=64)
+    priority_class_name: str = Field("", max_length=MAX_NAME)
+
+
+class RunPolicy(_Model):
+    backoff_limit: int = Field(2, ge=0, le=100, description="pod retries before the job fails")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="wall-clock limit for the whole job")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="delete the Job (not the FineTuneJob) this long after it finishes"
+    )
+    suspend: bool = Field(False, description="create/keep the Job suspended (Kueue-compatible)")
+    progress_deadline_seconds: int | None = Field(
+        None, ge=1, description="no progress for this long marks the job Stalled"
+    )
+    startup_deadline_seconds: int | None = Field(
+        None, ge=1, description="Pending this long with an image or scheduling problem fails the job"
+    )
+
+
+class FineTuneJobSpec(_Model):
+    """spec of a FineTuneJob (v1alpha1)."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    dataset: Dataset
+    freeze: Freeze = Field(default_factory=Freeze)
+    head: Head = Field(default_factory=Head)
+    training: Training = Field(default_factory=Training)
+    output: Output = Field(default_factory=Output)
+    # cluster-only: ignored by local runs
+    image: str | None = Field(None, max_length=512, description="trainer image (default: operator setting)")
+    resources: Resources = Field(default_factory=Resources)
+    volumes: list[Volume] = Field(default_factory=list, max_length=32)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    workers: int = Field(1, ge=1, le=64, description="trainer pods (data parallel)")
+
+    @model_validator(mode="after")
+    def _unique_volumes(self) -> FineTuneJobSpec:
+        names = [v.name for v in self.volumes]
+        if len(set(names)) != len(names):
+            raise ValueError("volumes[].name must be unique")
+        return self
+
+    def resume_fingerprint(self) -> str:
+        """Hash of everything that makes a checkpoint incompatible if changed.
+
+        Epochs, early stopping, logging and cluster settings may change between attempts
+        (e.g. extend training); architecture, data, freezing, head and optimisation may not.
+        """
+        t = self.training.model_dump(exclude={"epochs", "early_stopping", "log_every_steps", "device"})
+        relevant = {
+            "model": self.model.model_dump(),
+            "dataset": self.dataset.model_dump(exclude={"num_workers"}),
+            "freeze": self.freeze.model_dump(),
+            "head": self.head.model_dump(),
+            "training": t,
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class JobFile(BaseModel):
+    """A parsed job file: the name (from metadata when present) and its spec."""
+
+    name: str = "finetune"
+    spec: FineTuneJobSpec
+
+
+def format_validation_error(err: ValidationError, prefix: str = "spec") -> str:
+    """One line per problem: `spec.training.epochs: Input should be >= 1 (got -3)`."""
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = _shorten_choices(e["msg"].removeprefix("Value error, "))
+        got = e.get("input")
+        shown = "" if e["type"] == "missing" or isinstance(got, dict) else f" (got {_short(got)})"
+        lines.append(f"{loc}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def _shorten_choices(msg: str, keep: int = 8) -> str:
+    """Long enum lists (80 architectures) are cut to a readable sample plus a count."""
+    choices = re.findall(r"'([^']*)'", msg)
+    if not msg.startswith("Input should be") or len(choices) <= keep:
+        return msg
+    shown = ", ".join(choices[:keep])
+    return f"Input should be one of {len(choices)} names such as {shown}, …"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_spec(data: Any, prefix: str = "spec") -> FineTuneJobSpec:
+    """Validate a spec dict (camelCase), raising JobFileError with a readable one-line message."""
+    if not isinstance(data, dict):
+        raise JobFileError(f"{prefix}: must be a mapping, got {type(data).__name__}")
+    try:
+        return FineTuneJobSpec.model_validate(data)
+    except ValidationError as err:
+        raise JobFileError(format_validation_error(err, prefix)) from None
+
+
+def parse_job(doc: Any) -> JobFile:
+    """A full FineTuneJob manifest, or just its spec."""
+    if not isinstance(doc, dict):
+        raise JobFileError("job file must be a YAML mapping (a FineTuneJob or its spec)")
+    if "kind" in doc or "apiVersion" in doc or "spec" in doc:
+        if doc.get("kind", KIND) != KIND:
+            raise JobFileError(f"kind: expected {KIND!r}, got {doc.get('kind')!r}")
+        expected = f"{API_GROUP}/{API_VERSION}"
+        if doc.get("apiVersion", expected) != expected:
+            raise JobFileError(f"apiVersion: expected {expected!r}, got {doc.get('apiVersion')!r}")
+        name = str((doc.get("metadata") or {}).get("name") or "finetune")
+        return JobFile(name=name, spec=parse_spec(doc.get("spec")))
+    return JobFile(spec=parse_spec(doc))
+
+
+def load_job(path: str | Path) -> JobFile:
+    """Read and validate a job file; every problem becomes a JobFileError."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise JobFileError(f"cannot read job file {path}: {err.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise JobFileError(f"job file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_job(doc)
