@@ -1,0 +1,302 @@
+"""build_job / build_configmap: deterministic, restricted, and faithful to the spec."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+import yaml
+from finetune_operator import builders
+from finetune_operator.settings import Settings, SettingsError
+from finetune_trainer.errors import EXIT_INVALID_JOB, EXIT_PREEMPTED, JobFileError
+from finetune_trainer.spec import load_job
+
+pytestmark = pytest.mark.unit
+
+SETTINGS = Settings(trainer_image="registry.local/trainer:1.0")
+
+
+def ftj(spec: dict[str, Any] | None = None, name: str = "demo", **meta: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": "ml", "uid": "uid-123", "generation": 1, **meta},
+        "spec": spec if spec is not None else {"dataset": {"builtin": "digits"}},
+    }
+
+
+def container(job: dict[str, Any]) -> dict[str, Any]:
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_job_is_deterministic_and_named_after_the_finetunejob() -> None:
+    a, b = builders.build_job(ftj(), SETTINGS), builders.build_job(ftj(), SETTINGS)
+    assert a == b
+    assert a["metadata"]["name"] == "demo"
+    assert a["metadata"]["namespace"] == "ml"
+    assert "ownerReferences" not in a["metadata"]  # the handler adopts it
+
+
+def test_long_names_are_hashed_to_63_characters_and_stay_unique() -> None:
+    long_a, long_b = "a" * 100, "a" * 99 + "b"
+    name_a = builders.job_name(ftj(name=long_a))
+    assert len(name_a) <= 63
+    assert name_a != builders.job_name(ftj(name=long_b))
+    job = builders.build_job(ftj(name=long_a), SETTINGS)
+    assert all(len(v) <= 63 for v in job["metadata"]["labels"].values())
+    assert job["metadata"]["annotations"][builders.ANNOTATION_NAME] == long_a
+
+
+def test_labels_select_by_uid_and_reach_the_pods() -> None:
+    job = builders.build_job(ftj(), SETTINGS)
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels[builders.LABEL_UID] == "uid-123"
+    assert job["metadata"]["labels"][builders.LABEL_UID] == "uid-123"
+    assert job["spec"]["template"]["metadata"]["annotations"][builders.ANNOTATION_NAME] == "demo"
+
+
+def test_kueue_labels_pass_through_other_labels_do_not() -> None:
+    labels = {"kueue.x-k8s.io/queue-name": "gpu-queue", "app.kubernetes.io/instance": "argo-app"}
+    job = builders.build_job(ftj(labels=labels), SETTINGS)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert "app.kubernetes.io/instance" not in job["metadata"]["labels"]
+
+
+def test_trainer_command_is_an_args_list_reading_the_mounted_job_file() -> None:
+    c = container(builders.build_job(ftj(), SETTINGS))
+    assert c["command"] == ["finetune-train"]
+    assert c["args"] == ["-f", "/etc/finetune/job.yaml", "--report", "jsonl"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/etc/finetune"]["readOnly"] is True
+
+
+def test_hostile_strings_never_reach_a_shell() -> None:
+    spec = {"dataset": {"path": "/data/$(rm -rf ~); echo pwned"}, "image": "img; rm -rf /"}
+    job = builders.build_job(ftj(spec), SETTINGS)
+    c = container(job)
+    assert c["args"] == ["-f", "/etc/finetune/job.yaml", "--report", "jsonl"]
+    assert c["image"] == "img; rm -rf /"  # the runtime rejects it as InvalidImageName; no shell sees it
+    assert "sh" not in c["command"] and "-c" not in c["args"]
+
+
+def test_image_from_settings_overridable_by_spec() -> None:
+    assert container(builders.build_job(ftj(), SETTINGS))["image"] == "registry.local/trainer:1.0"
+    spec = {"dataset": {"builtin": "digits"}, "image": "mine:2"}
+    assert container(builders.build_job(ftj(spec), SETTINGS))["image"] == "mine:2"
+
+
+def test_gpu_resources_only_when_gpus_requested() -> None:
+    cpu_only = container(builders.build_job(ftj(), SETTINGS))
+    assert "nvidia.com/gpu" not in json.dumps(cpu_only["resources"])
+    spec = {"dataset": {"builtin": "digits"}, "resources": {"gpus": 2, "cpu": "4", "memory": "16Gi"}}
+    res = container(builders.build_job(ftj(spec), SETTINGS))["resources"]
+    assert res["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 2}
+    assert res["requests"] == {"cpu": "4", "memory": "16Gi"}
+
+
+def test_scheduling_fields_are_passed_through() -> None:
+    tol = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    spec = {
+        "dataset": {"builtin": "digits"},
+        "scheduling": {
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [tol],
+            "priorityClassName": "training",
+        },
+    }
+    pod = builders.build_job(ftj(spec), SETTINGS)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"gpu": "a100"}
+    assert pod["tolerations"] == [tol]
+    assert pod["priorityClassName"] == "training"
+    plain = builders.build_job(ftj(), SETTINGS)["spec"]["template"]["spec"]
+    assert "nodeSelector" not in plain and "tolerations" not in plain and "priorityClassName" not in plain
+
+
+def test_pod_is_restricted() -> None:
+    pod = builders.build_job(ftj(), SETTINGS)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container({"spec": {"template": {"spec": pod}}})["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]  # the only writable scratch besides output
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert pod["terminationGracePeriodSeconds"] >= 60  # time to checkpoint on SIGTERM
+
+
+def test_run_policy_maps_to_the_job() -> None:
+    spec = {
+        "dataset": {"builtin": "digits"},
+        "runPolicy": {
+            "backoffLimit": 5,
+            "activeDeadlineSeconds": 3600,
+            "ttlSecondsAfterFinished": 60,
+            "suspend": True,
+        },
+    }
+    job = builders.build_job(ftj(spec), SETTINGS)["spec"]
+    assert job["backoffLimit"] == 5
+    assert job["activeDeadlineSeconds"] == 3600
+    assert job["ttlSecondsAfterFinished"] == 60
+    assert job["suspend"] is True
+    defaults = builders.build_job(ftj(), SETTINGS)["spec"]
+    assert defaults["backoffLimit"] == 2 and defaults["suspend"] is False
+    assert "activeDeadlineSeconds" not in defaults and "ttlSecondsAfterFinished" not in defaults
+
+
+def test_pod_failure_policy_ignores_disruptions_and_preemption_fails_fast_on_invalid_job() -> None:
+    rules = builders.build_job(ftj(), SETTINGS)["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    by_code = {r["onExitCodes"]["values"][0]: r for r in rules if "onExitCodes" in r}
+    assert by_code[EXIT_INVALID_JOB]["action"] == "FailJob"
+    assert by_code[EXIT_PREEMPTED]["action"] == "Ignore"
+    assert all(r["onExitCodes"]["containerName"] == "trainer" for r in by_code.values())
+
+
+def test_user_volumes_are_mounted() -> None:
+    vol = {
+        "name": "data",
+        "mountPath": "/data",
+        "readOnly": True,
+        "persistentVolumeClaim": {"claimName": "imgs"},
+    }
+    spec = {"dataset": {"path": "/data/images"}, "volumes": [vol]}
+    pod = builders.build_job(ftj(spec), SETTINGS)["spec"]["template"]["spec"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "imgs"}} in pod["volumes"]
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+
+
+def _output_mount(job: dict[str, Any], path: str = "/output") -> tuple[dict[str, Any], dict[str, Any]]:
+    pod = job["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == path)
+    return mount, next(v for v in pod["volumes"] if v["name"] == mount["name"])
+
+
+def test_output_defaults_to_an_emptydir_and_says_so() -> None:
+    _, volume = _output_mount(builders.build_job(ftj(), SETTINGS))
+    assert volume == {"name": builders.VOL_OUTPUT, "emptyDir": {}}
+    spec = builders.parsed_spec(ftj())
+    assert builders.output_location(ftj(), spec, SETTINGS)["ephemeral"] is True
+
+
+def test_output_on_a_user_volume_gets_no_extra_mount() -> None:
+    vol = {"name": "models", "mountPath": "/models", "persistentVolumeClaim": {"claimName": "m"}}
+    spec = {"dataset": {"builtin": "digits"}, "output": {"path": "/models/run1"}, "volumes": [vol]}
+    pod = builders.build_job(ftj(spec), SETTINGS)["spec"]["template"]["spec"]
+    assert builders.VOL_OUTPUT not in {v["name"] for v in pod["volumes"]}
+    loc = builders.output_location(ftj(spec), builders.parsed_spec(ftj(spec)), SETTINGS)
+    assert loc == {"path": "/models/run1", "volume": "models", "ephemeral": False}
+
+
+def test_output_pvc_setting_uses_a_subpath_per_job() -> None:
+    settings = Settings(output_pvc="models")
+    mount, volume = _output_mount(builders.build_job(ftj(), settings))
+    assert volume["persistentVolumeClaim"] == {"claimName": "models"}
+    assert mount["subPath"] == "demo"
+
+
+def test_configmap_holds_the_resolved_job_file_the_trainer_can_load(tmp_path: Any) -> None:
+    cm = builders.build_configmap(
+        ftj({"dataset": {"builtin": "digits"}, "training": {"epochs": 3}}), SETTINGS
+    )
+    assert cm["metadata"]["name"] == "demo-spec"
+    assert cm["metadata"]["labels"][builders.LABEL_UID] == "uid-123"
+    doc = yaml.safe_load(cm["data"]["job.yaml"])
+    assert doc["spec"]["training"]["epochs"] == 3
+    assert doc["spec"]["training"]["batchSize"] == 32  # defaults resolved
+    path = tmp_path / "job.yaml"
+    path.write_text(cm["data"]["job.yaml"])
+    job_file = load_job(path)  # the trainer's own loader accepts it
+    assert job_file.name == "demo" and job_file.spec.training.epochs == 3
+
+
+def test_configmap_volume_points_at_the_configmap() -> None:
+    job = builders.build_job(ftj(), SETTINGS)
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[builders.VOL_JOB_FILE]["configMap"]["name"] == builders.configmap_name(ftj())
+
+
+def test_invalid_spec_raises_a_field_naming_error() -> None:
+    with pytest.raises(JobFileError, match=r"spec\.training\.epochs"):
+        builders.build_job(ftj({"dataset": {"builtin": "digits"}, "training": {"epochs": 0}}), SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("spec_extra", "field"),
+    [
+        ({"workers": 2}, "spec.workers"),
+        ({"volumes": [{"name": "finetune-tmp", "mountPath": "/x", "emptyDir": {}}]}, "spec.volumes[0].name"),
+        ({"volumes": [{"name": "a", "mountPath": "/tmp/a", "emptyDir": {}}]}, "spec.volumes[0].mountPath"),
+        ({"volumes": [{"name": "a", "mountPath": "/etc", "emptyDir": {}}]}, "spec.volumes[0].mountPath"),
+        (
+            {
+                "volumes": [
+                    {"name": "a", "mountPath": "/d", "emptyDir": {}},
+                    {"name": "b", "mountPath": "/d/", "emptyDir": {}},
+                ]
+            },
+            "spec.volumes[1].mountPath",
+        ),
+        (
+            {"volumes": [{"name": "h", "mountPath": "/h", "hostPath": {"path": "/"}}]},
+            "spec.volumes[0].hostPath",
+        ),
+        (
+            {"volumes": [{"name": "o", "mountPath": "/output", "readOnly": True, "emptyDir": {}}]},
+            "spec.output.path",
+        ),
+    ],
+)
+def test_cluster_problems_name_the_field(spec_extra: dict[str, Any], field: str) -> None:
+    spec = builders.parsed_spec(ftj({"dataset": {"builtin": "digits"}, **spec_extra}))
+    problems = builders.cluster_problems(spec, SETTINGS)
+    assert any(p.startswith(field + ":") for p in problems), problems
+
+
+def test_a_plain_spec_has_no_cluster_problems_and_hostpath_can_be_allowed() -> None:
+    assert builders.cluster_problems(builders.parsed_spec(ftj()), SETTINGS) == []
+    spec = {
+        "dataset": {"builtin": "digits"},
+        "volumes": [{"name": "h", "mountPath": "/h", "hostPath": {"path": "/d"}}],
+    }
+    assert builders.cluster_problems(builders.parsed_spec(ftj(spec)), Settings(allow_host_path=True)) == []
+
+
+def test_changed_fields_names_what_changed_and_ignores_suspend() -> None:
+    original = ftj({"dataset": {"builtin": "digits"}, "training": {"epochs": 3}})
+    job = builders.build_job(original, SETTINGS)
+    assert builders.changed_fields(original, job) == []
+    suspended = copy.deepcopy(original)
+    suspended["spec"]["runPolicy"] = {"suspend": True}
+    assert builders.changed_fields(suspended, job) == []
+    longer = copy.deepcopy(original)
+    longer["spec"]["training"]["epochs"] = 30
+    assert builders.changed_fields(longer, job) == ["training"]
+    # A default written out explicitly is not a change (the server fills CRD defaults in).
+    explicit = copy.deepcopy(original)
+    explicit["spec"]["training"]["batchSize"] = 32
+    assert builders.changed_fields(explicit, job) == []
+
+
+def test_settings_from_env() -> None:
+    s = Settings.from_env(
+        {"FINETUNE_TRAINER_IMAGE": "t:1", "FINETUNE_NAMESPACES": "a, b", "FINETUNE_OUTPUT_PVC": ""}
+    )
+    assert s.trainer_image == "t:1" and s.namespaces == ("a", "b") and not s.clusterwide
+    assert Settings.from_env({}).clusterwide
+    assert Settings.from_env({}).startup_deadline_seconds == 600
+    with pytest.raises(SettingsError, match="FINETUNE_STARTUP_DEADLINE_SECONDS"):
+        Settings.from_env({"FINETUNE_STARTUP_DEADLINE_SECONDS": "soon"})
+    with pytest.raises(SettingsError, match="FINETUNE_IMAGE_PULL_POLICY"):
+        Settings.from_env({"FINETUNE_IMAGE_PULL_POLICY": "Sometimes"})
