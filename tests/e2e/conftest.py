@@ -1,0 +1,177 @@
+"""e2e fixtures: a kubeconfig for a real cluster.
+
+Which cluster:
+  * ``FINETUNE_E2E_KUBECONFIG`` or ``KUBECONFIG`` set  -> that cluster (kind, a real one); nothing is started.
+    ``FINETUNE_E2E_LOCAL=1`` ignores ``KUBECONFIG`` and starts the local one anyway.
+  * otherwise -> the local control plane of ``hack/testenv/cluster.py`` (etcd, kube-apiserver,
+    kube-controller-manager, kube-scheduler, kwok nodes), built/cached by ``hack/testenv/build.sh``,
+    started once per session and stopped by PID at the end (a leftover process fails the session).
+
+When no cluster can be provisioned (no Go toolchain, build failure, ...) the e2e tests are skipped with the
+reason, except with ``CI=true``, where that is a failure. The component logs of a session with a failed
+e2e test are kept and their path is printed at the end of the run.
+
+A cold build takes tens of minutes: run ``hack/testenv/build.sh`` before pytest (``make e2e`` does), so
+that no test's timeout is spent building.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+E2E_DIR = Path(__file__).resolve().parent
+
+_failed_key = pytest.StashKey[bool]()
+_report_key = pytest.StashKey[list]()
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _load_testenv():
+    """Import hack/testenv/cluster.py (not a package on sys.path)."""
+    path = REPO / "hack" / "testenv" / "cluster.py"
+    spec = importlib.util.spec_from_file_location("finetune_testenv_cluster", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_DIR in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and E2E_DIR in Path(str(item.fspath)).parents:
+        item.config.stash[_failed_key] = True
+    return report
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for line in config.stash.get(_report_key, []):
+        terminalreporter.write_line(line)
+
+
+def _unavailable(msg: str):
+    """Skip (or, under CI=true, fail) every test that needs a cluster."""
+    if _truthy("CI"):
+        pytest.fail(
+            f"e2e: could not provision a cluster (CI=true makes this a failure): {msg}", pytrace=False
+        )
+    pytest.skip(f"e2e: no cluster: {msg} (set KUBECONFIG to use an existing cluster)")
+
+
+@pytest.fixture(scope="session")
+def local_cluster(request) -> Iterator[object | None]:
+    """The LocalCluster this session started, or None when an existing cluster is used."""
+    given = os.environ.get("FINETUNE_E2E_KUBECONFIG") or (
+        None if _truthy("FINETUNE_E2E_LOCAL") else os.environ.get("KUBECONFIG")
+    )
+    if given:
+        if not Path(given.split(os.pathsep)[0]).exists():
+            _unavailable(f"kubeconfig {given} does not exist")
+        yield None
+        return
+
+    try:
+        testenv = _load_testenv()
+    except Exception as e:
+        _unavailable(f"cannot load hack/testenv/cluster.py: {e}")
+    try:
+        binaries = testenv.build_binaries(quiet=True)
+    except testenv.ClusterError as e:
+        _unavailable(f"cannot build the control plane binaries: {e}")
+    cluster = testenv.LocalCluster(nodes=1, binaries=binaries)
+    try:
+        cluster.start()
+    except testenv.ClusterError as e:
+        request.config.stash.setdefault(_report_key, []).append(
+            f"e2e: local cluster failed to start; component logs kept in {cluster.logs}"
+        )
+        _unavailable(f"the local control plane did not start: {e}")
+    rss = cluster.rss_bytes()
+    request.config.stash.setdefault(_report_key, []).append(
+        f"e2e: local control plane {cluster.server} started in {cluster.timings.get('total', 0):.1f} s, "
+        f"RSS {sum(rss.values()) / 2**20:.0f} MiB ("
+        + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items())
+        + ")"
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        stray = cluster.stray_pids()
+        failed = request.config.stash.get(_failed_key, False)
+        if failed or stray:
+            request.config.stash.setdefault(_report_key, []).append(
+                f"e2e: component logs of the local cluster kept in {cluster.logs}"
+            )
+        else:
+            cluster.cleanup()
+        assert not stray, f"processes left running after the local cluster stopped: {stray}"
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(local_cluster) -> str:
+    """Path of a kubeconfig for the cluster under test (admin rights)."""
+    if local_cluster is not None:
+        return str(local_cluster.kubeconfig)
+    return (os.environ.get("FINETUNE_E2E_KUBECONFIG") or os.environ["KUBECONFIG"]).split(os.pathsep)[0]
+
+
+@pytest.fixture(scope="session")
+def k8s(kubeconfig):
+    """A `kubernetes` ApiClient for the cluster under test."""
+    kubernetes = pytest.importorskip("kubernetes", reason="the e2e tests use the `kubernetes` client")
+    client = kubernetes.config.new_client_from_config(config_file=kubeconfig)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def namespace(k8s) -> Iterator[str]:
+    """A fresh namespace, deleted (without waiting) after the test."""
+    from kubernetes import client
+
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(k8s)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"e2e": "true"})))
+    yield name
+    try:
+        core.delete_namespace(name)
+    except client.ApiException as e:
+        if e.status != 404:
+            raise
+
+
+@pytest.fixture(scope="session")
+def wait_for() -> Callable[..., object]:
+    """`wait_for(predicate, timeout=60, what="...")`: poll until truthy, return it, or fail the test."""
+    return _wait_for
+
+
+def _wait_for(predicate: Callable[[], object], timeout: float = 60.0, interval: float = 0.2, what: str = ""):
+    """Poll `predicate` until it returns something truthy; return that, or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what or predicate} (last: {last!r})")
