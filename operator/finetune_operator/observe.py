@@ -1,0 +1,230 @@
+"""Reading Kubernetes Job and Pod objects: what is wrong with them, in our reason vocabulary.
+
+Pure functions over the dicts the API returns (camelCase). Each answers with a
+(reason, message) pair or None; the reasons are the ones status.reason documents.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from finetune_operator.builders import CONTAINER
+from finetune_trainer.errors import EXIT_INVALID_JOB, EXIT_PREEMPTED
+
+Obj = Mapping[str, Any]
+Problem = tuple[str, str]
+
+# Pod waiting reasons that may clear up by themselves (registry hiccup, autoscaler adding a
+# node): Pending until the startup deadline, then Failed. InvalidImageName never clears up.
+IMAGE_WAITING = {
+    "ImagePullBackOff": "ImagePullBackOff",
+    "ErrImagePull": "ErrImagePull",
+    "ErrImageNeverPull": "ErrImageNeverPull",
+}
+CONFIG_WAITING = {
+    "CreateContainerConfigError": "CreateContainerConfigError",
+    "CreateContainerError": "CreateContainerError",
+}
+HOPELESS_WAITING = {"InvalidImageName": "InvalidImageName"}
+STARTUP_PROBLEMS = frozenset(
+    {*IMAGE_WAITING.values(), *CONFIG_WAITING.values(), "Unschedulable", "PodCreationFailed"}
+)
+IMMEDIATE_FAILURES = frozenset(HOPELESS_WAITING.values())
+
+PREEMPTION_REASONS = {"PreemptionByScheduler", "PreemptionByKubeScheduler"}
+MESSAGE_TAIL = 400
+
+
+def parse_time(value: Any) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def format_time(value: dt.datetime) -> str:
+    return value.astimezone(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def condition(obj: Obj, kind: str) -> Obj | None:
+    """The status condition of this type, if its status is "True"."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def tail(text: str | None, limit: int = MESSAGE_TAIL) -> str:
+    """The end of a (multi-line) message: tracebacks end with the useful line."""
+    text = (text or "").strip()
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def _statuses(pod: Obj) -> list[Obj]:
+    status = pod.get("status") or {}
+    return [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+
+
+def _trainer_terminated(pod: Obj) -> Obj | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER:
+            state = cs.get("state") or {}
+            return state.get("terminated") or (cs.get("lastState") or {}).get("terminated")
+    return None
+
+
+def is_active(pod: Obj) -> bool:
+    phase = (pod.get("status") or {}).get("phase")
+    return phase in (None, "Pending", "Running", "Unknown") and not pod["metadata"].get("deletionTimestamp")
+
+
+def waiting_problem(pod: Obj) -> Problem | None:
+    """Why a not-yet-running pod is stuck: image, container config, or scheduling."""
+    known = {**IMAGE_WAITING, **CONFIG_WAITING, **HOPELESS_WAITING}
+    for cs in _statuses(pod):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in known:
+            image = cs.get("image") or "the trainer image"
+            detail = waiting.get("message") or f"cannot start container {cs.get('name')} ({image})"
+            return known[waiting["reason"]], tail(detail)
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        unschedulable = cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable"
+        if unschedulable and cond.get("status") == "False":
+            return "Unschedulable", tail(cond.get("message") or "no node fits the pod")
+    return None
+
+
+def pod_failure(pod: Obj) -> Problem | None:
+    """Why a pod that ended did not succeed, most specific cause first."""
+    status = pod.get("status") or {}
+    disruption = next(
+        (
+            c
+            for c in status.get("conditions") or []
+            if c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        ),
+        None,
+    )
+    if disruption is not None:
+        kind = "Preempted" if disruption.get("reason") in PREEMPTION_REASONS else "Evicted"
+        return kind, tail(f"{disruption.get('reason')}: {disruption.get('message') or 'pod disrupted'}")
+    if status.get("reason") == "Evicted":
+        return "Evicted", tail(status.get("message") or "the kubelet evicted the pod")
+    term = _trainer_terminated(pod)
+    if term is None:
+        return (
+            ("PodFailed", tail(status.get("message") or "pod failed"))
+            if status.get("phase") == "Failed"
+            else None
+        )
+    code = term.get("exitCode", 0)
+    if term.get("reason") == "OOMKilled":
+        return (
+            "OOMKilled",
+            "the trainer ran out of memory: raise spec.resources.memory or lower training.batchSize",
+        )
+    if code == 0:
+        return None
+    if code == EXIT_INVALID_JOB:
+        return "InvalidJobFile", tail(
+            term.get("message") or "the trainer rejected its job file (exit code 2)"
+        )
+    if code == EXIT_PREEMPTED:
+        return "Preempted", "the trainer saved a checkpoint and stopped after SIGTERM (exit code 75)"
+    detail = tail(term.get("message")) or term.get("reason") or "no output"
+    return "TrainerError", f"exit code {code}: {detail}"
+
+
+def _by_age(pods: Sequence[Obj]) -> list[Obj]:
+    return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
+
+
+def last_failure(pods: Sequence[Obj]) -> Problem | None:
+    """The failure of the most recently created pod that failed."""
+    for pod in reversed(_by_age(pods)):
+        if not is_active(pod):
+            found = pod_failure(pod)
+            if found:
+                return found
+    return None
+
+
+def first_waiting_problem(pods: Sequence[Obj]) -> Problem | None:
+    for pod in reversed(_by_age(pods)):
+        if is_active(pod):
+            found = waiting_problem(pod)
+            if found:
+                return found
+    return None
+
+
+def running_pod(pods: Sequence[Obj]) -> Obj | None:
+    for pod in reversed(_by_age(pods)):
+        if is_active(pod) and (pod.get("status") or {}).get("phase") == "Running":
+            return pod
+    return None
+
+
+def running_since(pod: Obj) -> str | None:
+    for cs in _statuses(pod):
+        started = ((cs.get("state") or {}).get("running") or {}).get("startedAt")
+        if started:
+            return started
+    return (pod.get("status") or {}).get("startTime")
+
+
+def job_failure(job: Obj, pods: Sequence[Obj]) -> Problem:
+    """Why a Job failed, refined by its pods when they say more than the Job does."""
+    cond = condition(job, "Failed") or condition(job, "FailureTarget") or {}
+    reason, message = cond.get("reason") or "JobFailed", cond.get("message") or "the Job failed"
+    if reason == "DeadlineExceeded":
+        limit = (job.get("spec") or {}).get("activeDeadlineSeconds")
+        return "DeadlineExceeded", f"ran longer than spec.runPolicy.activeDeadlineSeconds ({limit}s)"
+    pod_says = last_failure(pods)
+    if reason == "PodFailurePolicy":
+        return pod_says if pod_says and pod_says[0] == "InvalidJobFile" else ("InvalidJobFile", tail(message))
+    if reason == "BackoffLimitExceeded":
+        if pod_says is None:
+            return reason, tail(message)
+        failed = (job.get("status") or {}).get("failed", 0)
+        return pod_says[0], f"failed {failed} time(s), retries exhausted; last attempt: {pod_says[1]}"
+    return reason, tail(message)
+
+
+def job_finished(job: Obj) -> bool:
+    return any(condition(job, c) for c in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"))
+
+
+def job_succeeded(job: Obj) -> bool:
+    return bool(condition(job, "Complete") or condition(job, "SuccessCriteriaMet"))
+
+
+def job_suspended(job: Obj) -> bool:
+    return bool((job.get("spec") or {}).get("suspend")) or bool(condition(job, "Suspended"))
+
+
+def startup_clock(job: Obj) -> dt.datetime | None:
+    """When the Job last started (or resumed) trying to run pods."""
+    return parse_time((job.get("status") or {}).get("startTime")) or parse_time(
+        job["metadata"].get("creationTimestamp")
+    )
+
+
+def result_summary(pods: Sequence[Obj]) -> dict[str, Any]:
+    """Output fields from a succeeded trainer's termination message, if it wrote JSON there."""
+    keys = ("weightsFile", "sha256", "bestEpoch", "valAccuracy")
+    for pod in reversed(_by_age(pods)):
+        term = _trainer_terminated(pod)
+        if term and term.get("exitCode") == 0 and term.get("message"):
+            try:
+                doc = json.loads(term["message"])
+            except ValueError:
+                return {}
+            return {k: doc[k] for k in keys if isinstance(doc, dict) and k in doc}
+    return {}

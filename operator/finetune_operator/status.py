@@ -1,0 +1,356 @@
+"""derive_status: the FineTuneJob's status as a pure function of what exists.
+
+Inputs are the FineTuneJob (with its current status), its Job (or None), the Job's pods
+and the time. Nothing is remembered elsewhere, so a restarted operator derives the same
+status. Only two things are sticky, on purpose:
+
+* a finished phase (Succeeded/Failed) never changes again — the Job may be deleted by
+  ttlSecondsAfterFinished and the FineTuneJob must keep its result (InvalidSpec with no
+  Job is the one exception: fixing the spec lets it start);
+* a Job that existed (status.jobName) and vanished before finishing is a failure
+  (JobDeleted), never a reason to silently train again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_operator import builders, observe
+from finetune_operator.settings import Settings
+from finetune_trainer.errors import JobFileError
+
+Obj = Mapping[str, Any]
+TERMINAL = ("Succeeded", "Failed")
+INVALID_SPEC = "InvalidSpec"
+
+
+@dataclass
+class Verdict:
+    """What the objects say: phase, reason, message and the times that go with them."""
+
+    phase: str
+    reason: str
+    message: str
+    start_time: str | None = None
+    completion_time: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def derive_status(
+    ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: dt.datetime, settings: Settings
+) -> dict:
+    """The complete new status (declared fields only); the caller patches what changed."""
+    prev = dict(ftj.get("status") or {})
+    verdict = _keep_finished(prev, job) or _judge(ftj, job, pods, now, settings, prev)
+    status: dict[str, Any] = {
+        "phase": verdict.phase,
+        "reason": verdict.reason,
+        "message": verdict.message,
+        "observedGeneration": ftj["metadata"].get("generation", 0),
+        "jobName": job["metadata"]["name"] if job else prev.get("jobName"),
+        "attempts": max(prev.get("attempts", 0), _attempts(job)),
+        "startTime": prev.get("startTime") or verdict.start_time,
+        "completionTime": (prev.get("completionTime") or verdict.completion_time)
+        if verdict.phase in TERMINAL
+        else None,
+        "progress": _progress(ftj, prev),
+    }
+    for key in ("resumeCount", "lastCheckpoint"):  # written by the progress endpoint
+        if key in prev:
+            status[key] = prev[key]
+    output = {**(prev.get("output") or {}), **verdict.extra.get("output", {})}
+    if output:
+        status["output"] = output
+    stalled = _progress_stalled(ftj, status, now)
+    drift = changed_fields_message(ftj, job) if job and verdict.phase not in TERMINAL else None
+    status["conditions"] = conditions(prev, status, stalled, drift, now)
+    return {k: v for k, v in status.items() if v is not None}
+
+
+def _keep_finished(prev: Mapping[str, Any], job: Obj | None) -> Verdict | None:
+    if prev.get("phase") not in TERMINAL:
+        return None
+    if prev.get("reason") == INVALID_SPEC and job is None:
+        return None  # nothing ran; a fixed spec may start
+    return Verdict(prev["phase"], prev.get("reason", prev["phase"]), prev.get("message", ""))
+
+
+def _judge(
+    ftj: Obj,
+    job: Obj | None,
+    pods: Sequence[Obj],
+    now: dt.datetime,
+    settings: Settings,
+    prev: Mapping[str, Any],
+) -> Verdict:
+    if job is None:
+        if prev.get("jobName"):
+            return Verdict(
+                "Failed",
+                "JobDeleted",
+                f"Job {prev['jobName']} was deleted before it finished; "
+                "re-create the FineTuneJob to train again",
+                completion_time=observe.format_time(now),
+            )
+        return Verdict("Pending", "Creating", f"creating Job {builders.job_name(ftj)}")
+    if observe.job_succeeded(job):
+        return _succeeded(ftj, job, pods, now, settings)
+    if observe.job_finished(job):
+        reason, message = observe.job_failure(job, pods)
+        return Verdict("Failed", reason, message, completion_time=_failed_at(job, now))
+    if observe.job_suspended(job):
+        return Verdict(
+            "Suspended",
+            "Suspended",
+            f"Job {job['metadata']['name']} is suspended "
+            "(spec.runPolicy.suspend, or a queue such as Kueue has not admitted it); no pods run",
+        )
+    running = observe.running_pod(pods)
+    if running is not None:
+        return _running(running, pods, now)
+    return _pending(ftj, job, pods, now, settings)
+
+
+def _succeeded(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings: Settings) -> Verdict:
+    output = {**_output_location(ftj, settings), **observe.result_summary(pods)}
+    message = f"training finished; the model is in {output['path']}"
+    if output.get("ephemeral"):
+        message += (
+            " on an emptyDir volume, deleted with the pod — mount a volume at spec.output.path "
+            "(or set the operator's output PVC) to keep it"
+        )
+    done = (job.get("status") or {}).get("completionTime") or observe.format_time(now)
+    return Verdict("Succeeded", "Succeeded", message, completion_time=done, extra={"output": output})
+
+
+def _running(pod: Obj, pods: Sequence[Obj], now: dt.datetime) -> Verdict:
+    message = f"training in pod {pod['metadata']['name']}"
+    earlier = observe.last_failure(pods)
+    if earlier:
+        message += f" (after a failed attempt: {earlier[0]})"
+    return Verdict(
+        "Running", "Running", message, start_time=observe.running_since(pod) or observe.format_time(now)
+    )
+
+
+def _pending(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings: Settings) -> Verdict:
+    deadline = _startup_deadline(ftj, settings)
+    since = observe.startup_clock(job) or now
+    waited = max(0, int((now - since).total_seconds()))
+    problem = observe.first_waiting_problem(pods)
+    if problem is None and not any(observe.is_active(p) for p in pods):
+        earlier = observe.last_failure(pods)
+        if earlier:  # between attempts: the Job controller is about to retry
+            return Verdict(
+                "Pending", "Retrying", f"attempt failed ({earlier[0]}: {earlier[1]}); the Job retries"
+            )
+        if waited > deadline:
+            problem = (
+                "PodCreationFailed",
+                f"no pod was created for Job {job['metadata']['name']}; "
+                "`kubectl describe job` shows why (quota, admission policy, service account)",
+            )
+    if problem is None:
+        return Verdict("Pending", "Starting", "waiting for the trainer pod to start")
+    reason, message = problem
+    if reason in observe.IMMEDIATE_FAILURES:
+        return Verdict("Failed", reason, message, completion_time=observe.format_time(now))
+    if reason in observe.STARTUP_PROBLEMS and waited > deadline:
+        return Verdict(
+            "Failed",
+            reason,
+            f"{message} (pending for {waited}s, past the startup deadline of {deadline}s)",
+            completion_time=observe.format_time(now),
+        )
+    return Verdict("Pending", reason, f"{message} (pending for {waited}s; fails after {deadline}s)")
+
+
+def _startup_deadline(ftj: Obj, settings: Settings) -> int:
+    run_policy = (ftj.get("spec") or {}).get("runPolicy") or {}
+    return int(run_policy.get("startupDeadlineSeconds") or settings.startup_deadline_seconds)
+
+
+def _failed_at(job: Obj, now: dt.datetime) -> str:
+    cond = observe.condition(job, "Failed") or observe.condition(job, "FailureTarget") or {}
+    return cond.get("lastTransitionTime") or observe.format_time(now)
+
+
+def _attempts(job: Obj | None) -> int:
+    counts = (job or {}).get("status") or {}
+    return sum(int(counts.get(k) or 0) for k in ("active", "failed", "succeeded"))
+
+
+def _output_location(ftj: Obj, settings: Settings) -> dict[str, Any]:
+    try:
+        spec = builders.parsed_spec(ftj)
+    except JobFileError:
+        return {"path": ((ftj.get("spec") or {}).get("output") or {}).get("path", "/output")}
+    return builders.output_location(ftj, spec, settings)
+
+
+def _progress(ftj: Obj, prev: Mapping[str, Any]) -> dict[str, Any]:
+    """Progress as reported (kept as is), plus totalEpochs and the Epoch column's text."""
+    progress = dict(prev.get("progress") or {})
+    epochs = ((ftj.get("spec") or {}).get("training") or {}).get("epochs", 10)
+    progress.setdefault("totalEpochs", epochs)
+    progress["epochText"] = f"{progress.get('epoch', 0)}/{progress['totalEpochs']}"
+    return progress
+
+
+def _progress_stalled(ftj: Obj, status: Mapping[str, Any], now: dt.datetime) -> tuple[str, str] | None:
+    limit = ((ftj.get("spec") or {}).get("runPolicy") or {}).get("progressDeadlineSeconds")
+    if not limit or status["phase"] != "Running":
+        return None
+    last = observe.parse_time(status["progress"].get("lastUpdateTime")) or observe.parse_time(
+        status.get("startTime")
+    )
+    if last is None or (now - last).total_seconds() <= limit:
+        return None
+    return (
+        "ProgressDeadlineExceeded",
+        f"no progress reported for more than {limit}s (spec.runPolicy.progressDeadlineSeconds)",
+    )
+
+
+def changed_fields_message(ftj: Obj, job: Obj) -> str | None:
+    changed = builders.changed_fields(ftj, job)
+    if not changed:
+        return None
+    fields = ", ".join(f"spec.{name}" for name in changed)
+    return (
+        f"{fields} changed after Job {job['metadata']['name']} was created and is not applied "
+        "(a Job's pod template is immutable); only spec.runPolicy.suspend is. Delete and re-create "
+        "the FineTuneJob to run with the new spec"
+    )
+
+
+def conditions(
+    prev: Mapping[str, Any],
+    status: Mapping[str, Any],
+    stalled: tuple[str, str] | None,
+    drift: str | None,
+    now: dt.datetime,
+) -> list[dict[str, Any]]:
+    """kstatus Ready/Reconciling/Stalled plus Running/Succeeded/Failed (and SpecChangeRefused)."""
+    phase, reason, message = status["phase"], status["reason"], status["message"]
+    wanted = [
+        ("Ready", phase == "Succeeded", reason, message),
+        ("Reconciling", phase in ("Pending", "Running"), reason, message),
+        ("Stalled", phase == "Failed" or stalled is not None, *(stalled or (reason, message))),
+        ("Running", phase == "Running", reason, message),
+        ("Succeeded", phase == "Succeeded", reason, message),
+        ("Failed", phase == "Failed", reason, message),
+    ]
+    had_drift = any(c.get("type") == "SpecChangeRefused" for c in prev.get("conditions") or [])
+    if drift or had_drift:
+        wanted.append(
+            (
+                "SpecChangeRefused",
+                drift is not None,
+                "SpecChangeRefused" if drift else "SpecMatchesJob",
+                drift or "the spec matches the Job",
+            )
+        )
+    before = {c.get("type"): c for c in prev.get("conditions") or []}
+    return [
+        _condition(before.get(kind), kind, ok, why, text, now, status["observedGeneration"])
+        for kind, ok, why, text in wanted
+    ]
+
+
+def _condition(
+    old: Mapping[str, Any] | None,
+    kind: str,
+    ok: bool,
+    reason: str,
+    message: str,
+    now: dt.datetime,
+    generation: int,
+) -> dict[str, Any]:
+    value = "True" if ok else "False"
+    same = old is not None and old.get("status") == value and old.get("lastTransitionTime")
+    return {
+        "type": kind,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": old["lastTransitionTime"] if same else observe.format_time(now),
+        "observedGeneration": generation,
+    }
+
+
+def should_stop_job(status: Mapping[str, Any], job: Obj | None) -> bool:
+    """True when the operator failed the job (startup problem) but the Job still holds pods.
+
+    Deleting the Job frees the pending pod's resources and quota; the FineTuneJob keeps the
+    reason. Suspending instead would not hold: a queue such as Kueue may unsuspend it.
+    """
+    if job is None or status.get("phase") != "Failed" or observe.job_finished(job):
+        return False
+    return status.get("reason") in observe.STARTUP_PROBLEMS | observe.IMMEDIATE_FAILURES
+
+
+Event = tuple[str, str, str]  # (type, reason, message)
+
+
+def transition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
+    """Events for what changed between two statuses: created, started, suspended, resumed, done."""
+    events: list[Event] = []
+    if new.get("jobName") and not old.get("jobName"):
+        events.append(("Normal", "JobCreated", f"created Job {new['jobName']}"))
+    was, now_ = old.get("phase"), new.get("phase")
+    if was == "Suspended" and now_ in ("Pending", "Running"):
+        events.append(("Normal", "Resumed", new.get("message", "")))
+    if now_ != was:
+        events.extend(_phase_events(now_, new))
+    elif (
+        now_ == "Pending"
+        and new.get("reason") != old.get("reason")
+        and new.get("reason") in observe.STARTUP_PROBLEMS
+    ):
+        events.append(("Warning", new["reason"], new.get("message", "")))
+    for kind, reason in (("SpecChangeRefused", "SpecChangeRefused"), ("Stalled", "ProgressDeadlineExceeded")):
+        became = _true(new, kind) and not _true(old, kind)
+        if became and (kind != "Stalled" or now_ != "Failed"):
+            events.append(("Warning", reason, _condition_message(new, kind)))
+    return events
+
+
+def _phase_events(phase: str | None, new: Mapping[str, Any]) -> list[Event]:
+    message = new.get("message", "")
+    if phase == "Running":
+        return [("Normal", "Started", message)]
+    if phase == "Succeeded":
+        return [("Normal", "Succeeded", message)]
+    if phase == "Failed":
+        return [("Warning", new.get("reason") or "Failed", message)]
+    if phase == "Suspended":
+        return [("Normal", "Suspended", message)]
+    if phase == "Pending" and new.get("reason") in observe.STARTUP_PROBLEMS:
+        return [("Warning", new["reason"], message)]
+    return []
+
+
+def _true(status: Mapping[str, Any], kind: str) -> bool:
+    return any(c.get("type") == kind and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def _condition_message(status: Mapping[str, Any], kind: str) -> str:
+    return next((c.get("message", "") for c in status.get("conditions") or [] if c.get("type") == kind), "")
+
+
+def invalid_spec_status(ftj: Obj, message: str, now: dt.datetime) -> dict[str, Any]:
+    """Status for a spec the CRD accepted but the model (or this operator) rejects."""
+    prev = dict(ftj.get("status") or {})
+    status: dict[str, Any] = {
+        "phase": "Failed",
+        "reason": INVALID_SPEC,
+        "message": message,
+        "observedGeneration": ftj["metadata"].get("generation", 0),
+        "completionTime": observe.format_time(now),
+    }
+    status["conditions"] = conditions(prev, status, None, None, now)
+    return {k: v for k, v in status.items() if v is not None}
