@@ -26,3 +26,9 @@ class TrainingError(FinetuneError):
     """Something failed while running; a retry may succeed."""
 
     exit_code = EXIT_RUNTIME_ERROR
+
+
+class Preempted(FinetuneError):
+    """SIGTERM arrived: the last checkpoint is on disk, the next attempt resumes from it."""
+
+    exit_code = EXIT_PREEMPTED

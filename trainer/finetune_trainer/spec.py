@@ -111,6 +111,9 @@ class Dataset(_Model):
     classes: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME)]] | None = Field(
         None, max_length=10000, description="use only these class names (default: all)"
     )
+    max_images_per_class: int | None = Field(
+        None, ge=1, le=10_000_000, description="cap training images per class (seeded; val keeps all)"
+    )
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
     augment: Augment = Field(default_factory=Augment)
 

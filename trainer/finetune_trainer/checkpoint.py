@@ -1,0 +1,76 @@
+"""Atomic checkpoints with the resolved spec inside, and the resume rules.
+
+Every file is written to a temp name in the same directory and `os.replace`d, so a kill at any
+instant leaves either the old file or the new one — never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune_trainer.errors import JobFileError
+from finetune_trainer.spec import FineTuneJobSpec
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^epoch-(\d{4,})\.pt$")
+KEEP_LAST = 2
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) then rename it over `path`; the temp file never outlives a failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; exports are read by other users (serving pods)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_path(output: Path, epoch: int) -> Path:
+    return output / CHECKPOINT_DIR / f"epoch-{epoch:04d}.pt"
+
+
+def save_checkpoint(output: Path, epoch: int, state: dict[str, Any]) -> Path:
+    path = checkpoint_path(output, epoch)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    _prune(output / CHECKPOINT_DIR)
+    return path
+
+
+def _prune(folder: Path) -> None:
+    found = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    for old in found[:-KEEP_LAST]:
+        old.unlink(missing_ok=True)
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    folder = output / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return None
+    found = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    return found[-1] if found else None
+
+
+def load_for_resume(path: Path, spec: FineTuneJobSpec) -> dict[str, Any]:
+    """Load a checkpoint and refuse it, clearly, when the spec changed in a way resuming can't honour."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    old = state.get("fingerprint")
+    if old != spec.resume_fingerprint():
+        raise JobFileError(
+            f"output.path already holds a run with a different spec ({path.parent}); changing model, "
+            "dataset, freeze, head or optimisation settings cannot resume — use a new output path "
+            "or delete the checkpoints"
+        )
+    return state

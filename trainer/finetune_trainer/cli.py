@@ -1,0 +1,177 @@
+"""`finetune-train`: run a FineTuneJob file locally or in a pod; `predict` and `validate` subcommands.
+
+Exit codes (errors.py): 0 ok, 2 invalid job file or input data, 1 runtime failure, 75 preempted.
+The last error line also goes to the container termination log, where Kubernetes (and so the
+operator's status message) picks it up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune_trainer.errors import (
+    EXIT_INVALID_JOB,
+    EXIT_OK,
+    EXIT_RUNTIME_ERROR,
+    FinetuneError,
+    JobFileError,
+)
+from finetune_trainer.spec import parse_job
+
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune per a job file (the default command)")
+    p.add_argument("-f", "--file", required=True, help="FineTuneJob manifest or bare spec (YAML)")
+    p.add_argument("--output", help="override spec.output.path")
+    p.add_argument("--epochs", type=int, help="override spec.training.epochs")
+    p.add_argument("--batch-size", type=int, help="override spec.training.batchSize")
+    p.add_argument("--learning-rate", type=float, help="override spec.training.learningRate")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override spec.training.device")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="override spec.training.precision")
+    p.add_argument("--seed", type=int, help="override spec.training.seed")
+    p.add_argument("--report", choices=["console", "jsonl", "both"], default="console",
+                   help="console progress for people, JSON lines on stdout for machines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    _train_parser(sub)
+    v = sub.add_parser("validate", help="check a job file and print the resolved spec")
+    v.add_argument("-f", "--file", required=True)
+    pr = sub.add_parser("predict", help="classify images with an export")
+    pr.add_argument("--model", required=True, help="export folder (holds model.json)")
+    pr.add_argument("--top", type=int, default=1)
+    pr.add_argument("--json", action="store_true", help="one JSON object per image")
+    pr.add_argument("images", nargs="+")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
+    pairs = {
+        ("output", "path"): args.output, ("training", "epochs"): args.epochs,
+        ("training", "batchSize"): args.batch_size, ("training", "learningRate"): args.learning_rate,
+        ("training", "device"): args.device, ("training", "precision"): args.precision,
+        ("training", "seed"): args.seed,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def load_job_with_overrides(path: str, overrides: dict[tuple[str, ...], Any]):
+    """Flags override the file before validation, so their errors read like the file's."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise JobFileError(f"cannot read job file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise JobFileError(f"job file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if isinstance(doc, dict) and overrides:
+        spec = doc.setdefault("spec", {}) if ("spec" in doc or "kind" in doc) else doc
+        for keys, value in overrides.items():
+            node = spec
+            for k in keys[:-1]:
+                node = node.setdefault(k, {}) if isinstance(node.get(k, {}), dict) else node
+            node[keys[-1]] = value
+    return parse_job(doc)
+
+
+def _reporter(kind: str):
+    from finetune_trainer.report import ConsoleReporter, JsonLinesReporter, MultiReporter
+
+    if kind == "jsonl":
+        return JsonLinesReporter()
+    if kind == "both":
+        return MultiReporter(ConsoleReporter(), JsonLinesReporter())
+    return ConsoleReporter()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    job = load_job_with_overrides(args.file, _overrides(args))
+    from finetune_trainer.fit import fit  # torch import only once the job file is known good
+
+    stop = {"requested": False}
+
+    def on_sigterm(signum, frame):  # finish the step, keep the last checkpoint, exit "preempted"
+        stop["requested"] = True
+        logging.getLogger("finetune").warning("SIGTERM: stopping after the current step")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    reporter = _reporter(args.report)
+    try:
+        result = fit(job.spec, reporter, Path(job.spec.output.path), name=job.name,
+                     should_stop=lambda: stop["requested"])
+    finally:
+        reporter.close()
+    print(f"val accuracy {result.val_accuracy:.4f} (best epoch {result.best_epoch}) -> "
+          f"{result.output / result.weights_file}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    job = load_job_with_overrides(args.file, {})
+    yaml.safe_dump({"name": job.name, "spec": job.spec.to_wire()}, sys.stdout, sort_keys=False)
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from finetune_trainer.predict import predict_files
+
+    failed = 0
+    for path, top in predict_files(args.model, args.images, args.top):
+        if not top:
+            failed += 1
+            print(f"{path}\terror: unreadable image", file=sys.stderr)
+        elif args.json:
+            print(json.dumps({"image": path, "predictions": [{"class": c, "probability": p} for c, p in top]}))
+        else:
+            print(f"{path}\t" + "\t".join(f"{c}\t{p:.4f}" for c, p in top))
+    return EXIT_INVALID_JOB if failed else EXIT_OK
+
+
+def _termination_message(text: str) -> None:
+    path = os.environ.get("FINETUNE_TERMINATION_LOG", TERMINATION_LOG)
+    try:
+        with open(path, "w") as f:
+            f.write(text[-4000:])
+    except OSError:
+        pass  # not in a pod
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "train")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handlers = {"train": cmd_train, "validate": cmd_validate, "predict": cmd_predict}
+    if args.command is None:
+        build_parser().print_help()
+        return EXIT_INVALID_JOB
+    try:
+        return handlers[args.command](args)
+    except FinetuneError as err:
+        kind = "invalid job" if isinstance(err, JobFileError) else "failed"
+        print(f"error: {kind}: {err}", file=sys.stderr)
+        _termination_message(f"{type(err).__name__}: {err}")
+        return err.exit_code
+    except Exception as err:
+        traceback.print_exc()
+        print(f"error: runtime failure: {type(err).__name__}: {err}", file=sys.stderr)
+        _termination_message(f"{type(err).__name__}: {err}")
+        return EXIT_RUNTIME_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

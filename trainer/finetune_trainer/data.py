@@ -1,0 +1,286 @@
+"""Datasets: ImageFolder layouts on disk and the bundled digits, with the weights' preprocessing.
+
+Every input problem that retrying cannot fix (missing path, empty class, empty split) is a
+JobFileError raised before training starts. Unreadable images found up front are skipped with a
+warning and a count; one that breaks later (e.g. a file changed mid-run) is dropped from its batch,
+never crashing the epoch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+from finetune_trainer.errors import JobFileError
+from finetune_trainer.spec import Dataset as DatasetSpec
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the network expects; recorded in model.json so predict reproduces it exactly."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def eval_transform(self) -> Callable:
+        return T.Compose([
+            T.ToImage(),
+            T.Resize(self.resize, antialias=True),
+            T.CenterCrop(self.crop),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(self.mean, self.std),
+        ])
+
+    def train_transform(self, augment) -> Callable:
+        ops: list = [T.ToImage()]
+        if augment.random_resized_crop:
+            ops.append(T.RandomResizedCrop(self.crop, antialias=True))
+        else:
+            ops += [T.Resize(self.resize, antialias=True), T.CenterCrop(self.crop)]
+        if augment.horizontal_flip:
+            ops.append(T.RandomHorizontalFlip())
+        if augment.color_jitter > 0:
+            j = augment.color_jitter
+            ops.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
+        ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std)]
+        return T.Compose(ops)
+
+    def to_json(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass
+class Sample:
+    """An image as a file path or as in-memory pixels (the bundled digits)."""
+
+    label: int
+    path: str | None = None
+    pixels: np.ndarray | None = None
+
+    def load(self) -> Image.Image:
+        if self.pixels is not None:
+            return Image.fromarray(self.pixels).convert("RGB")
+        with Image.open(self.path) as im:  # type: ignore[arg-type]
+            return im.convert("RGB")
+
+
+# Decoded, resized tensors are kept in memory up to this size when the transform is deterministic,
+# so epochs after the first skip decoding and resizing entirely.
+MEMO_BYTES = 2 << 30
+
+
+class ImageDataset(Dataset):
+    def __init__(self, samples: Sequence[Sample], transform: Callable, deterministic: bool = False,
+                 crop: int = 224):
+        self.samples = list(samples)
+        self.transform = transform
+        fits = len(self.samples) * 3 * crop * crop * 4 <= MEMO_BYTES
+        self.memo: dict[int, torch.Tensor] | None = {} if deterministic and fits else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        if self.memo is not None and i in self.memo:
+            return self.memo[i], self.samples[i].label
+        try:
+            x = self.transform(self.samples[i].load())
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            log.warning("skipping unreadable image %s: %s", self.samples[i].path, err)
+            return None
+        if self.memo is not None:
+            self.memo[i] = x
+        return x, self.samples[i].label
+
+
+def skip_broken(batch: list):
+    """collate_fn that drops images that failed to load instead of crashing the epoch."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None
+    return torch.utils.data.default_collate(good)
+
+
+@dataclass
+class Splits:
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    skipped: int = 0
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- bundled digits
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 8×8 digits shipped in the package, as uint8 images (0–255) and labels."""
+    raw = resources.files("finetune_trainer").joinpath("assets/digits.csv.gz").read_bytes()
+    table = np.loadtxt(gzip.decompress(raw).decode().splitlines(), delimiter=",")
+    images = (table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).round().astype(np.uint8)
+    return images, table[:, -1].astype(np.int64)
+
+
+def _digits_splits(spec: DatasetSpec, seed: int) -> Splits:
+    images, labels = load_digits_arrays()
+    names = [str(d) for d in range(10)]
+    wanted = _select_classes(names, spec.classes, "builtin digits")
+    samples = {c: [Sample(i, pixels=images[k]) for k in np.flatnonzero(labels == int(c))]
+               for i, c in enumerate(wanted)}
+    train, val = _split(samples, spec.val_fraction, seed)
+    return Splits(wanted, train, val, source="builtin:digits")
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+
+def _select_classes(found: list[str], wanted: list[str] | None, where: str) -> list[str]:
+    if wanted is None:
+        return found
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise JobFileError(f"dataset.classes: {missing} not found in {where} (has {found[:20]})")
+    return list(wanted)
+
+
+def _scan_class_dirs(root: Path) -> dict[str, list[Path]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    out = {}
+    for c in classes:
+        files = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        out[c] = files
+    return out
+
+
+def _readable(paths: list[Path]) -> tuple[list[Path], int]:
+    """Verify image headers up front so broken files are counted once, not hit every epoch."""
+    good, bad = [], 0
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+            good.append(p)
+        except Exception as err:  # PIL raises many types for corrupt data
+            bad += 1
+            log.warning("skipping unreadable image %s: %s", p, err)
+    return good, bad
+
+
+def _folder_samples(root: Path, classes: list[str], where: str) -> tuple[dict[str, list[Sample]], int]:
+    scanned = _scan_class_dirs(root)
+    out, skipped = {}, 0
+    for i, c in enumerate(classes):
+        good, bad = _readable(scanned.get(c, []))
+        skipped += bad
+        if not good:
+            raise JobFileError(f"dataset: class {c!r} has no readable images in {where}")
+        out[c] = [Sample(i, path=str(p)) for p in good]
+    return out, skipped
+
+
+def _folder_splits(spec: DatasetSpec, seed: int) -> Splits:
+    root = Path(spec.path)  # type: ignore[arg-type]
+    if not root.is_dir():
+        raise JobFileError(f"dataset.path: {root} does not exist or is not a directory")
+    train_dir, val_dir = root / "train", root / "val"
+    if train_dir.is_dir() and val_dir.is_dir():
+        found = sorted(_scan_class_dirs(train_dir))
+        classes = _select_classes(found, spec.classes, str(train_dir))
+        _require(classes, train_dir)
+        tr, bad_tr = _folder_samples(train_dir, classes, str(train_dir))
+        va, bad_va = _folder_samples(val_dir, classes, str(val_dir))
+        train = [s for c in classes for s in tr[c]]
+        val = [s for c in classes for s in va[c]]
+        return Splits(classes, train, val, bad_tr + bad_va, source=f"folder:{root} (train/ + val/)")
+    found = sorted(_scan_class_dirs(root))
+    classes = _select_classes(found, spec.classes, str(root))
+    _require(classes, root)
+    per_class, skipped = _folder_samples(root, classes, str(root))
+    train, val = _split(per_class, spec.val_fraction, seed)
+    return Splits(classes, train, val, skipped, source=f"folder:{root} (valFraction {spec.val_fraction})")
+
+
+def _require(classes: list[str], root: Path) -> None:
+    if len(classes) < 2:
+        raise JobFileError(f"dataset.path: need at least 2 class folders in {root}, found {classes}")
+
+
+def _split(per_class: dict[str, list[Sample]], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Stratified, seeded split: every class keeps at least one image on each side."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c, samples in per_class.items():
+        if len(samples) < 2:
+            raise JobFileError(f"dataset: class {c!r} needs at least 2 images to split train/val")
+        order = rng.permutation(len(samples))
+        n_val = min(max(1, round(len(samples) * fraction)), len(samples) - 1)
+        val += [samples[k] for k in order[:n_val]]
+        train += [samples[k] for k in order[n_val:]]
+    return train, val
+
+
+def _cap_per_class(samples: list[Sample], cap: int, seed: int) -> list[Sample]:
+    """Keep at most `cap` training images per class, chosen by a seeded shuffle (few-shot runs)."""
+    rng = np.random.default_rng(seed + 1)
+    by_label: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_label.setdefault(s.label, []).append(s)
+    kept = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        kept += [group[k] for k in sorted(rng.permutation(len(group))[:cap])]
+    return kept
+
+
+def load_splits(spec: DatasetSpec, seed: int) -> Splits:
+    splits = _digits_splits(spec, seed) if spec.builtin == "digits" else _folder_splits(spec, seed)
+    if spec.max_images_per_class is not None:
+        splits.train = _cap_per_class(splits.train, spec.max_images_per_class, seed)
+    if not splits.train or not splits.val:
+        raise JobFileError("dataset: the train or val split is empty")
+    if splits.skipped:
+        log.warning("skipped %d unreadable image(s)", splits.skipped)
+    return splits
+
+
+def build_dataloaders(
+    splits: Splits, prep: Preprocessing, spec: DatasetSpec, batch_size: int, pin_memory: bool = False
+) -> tuple[DataLoader, DataLoader]:
+    """Train loader shuffles with a generator the caller reseeds per epoch (resume = same order)."""
+    fixed = not spec.augment.any_random
+    train_ds = ImageDataset(splits.train, prep.train_transform(spec.augment), fixed, prep.crop)
+    val_ds = ImageDataset(splits.val, prep.eval_transform(), True, prep.crop)
+    common = {
+        "batch_size": batch_size,
+        "num_workers": spec.num_workers,
+        "collate_fn": skip_broken,
+        "pin_memory": pin_memory,
+        "persistent_workers": spec.num_workers > 0,
+    }
+    train = DataLoader(train_ds, shuffle=True, generator=torch.Generator(), **common)
+    val = DataLoader(val_ds, shuffle=False, **common)
+    return train, val
+
+
+def default_num_workers() -> int:
+    return max(0, min(4, (os.cpu_count() or 1) - 1))

@@ -1,0 +1,128 @@
+"""One epoch of training and one evaluation pass (the torchvision-references shape).
+
+Losses are accumulated on the device and read back (`.item()`) only at log steps, so the loop
+never forces a host sync per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Precision:
+    """The resolved numeric mode: autocast dtype (None = fp32) and whether a GradScaler is needed."""
+
+    name: str
+    dtype: torch.dtype | None
+    device_type: str
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16 and self.device_type == "cuda"
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    samples: int
+    seconds: float
+    skipped_batches: int
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    top5: float | None
+    per_class: list[float]
+    samples: int
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    device: torch.device,
+    precision: Precision,
+    scaler: torch.amp.GradScaler | None,
+    on_log: Callable[[int, int, float, float], None] | None = None,
+    log_every: int = 10,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> EpochStats:
+    total_loss = torch.zeros((), device=device)
+    samples, skipped, start = 0, 0, time.perf_counter()
+    total_steps = len(loader)
+    for step, batch in enumerate(loader, start=1):
+        if batch is None:  # every image of this batch was unreadable
+            skipped += 1
+            continue
+        images, targets = (t.to(device, non_blocking=True) for t in batch)
+        with precision.autocast():
+            loss = criterion(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total_loss += loss.detach() * targets.shape[0]
+        samples += targets.shape[0]
+        if on_log and (step % log_every == 0 or step == total_steps):
+            elapsed = time.perf_counter() - start
+            on_log(step, total_steps, (total_loss / samples).item(), samples / max(elapsed, 1e-9))
+        if should_stop():
+            break
+    seconds = time.perf_counter() - start
+    return EpochStats((total_loss / max(samples, 1)).item(), samples, seconds, skipped)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, precision: Precision,
+             num_classes: int) -> EvalResult:
+    model.eval()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    correct5 = torch.zeros((), device=device)
+    hits = torch.zeros(num_classes, device=device)
+    counts = torch.zeros(num_classes, device=device)
+    n = 0
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets = (t.to(device, non_blocking=True) for t in batch)
+        with precision.autocast():
+            logits = model(images)
+        logits = logits.float()
+        total_loss += criterion(logits, targets) * targets.shape[0]
+        pred = logits.argmax(dim=1)
+        ok = (pred == targets).float()
+        correct += ok.sum()
+        hits.index_add_(0, targets, ok)
+        counts.index_add_(0, targets, torch.ones_like(ok))
+        if num_classes > 5:
+            top5 = logits.topk(5, dim=1).indices
+            correct5 += (top5 == targets[:, None]).any(dim=1).float().sum()
+        n += targets.shape[0]
+    n = max(n, 1)
+    per_class = (hits / counts.clamp(min=1)).tolist()
+    top5_acc = (correct5 / n).item() if num_classes > 5 else None
+    return EvalResult((total_loss / n).item(), (correct / n).item(), top5_acc, per_class, n)

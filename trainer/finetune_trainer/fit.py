@@ -1,0 +1,246 @@
+"""fit(spec, reporter, output): data → model → freeze → train/evaluate per epoch → checkpoint → export.
+
+Everything that can be wrong with the input is checked before the output folder is touched, so
+a bad job leaves nothing behind. Each epoch reseeds from (seed, epoch): a resumed run replays the
+exact shuffles, augmentations and dropout masks of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune_trainer import checkpoint as ckpt
+from finetune_trainer.data import build_dataloaders, load_splits
+from finetune_trainer.engine import EvalResult, Precision, evaluate, train_one_epoch
+from finetune_trainer.errors import Preempted
+from finetune_trainer.export import read_export, write_export
+from finetune_trainer.freeze import apply_freeze, param_groups, plan_freeze, set_train_mode
+from finetune_trainer.model import build_model
+from finetune_trainer.report import Reporter
+from finetune_trainer.spec import FineTuneJobSpec, Training
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    output: Path
+    weights_file: str
+    sha256: str
+    best_epoch: int
+    val_accuracy: float
+    val_loss: float
+    train_loss: float
+    epochs_run: int
+    resumed_from: int | None = None
+    reused_export: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            log.warning("training.device cuda requested but no CUDA device is visible; using cpu")
+            return torch.device("cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_precision(choice: str, device: torch.device) -> Precision:
+    """auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU; fp16 has no fast CPU path, so it falls back."""
+    cuda = device.type == "cuda"
+    if choice == "auto":
+        choice = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if choice == "fp16" and not cuda:
+        log.warning("training.precision fp16 needs CUDA; using fp32 on cpu")
+        choice = "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+    return Precision(choice, dtype, device.type)
+
+
+def build_optimizer(groups: list[dict], t: Training) -> torch.optim.Optimizer:
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, t: Training):
+    if t.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    if t.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=t.step_size, gamma=t.gamma)
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class _Run:
+    """Mutable state of one training run (what a checkpoint holds)."""
+
+    epoch: int = 0
+    best_accuracy: float = -1.0
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    best_state: dict | None = None
+    since_best: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def improved(self, ev: EvalResult) -> bool:
+        return ev.accuracy > self.best_accuracy or (ev.accuracy == self.best_accuracy and ev.loss < self.best_loss)
+
+
+def fit(
+    spec: FineTuneJobSpec,
+    reporter: Reporter,
+    output: Path,
+    name: str = "finetune",
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Result:
+    """Fine-tune per spec; returns the exported result. Raises JobFileError / TrainingError."""
+    t = spec.training
+    seed_everything(t.seed)
+    splits = load_splits(spec.dataset, t.seed)
+    built = build_model(spec, len(splits.classes))
+    model = built.model
+    plan = plan_freeze(model, built.head_name, spec.freeze)
+    apply_freeze(model, plan)
+    previous = read_export(output)
+    if previous and previous.get("fingerprint") == spec.resume_fingerprint() and \
+            previous.get("epochs", 0) >= t.epochs:
+        reporter.event("message", level="info", text=f"{output} already holds a finished export of this spec")
+        return _result_from_export(output, previous, reused=True)
+
+    device = resolve_device(t.device)
+    precision = resolve_precision(t.precision, device)
+    model.to(device)
+    train_loader, val_loader = build_dataloaders(
+        splits, built.preprocessing, spec.dataset, t.batch_size, pin_memory=device.type == "cuda"
+    )
+    optimizer = build_optimizer(param_groups(model, plan, t, spec.freeze.backbone_lr_scale), t)
+    scheduler = build_scheduler(optimizer, t)
+    scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    run = _Run()
+    resumed = _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run, reporter)
+
+    reporter.event(
+        "start", name=name, architecture=spec.model.architecture, numClasses=len(splits.classes),
+        classes=splits.classes, trainSize=len(splits.train), valSize=len(splits.val), freeze=plan.describe(),
+        device=str(device), precision=precision.name, weights=built.weights_note, totalEpochs=t.epochs,
+        startEpoch=run.epoch + 1, skippedImages=splits.skipped,
+    )
+    run_start = time.perf_counter()
+    while run.epoch < t.epochs and not _early_stop(run, t):
+        epoch = run.epoch + 1
+        seed_everything(t.seed + epoch)
+        train_loader.generator.manual_seed(t.seed + epoch)
+        set_train_mode(model, plan)
+
+        def on_log(step, total, loss, sps, _e=epoch):
+            done = (_e - 1 + step / total) / t.epochs
+            elapsed = time.perf_counter() - run_start
+            eta = elapsed / max(done - (resumed or 0) / t.epochs, 1e-9) * (1 - done) if done else None
+            reporter.event("step", epoch=_e, totalEpochs=t.epochs, step=step, totalSteps=total,
+                           trainLoss=loss, samplesPerSecond=sps, etaSeconds=eta)
+
+        stats = train_one_epoch(model, train_loader, optimizer, criterion, device, precision, scaler,
+                                on_log, t.log_every_steps, should_stop)
+        if should_stop():
+            raise Preempted(f"stopped during epoch {epoch}; resume restarts it from the epoch {run.epoch} checkpoint")
+        if scheduler is not None:
+            scheduler.step()
+        ev = evaluate(model, val_loader, criterion, device, precision, len(splits.classes))
+        _end_epoch(output, spec, epoch, stats, ev, run, model, optimizer, scheduler, scaler, reporter)
+
+    return _export(output, spec, name, model, built, splits, run, precision, device, resumed, reporter)
+
+
+def _early_stop(run: _Run, t: Training) -> bool:
+    es = t.early_stopping
+    if es.target_accuracy is not None and run.best_accuracy >= es.target_accuracy:
+        return True
+    return bool(es.patience) and run.since_best >= es.patience
+
+
+def _end_epoch(output, spec, epoch, stats, ev, run, model, optimizer, scheduler, scaler, reporter) -> None:
+    is_best = run.improved(ev)
+    if is_best:
+        run.best_accuracy, run.best_loss, run.best_epoch, run.since_best = ev.accuracy, ev.loss, epoch, 0
+        run.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    else:
+        run.since_best += 1
+    record = {"epoch": epoch, "trainLoss": stats.loss, "valLoss": ev.loss, "valAccuracy": ev.accuracy,
+              "valTop5": ev.top5, "samplesPerSecond": stats.samples_per_second, "epochSeconds": stats.seconds,
+              "perClassAccuracy": ev.per_class}
+    run.history.append(record)
+    run.epoch = epoch
+    ckpt.save_checkpoint(output, epoch, {
+        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler else None,
+        "scaler": scaler.state_dict() if scaler else None,
+        "best": {k: getattr(run, k) for k in ("best_accuracy", "best_loss", "best_epoch", "since_best")},
+        "best_state": run.best_state, "history": run.history,
+        "spec": spec.to_wire(), "fingerprint": spec.resume_fingerprint(),
+    })
+    reporter.event("epoch", totalEpochs=spec.training.epochs, isBest=is_best,
+                   bestValAccuracy=run.best_accuracy, skippedBatches=stats.skipped_batches,
+                   **{k: v for k, v in record.items() if k != "perClassAccuracy"})
+
+
+def _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run: _Run, reporter) -> int | None:
+    path = ckpt.latest_checkpoint(output)
+    if path is None:
+        return None
+    state = ckpt.load_for_resume(path, spec)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    for k, v in state["best"].items():
+        setattr(run, k, v)
+    run.best_state, run.history, run.epoch = state["best_state"], state["history"], state["epoch"]
+    reporter.event("message", level="info", text=f"resuming from {path.name} (epoch {run.epoch} done)")
+    return run.epoch
+
+
+def _export(output, spec, name, model, built, splits, run, precision, device, resumed, reporter) -> Result:
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    best = next(h for h in run.history if h["epoch"] == run.best_epoch)
+    meta = write_export(
+        output, model, name=name, spec=spec, classes=splits.classes, preprocessing=built.preprocessing,
+        best=best, history=run.history, extra={
+            "precision": precision.name, "device": str(device), "weightsSource": built.weights_note,
+            "freeze": {"policy": spec.freeze.policy, "headModule": built.head_name},
+            "dataset": {"source": splits.source, "train": len(splits.train), "val": len(splits.val),
+                        "skippedImages": splits.skipped},
+            "resumedFromEpoch": resumed, "epochs": run.epoch,
+        },
+    )
+    reporter.event("end", valAccuracy=best["valAccuracy"], valLoss=best["valLoss"], bestEpoch=run.best_epoch,
+                   weightsFile=meta["weightsFile"], sha256=meta["sha256"], output=str(output))
+    return _result_from_export(output, meta, resumed)
+
+
+def _result_from_export(output: Path, meta: dict, resumed: int | None = None, reused: bool = False) -> Result:
+    m = meta["metrics"]
+    return Result(output, meta["weightsFile"], meta["sha256"], meta["bestEpoch"], m["valAccuracy"], m["valLoss"],
+                  m["trainLoss"], meta.get("epochs", 0), resumed, reused, history=meta.get("history", []))

@@ -1,0 +1,130 @@
+"""Freezing policies, backbone stages, train/eval modes and optimizer parameter groups.
+
+`requires_grad_(False)` alone is not freezing: `model.train()` still updates BatchNorm running
+statistics and enables dropout/stochastic depth in the frozen part. `set_train_mode` keeps every
+frozen module in eval mode, so frozen parameters *and* buffers stay bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from finetune_trainer.errors import JobFileError
+from finetune_trainer.spec import Freeze, Training
+
+# Modules that hold parameters but are too small to count as a stage of their own.
+_NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass
+class Stage:
+    name: str
+    modules: list[str]  # dotted module names in this stage
+
+
+@dataclass
+class FreezePlan:
+    policy: str
+    stages: list[Stage]
+    trainable_stages: list[str]
+    frozen_modules: list[str]  # set to eval() on every train-mode switch
+    head_name: str
+
+    def describe(self) -> str:
+        if self.policy == "head":
+            return f"backbone frozen, training {self.head_name}"
+        if self.policy == "full":
+            return "all parameters train"
+        return f"training {', '.join(self.trainable_stages)} and {self.head_name}"
+
+
+def _param_count(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _contains(module_name: str, other: str) -> bool:
+    return other == module_name or other.startswith(module_name + ".") or module_name == ""
+
+
+def backbone_stages(model: nn.Module, head_name: str) -> list[Stage]:
+    """Ordered stages of the backbone: top-level blocks, expanding containers that hold most params.
+
+    resnet: [conv1+bn1, layer1..layer4]; mobilenet/efficientnet/convnext: features.0..N (+ the
+    pre-classifier Linear); vit: conv_proj, encoder layers 0..11 (+ final LayerNorm).
+    """
+    stages: list[Stage] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        children = [(f"{prefix}{n}", m) for n, m in module.named_children()
+                    if f"{prefix}{n}" != head_name and _param_count(m) > 0]
+        plain = [(n, m) for n, m in children if not head_name.startswith(n + ".")]
+        # A level with fewer than 3 blocks is a wrapper (features/encoder/trunk): look inside its biggest.
+        expand = max(plain, key=lambda c: _param_count(c[1]))[0] if 0 < len(plain) < 3 else None
+        for name, child in children:
+            branching = sum(1 for c in child.children() if _param_count(c) > 0) >= 2
+            if head_name.startswith(name + ".") or (name == expand and branching):
+                visit(name + ".", child)
+            elif isinstance(child, _NORMS) and stages:
+                stages[-1].modules.append(name)  # a lone norm belongs to the block before it
+            else:
+                stages.append(Stage(name, [name]))
+
+    visit("", model)
+    return stages
+
+
+def plan_freeze(model: nn.Module, head_name: str, cfg: Freeze) -> FreezePlan:
+    stages = backbone_stages(model, head_name)
+    if cfg.policy == "head":
+        trainable: list[Stage] = []
+    elif cfg.policy == "full":
+        trainable = stages
+    else:
+        if cfg.stages > len(stages):
+            raise JobFileError(
+                f"freeze.trainableStages: {cfg.stages} exceeds the {len(stages)} stages of this backbone"
+            )
+        trainable = stages[-cfg.stages:]
+    frozen_modules = [m for s in stages if s not in trainable for m in s.modules]
+    return FreezePlan(cfg.policy, stages, [s.name for s in trainable], frozen_modules, head_name)
+
+
+def apply_freeze(model: nn.Module, plan: FreezePlan) -> None:
+    """requires_grad per parameter: trainable stages and the head train, everything else is frozen."""
+    if plan.policy == "full":
+        model.requires_grad_(True)
+        return
+    model.requires_grad_(False)
+    trainable = [m for s in plan.stages if s.name in plan.trainable_stages for m in s.modules]
+    for name in [*trainable, plan.head_name]:
+        model.get_submodule(name).requires_grad_(True)
+
+
+def set_train_mode(model: nn.Module, plan: FreezePlan) -> None:
+    """model.train() for what trains; frozen parts (and their BN statistics) stay in eval mode."""
+    if plan.policy == "head":
+        model.eval()
+        model.get_submodule(plan.head_name).train()
+        return
+    model.train()
+    for name in plan.frozen_modules:
+        model.get_submodule(name).eval()
+    for module in model.modules():  # stray frozen norms outside any stage (e.g. direct children)
+        params = list(module.parameters(recurse=False))
+        if isinstance(module, _NORMS) and params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
+def param_groups(model: nn.Module, plan: FreezePlan, training: Training, backbone_lr_scale: float) -> list[dict]:
+    """Only trainable parameters reach the optimizer; the backbone gets lr × backboneLrScale."""
+    head_prefix = plan.head_name + "."
+    head, backbone = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if name.startswith(head_prefix) else backbone).append(p)
+    groups = [{"name": "head", "params": head, "lr": training.learning_rate}]
+    if backbone:
+        groups.append({"name": "backbone", "params": backbone, "lr": training.learning_rate * backbone_lr_scale})
+    return groups
