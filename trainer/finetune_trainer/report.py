@@ -77,6 +77,7 @@ class ConsoleReporter(Reporter):
                 f"fine-tuning {f['architecture']} on {f['numClasses']} classes "
                 f"({f['trainSize']} train / {f['valSize']} val images), {f['freeze']}, "
                 f"device {f['device']} {f['precision']}"
+                + (f"; {f['skippedImages']} unreadable image(s) skipped" if f.get("skippedImages") else "")
             )
         elif kind == "step":
             done = f["step"] / max(1, f["totalSteps"])

@@ -1,0 +1,135 @@
+"""Short real training runs on CPU (resnet18 at 16 px on three digit classes)."""
+
+import io
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainer_util import tiny_spec
+
+from finetune_trainer.checkpoint import latest_checkpoint
+from finetune_trainer.data import load_splits
+from finetune_trainer.errors import JobFileError, Preempted
+from finetune_trainer.fit import fit
+from finetune_trainer.model import build_model
+from finetune_trainer.predict import Predictor
+from finetune_trainer.report import JsonLinesReporter, Reporter
+
+pytestmark = [pytest.mark.unit, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    stream = io.StringIO()
+    spec = tiny_spec(out, **{"training.epochs": 3})
+    result = fit(spec, JsonLinesReporter(stream), out, name="tiny")
+    return spec, result, out, [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_head_policy_keeps_backbone_parameters_and_bn_statistics_bit_identical(tmp_path):
+    spec = tiny_spec(tmp_path, **{"training.epochs": 2})
+    torch.manual_seed(spec.training.seed)
+    before = build_model(spec, 3).model.state_dict()
+    fit(spec, Reporter(), tmp_path)
+    after = load_file(str(tmp_path / "model.safetensors"))
+    backbone = [k for k in before if not k.startswith("fc.")]
+    assert any("running_mean" in k for k in backbone)
+    changed = [k for k in backbone if not torch.equal(before[k], after[k])]
+    assert changed == []
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+
+
+def test_export_and_model_json(trained):
+    _spec, result, out, _ = trained
+    meta = json.loads((out / "model.json").read_text())
+    for key in ("architecture", "classes", "weightsFile", "sha256", "bestEpoch", "preprocessing", "spec"):
+        assert key in meta
+    assert meta["classes"] == ["0", "1", "2"]
+    assert set(meta["metrics"]) >= {"valAccuracy", "valLoss", "trainLoss", "perClassAccuracy"}
+    assert meta["metrics"]["valAccuracy"] == result.val_accuracy
+    assert len(meta["history"]) == 3
+    assert result.val_accuracy > 0.6  # three digit classes: chance is 0.33
+
+
+def test_predict_reproduces_val_accuracy(trained):
+    spec, result, out, _ = trained
+    splits = load_splits(spec.dataset, spec.training.seed)
+    predictor = Predictor.load(out)
+    images = [s.load() for s in splits.val]
+    preds = predictor.predict(images)
+    correct = sum(p[0][0] == splits.classes[s.label] for p, s in zip(preds, splits.val, strict=True))
+    assert correct / len(splits.val) == pytest.approx(result.val_accuracy, abs=1e-6)
+
+
+def test_jsonl_events_have_step_epoch_and_end(trained):
+    *_, events = trained
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert all(isinstance(e["valAccuracy"], float) for e in epochs)
+    assert any(e["event"] == "step" for e in events)
+
+
+def test_rerun_after_success_does_not_retrain(trained):
+    spec, result, out, _ = trained
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    again = fit(spec, Reporter(), out)
+    assert again.reused_export and again.sha256 == result.sha256
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+class StopAfter(Reporter):
+    """Asks the loop to stop once `epochs` epochs are done (a stand-in for SIGTERM)."""
+
+    def __init__(self, epochs: int):
+        self.epochs, self.stop = epochs, False
+
+    def event(self, kind, **f):
+        if kind == "step" and f["epoch"] > self.epochs:
+            self.stop = True
+
+
+@pytest.mark.parametrize("policy", ["head", "partial"])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, policy):
+    extra = {"training.epochs": 3, "freeze.policy": policy, "training.logEverySteps": 1,
+             "dataset.augment.horizontalFlip": True, "head.dropout": 0.2}
+    straight = fit(tiny_spec(tmp_path / "a", **extra), Reporter(), tmp_path / "a")
+    interrupted = StopAfter(1)
+    spec_b = tiny_spec(tmp_path / "b", **extra)
+    with pytest.raises(Preempted):
+        fit(spec_b, interrupted, tmp_path / "b", should_stop=lambda: interrupted.stop)
+    assert latest_checkpoint(tmp_path / "b").name == "epoch-0001.pt"
+    assert not (tmp_path / "b" / "model.json").exists()
+    resumed = fit(spec_b, Reporter(), tmp_path / "b")
+    assert resumed.resumed_from == 1
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.history == resumed.history or [h["valAccuracy"] for h in straight.history] == [
+        h["valAccuracy"] for h in resumed.history]
+
+
+def test_changed_spec_refuses_to_resume(tmp_path):
+    stopper = StopAfter(1)
+    with pytest.raises(Preempted):
+        fit(tiny_spec(tmp_path, **{"training.epochs": 3, "training.logEverySteps": 1}), stopper, tmp_path,
+            should_stop=lambda: stopper.stop)
+    with pytest.raises(JobFileError, match="different spec"):
+        fit(tiny_spec(tmp_path, **{"training.epochs": 3, "training.learningRate": 0.5}), Reporter(), tmp_path)
+
+
+def test_early_stopping_on_target_accuracy(tmp_path):
+    result = fit(tiny_spec(tmp_path, **{"training.epochs": 10, "training.earlyStopping.targetAccuracy": 0.5}),
+                 Reporter(), tmp_path)
+    assert result.epochs_run < 10 and result.val_accuracy >= 0.5
+
+
+@pytest.mark.parametrize("optimizer,scheduler", [("sgd", "step"), ("adamw", "cosine")])
+def test_optimizers_and_schedulers_train(tmp_path, optimizer, scheduler):
+    result = fit(tiny_spec(tmp_path, **{"training.optimizer": optimizer, "training.scheduler": scheduler,
+                                        "training.labelSmoothing": 0.1, "freeze.policy": "full",
+                                        "training.learningRate": 0.01, "training.epochs": 2}),
+                 Reporter(), tmp_path)
+    assert result.val_accuracy > 0.34 and result.train_loss == result.train_loss  # not NaN
