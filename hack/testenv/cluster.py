@@ -129,9 +129,13 @@ def build_binaries(with_kubelet: bool = False, quiet: bool = False) -> dict[str,
         cmd.append("--with-kubelet")
     if quiet:
         cmd.append("--quiet")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    # Quiet (the test fixture): keep build.sh's stderr to quote it in the error; else let it stream.
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE if quiet else None, text=True, check=False
+    )
     if proc.returncode != 0:
-        raise ClusterError(f"{BUILD_SH} failed with exit code {proc.returncode} (its stderr is above)")
+        tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+        raise ClusterError(f"{BUILD_SH.name} failed (exit code {proc.returncode})" + (f": {tail}" if tail else ""))
     paths = {}
     for line in proc.stdout.splitlines():
         if "=" in line:
@@ -156,9 +160,9 @@ except OSError:  # pragma: no cover - not glibc/Linux
 
 
 def _set_pdeathsig() -> None:
-    """In the child before exec: SIGTERM it when the parent (the test process) dies, even by SIGKILL."""
+    """In the child before exec: kill it when the parent (the test process) dies, even by SIGKILL."""
     if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG; SIGTERM can leave the apiserver hanging
 
 
 # ---------------------------------------------------------------------------------------------- PKI
@@ -178,22 +182,24 @@ class PKI:
         if proc.returncode != 0:
             raise ClusterError(f"openssl {' '.join(args[:2])} failed: {proc.stderr.strip()}")
 
-    def make_ca(self) -> None:
+    def make_ca(self, name: str = "ca", cn: str = "finetune-e2e-ca"):
+        crt, key = self.root / f"{name}.crt", self.root / f"{name}.key"
         self._run(
             "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(self.ca_key), "-out", str(self.ca_crt), "-days", "3650",
-            "-subj", "/CN=finetune-e2e-ca",
+            "-keyout", str(key), "-out", str(crt), "-days", "3650", "-subj", f"/CN={cn}",
             "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
         )  # fmt: skip
+        return crt, key
 
-    def make_cert(self, name: str, cn: str, org: str = "", server_names: list[str] | None = None):
+    def make_cert(self, name: str, cn: str, org: str = "", server_names: list[str] | None = None, ca: str = "ca"):
         crt, key = self.root / f"{name}.crt", self.root / f"{name}.key"
+        ca_crt, ca_key = self.root / f"{ca}.crt", self.root / f"{ca}.key"
         subj = f"/CN={cn}" + (f"/O={org}" if org else "")
         args = [
             "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
             "-keyout", str(key), "-out", str(crt), "-days", "365", "-subj", subj,
-            "-CA", str(self.ca_crt), "-CAkey", str(self.ca_key),
+            "-CA", str(ca_crt), "-CAkey", str(ca_key),
             "-addext", "basicConstraints=critical,CA:FALSE",
             "-addext", "keyUsage=critical,digitalSignature,keyEncipherment",
             "-addext", "extendedKeyUsage=serverAuth,clientAuth",
@@ -220,12 +226,8 @@ def write_kubeconfig(path: Path, server: str, ca: Path, crt: Path, key: Path, us
     cfg = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [
-            {"name": "finetune-e2e", "cluster": {"server": server, "certificate-authority-data": _b64(ca)}}
-        ],
-        "users": [
-            {"name": user, "user": {"client-certificate-data": _b64(crt), "client-key-data": _b64(key)}}
-        ],
+        "clusters": [{"name": "finetune-e2e", "cluster": {"server": server, "certificate-authority-data": _b64(ca)}}],
+        "users": [{"name": user, "user": {"client-certificate-data": _b64(crt), "client-key-data": _b64(key)}}],
         "contexts": [{"name": "finetune-e2e", "context": {"cluster": "finetune-e2e", "user": user}}],
         "current-context": "finetune-e2e",
         "preferences": {},
@@ -280,36 +282,29 @@ class LocalCluster:
                 raise
             raise ClusterError(f"{type(e).__name__}: {e} (component logs: {self.logs})") from e
         self.timings["total"] = time.monotonic() - t0
-        log(
-            f"cluster ready in {self.timings['total']:.1f} s: "
-            f"KUBECONFIG={self.kubeconfig} (logs: {self.logs})"
-        )
+        log(f"cluster ready in {self.timings['total']:.1f} s: KUBECONFIG={self.kubeconfig} (logs: {self.logs})")
         return self
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop every component by PID (reverse start order), SIGTERM then SIGKILL."""
-        pids = dict(self.pids)
-        if not pids and self.state_file.exists():
-            pids = {k: int(v) for k, v in json.loads(self.state_file.read_text()).get("pids", {}).items()}
-        exe = json.loads(self.state_file.read_text()).get("exe", {}) if self.state_file.exists() else {}
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every component by PID, in reverse start order: SIGTERM, wait, then SIGKILL."""
+        state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        pids = dict(self.pids) or {k: int(v) for k, v in state.get("pids", {}).items()}
+        exe = state.get("exe", {})
         for name, pid in reversed(list(pids.items())):
             if not self._is_ours(pid, exe.get(name)):
                 continue
+            t0 = time.monotonic()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for name, pid in reversed(list(pids.items())):
-            while self._alive(pid, name) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self._alive(pid, name) and self._is_ours(pid, exe.get(name)):
-                log(f"{name} (pid {pid}) ignored SIGTERM; killing")
+            if self._alive(pid, name, wait=timeout) and self._is_ours(pid, exe.get(name)):
+                log(f"{name} (pid {pid}) still running {timeout:.0f} s after SIGTERM; killing it")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 self._alive(pid, name, wait=5.0)
+            self.timings[f"stop {name}"] = time.monotonic() - t0
         self.procs.clear()
         self.pids.clear()
         if self.state_file.exists():
-            state = json.loads(self.state_file.read_text())
             state["pids"] = {}
             self.state_file.write_text(json.dumps(state, indent=2))
 
@@ -449,10 +444,8 @@ class LocalCluster:
         raise ClusterError(f"timed out waiting for {what} (last error: {last_err}); logs: {self.logs}")
 
     def _https_ok(self, port: int, path: str, client_cert: bool = True, verify: bool = True) -> bool:
-        if verify:
-            ctx = ssl.create_default_context(cafile=str(self.pki.ca_crt))
-        else:
-            ctx = ssl._create_unverified_context()  # self-signed serving certs of kcm/scheduler
+        # kcm and the scheduler serve self-signed certificates (they are probed without verification).
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_crt)) if verify else ssl._create_unverified_context()
         if client_cert:
             ctx.load_cert_chain(str(self.pki.root / "admin.crt"), str(self.pki.root / "admin.key"))
         conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=2)
@@ -493,14 +486,15 @@ class LocalCluster:
                 "kubernetes.default.svc", f"kubernetes.default.svc.{CLUSTER_DOMAIN}"]  # fmt: skip
         apiserver_crt, apiserver_key = pki.make_cert("apiserver", "kube-apiserver", server_names=sans)
         etcd_crt, etcd_key = pki.make_cert("etcd", "etcd", server_names=["127.0.0.1", "localhost"])
-        etcd_client_crt, etcd_client_key = pki.make_cert(
-            "apiserver-etcd-client", "kube-apiserver-etcd-client"
-        )
+        etcd_client_crt, etcd_client_key = pki.make_cert("apiserver-etcd-client", "kube-apiserver-etcd-client")
         admin_crt, admin_key = pki.make_cert("admin", "kubernetes-admin", org="system:masters")
         kcm_crt, kcm_key = pki.make_cert("controller-manager", "system:kube-controller-manager")
         sched_crt, sched_key = pki.make_cert("scheduler", "system:kube-scheduler")
         kwok_crt, kwok_key = pki.make_cert("kwok", "kwok-controller", org="system:masters")
         sa_key, sa_pub = pki.make_keypair("sa")
+        # Front proxy (aggregation layer), as kubeadm sets it up: its own CA and client certificate.
+        front_ca, _ = pki.make_ca("front-proxy-ca", "front-proxy-ca")
+        proxy_crt, proxy_key = pki.make_cert("front-proxy-client", "front-proxy-client", ca="front-proxy-ca")
         self.timings["pki"] = time.monotonic() - t
 
         # etcd ---------------------------------------------------------------
@@ -544,6 +538,13 @@ class LocalCluster:
                 f"--tls-cert-file={apiserver_crt}",
                 f"--tls-private-key-file={apiserver_key}",
                 f"--client-ca-file={pki.ca_crt}",
+                f"--requestheader-client-ca-file={front_ca}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={proxy_crt}",
+                f"--proxy-client-key-file={proxy_key}",
                 "--authorization-mode=Node,RBAC",
                 "--anonymous-auth=true",  # as upstream: /healthz,/readyz,/livez,/version readable
                 f"--enable-admission-plugins={','.join(ADMISSION_PLUGINS)}",
@@ -553,7 +554,9 @@ class LocalCluster:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
                 "--profiling=false",
-                "--endpoint-reconciler-type=lease",
+                # A loopback advertise address is refused by the lease reconciler; nothing in-cluster
+                # reaches the API through the `kubernetes` Service here (kwok pods run nothing).
+                "--endpoint-reconciler-type=none",
                 "--event-ttl=1h",
                 "--v=1",
             ],
@@ -563,12 +566,8 @@ class LocalCluster:
         # kubeconfigs --------------------------------------------------------
         ca = pki.ca_crt
         write_kubeconfig(self.kubeconfig, self.server, ca, admin_crt, admin_key, "kubernetes-admin")
-        kcm_kc = write_kubeconfig(
-            w / "controller-manager.kubeconfig", self.server, ca, kcm_crt, kcm_key, "kcm"
-        )
-        sched_kc = write_kubeconfig(
-            w / "scheduler.kubeconfig", self.server, ca, sched_crt, sched_key, "sched"
-        )
+        kcm_kc = write_kubeconfig(w / "controller-manager.kubeconfig", self.server, ca, kcm_crt, kcm_key, "kcm")
+        sched_kc = write_kubeconfig(w / "scheduler.kubeconfig", self.server, ca, sched_crt, sched_key, "sched")
         kwok_kc = write_kubeconfig(w / "kwok.kubeconfig", self.server, ca, kwok_crt, kwok_key, "kwok")
 
         # controller-manager, scheduler, kwok (in parallel) ------------------
@@ -625,9 +624,7 @@ class LocalCluster:
             self._create_node(node)
         self._wait(
             "kube-controller-manager",
-            lambda: self._https_ok(
-                self.ports["controller-manager"], "/healthz", client_cert=False, verify=False
-            ),
+            lambda: self._https_ok(self.ports["controller-manager"], "/healthz", client_cert=False, verify=False),
             deadline,
         )
         self._wait(
