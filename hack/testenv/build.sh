@@ -4,7 +4,8 @@
 #   etcd, kwok, helm — at the versions pinned in versions.env.
 #
 # Usage: hack/testenv/build.sh [--with-kubelet] [--quiet]
-#   stdout: one `name=/absolute/path` line per binary (for cluster.py); progress goes to stderr.
+#   stdout: one `name=/absolute/path` line per binary (for cluster.py); progress goes to stderr
+#   (--quiet: only what is built, nothing when everything is cached).
 #
 # Binaries are cached outside the repo, keyed by version:
 #   ${FINETUNE_TESTENV_CACHE:-$HOME/.cache/finetune-operator/testenv}/<tool>-<version>/bin/
@@ -35,7 +36,8 @@ for arg in "$@"; do
 done
 [[ "${FINETUNE_TESTENV_KUBELET:-0}" == 1 ]] && with_kubelet=1
 
-log() { [[ $quiet == 1 ]] || echo "[testenv/build] $*" >&2; }
+log() { echo "[testenv/build] $*" >&2; }
+log_cached() { [[ $quiet == 1 ]] || log "$@"; }  # --quiet: a warm run prints nothing
 
 GO="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
 if ! [[ -x "$GO" ]]; then
@@ -117,7 +119,7 @@ build_kubernetes() {
 }
 
 if stamp_ok "$k8s_dir" "$k8s_stamp" "${k8s_bins[@]}"; then
-  log "kubernetes $K8S_VERSION: cached in $k8s_dir/bin"
+  log_cached "kubernetes $K8S_VERSION: cached in $k8s_dir/bin"
 else
   log "kubernetes $K8S_VERSION: building ${k8s_bins[*]} (cold: tens of minutes on 2 cores)"
   rm -f "$k8s_dir/.stamp"
@@ -151,7 +153,7 @@ EOF
   (cd "$mod" && timed "go build etcd" "${NICE[@]}" "$GO" build -trimpath -ldflags "$LDFLAGS_BASE" -o "$etcd_dir/bin/etcd" go.etcd.io/etcd/server/v3)
 }
 if stamp_ok "$etcd_dir" "$etcd_stamp" etcd; then
-  log "etcd $ETCD_VERSION: cached in $etcd_dir/bin"
+  log_cached "etcd $ETCD_VERSION: cached in $etcd_dir/bin"
 else
   log "etcd $ETCD_VERSION: building"
   rm -f "$etcd_dir/.stamp"
@@ -164,7 +166,7 @@ install_tool() { # name version package binary
   local name="$1" version="$2" pkg="$3" bin="$4" dir="$CACHE/$1-$2"
   local stamp="$version $go_version $LDFLAGS_BASE"
   if stamp_ok "$dir" "$stamp" "$bin"; then
-    log "$name $version: cached in $dir/bin"
+    log_cached "$name $version: cached in $dir/bin"
     return
   fi
   log "$name $version: go install $pkg@$version"

@@ -11,12 +11,14 @@ When no cluster can be provisioned (no Go toolchain, build failure, ...) the e2e
 reason, except with ``CI=true``, where that is a failure. The component logs of a session with a failed
 e2e test are kept and their path is printed at the end of the run.
 
-A cold build takes tens of minutes: run ``hack/testenv/build.sh`` before pytest (``make e2e`` does), so
-that no test's timeout is spent building.
+A cold build takes ~20 minutes on 2 cores. It runs once, after collection and before the first test (so
+no test's timeout is spent on it), and only when e2e tests are selected and no cluster is given;
+``hack/testenv/build.sh`` does the same ahead of time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -32,6 +34,7 @@ E2E_DIR = Path(__file__).resolve().parent
 
 _failed_key = pytest.StashKey[bool]()
 _report_key = pytest.StashKey[list]()
+_build_key = pytest.StashKey[object]()  # {name: Path} from build.sh, or the ClusterError it raised
 
 
 def _truthy(name: str) -> bool:
@@ -40,18 +43,50 @@ def _truthy(name: str) -> bool:
 
 def _load_testenv():
     """Import hack/testenv/cluster.py (not a package on sys.path)."""
+    name = "finetune_testenv_cluster"
+    if name in sys.modules:
+        return sys.modules[name]
     path = REPO / "hack" / "testenv" / "cluster.py"
-    spec = importlib.util.spec_from_file_location("finetune_testenv_cluster", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
+def _is_e2e(item) -> bool:
+    return E2E_DIR in Path(str(item.fspath)).parents
+
+
+def _given_kubeconfig() -> str | None:
+    return os.environ.get("FINETUNE_E2E_KUBECONFIG") or (
+        None if _truthy("FINETUNE_E2E_LOCAL") else os.environ.get("KUBECONFIG")
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if E2E_DIR in Path(str(item.fspath)).parents:
+        if _is_e2e(item):
             item.add_marker(pytest.mark.e2e)
+
+
+def pytest_collection_finish(session):
+    """Build/cache the control plane before the first test, outside every per-test timeout."""
+    config = session.config
+    if config.option.collectonly or _given_kubeconfig() or not any(_is_e2e(i) for i in session.items):
+        return
+    try:
+        testenv = _load_testenv()
+    except Exception as e:
+        config.stash[_build_key] = e
+        return
+    capman = config.pluginmanager.getplugin("capturemanager")
+    ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+    with ctx:  # a cold build shows its progress live
+        try:
+            config.stash[_build_key] = testenv.build_binaries(quiet=True, stream=True)
+        except testenv.ClusterError as e:
+            config.stash[_build_key] = e
 
 
 @pytest.hookimpl(wrapper=True)
@@ -70,18 +105,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def _unavailable(msg: str):
     """Skip (or, under CI=true, fail) every test that needs a cluster."""
     if _truthy("CI"):
-        pytest.fail(
-            f"e2e: could not provision a cluster (CI=true makes this a failure): {msg}", pytrace=False
-        )
+        pytest.fail(f"e2e: could not provision a cluster (CI=true makes this a failure): {msg}", pytrace=False)
     pytest.skip(f"e2e: no cluster: {msg} (set KUBECONFIG to use an existing cluster)")
 
 
 @pytest.fixture(scope="session")
 def local_cluster(request) -> Iterator[object | None]:
     """The LocalCluster this session started, or None when an existing cluster is used."""
-    given = os.environ.get("FINETUNE_E2E_KUBECONFIG") or (
-        None if _truthy("FINETUNE_E2E_LOCAL") else os.environ.get("KUBECONFIG")
-    )
+    given = _given_kubeconfig()
     if given:
         if not Path(given.split(os.pathsep)[0]).exists():
             _unavailable(f"kubeconfig {given} does not exist")
@@ -92,10 +123,14 @@ def local_cluster(request) -> Iterator[object | None]:
         testenv = _load_testenv()
     except Exception as e:
         _unavailable(f"cannot load hack/testenv/cluster.py: {e}")
-    try:
-        binaries = testenv.build_binaries(quiet=True)
-    except testenv.ClusterError as e:
-        _unavailable(f"cannot build the control plane binaries: {e}")
+    binaries = request.config.stash.get(_build_key, None)
+    if binaries is None:  # collection hook did not run (e.g. a plugin reordered things): build now
+        try:
+            binaries = testenv.build_binaries(quiet=True, stream=False)
+        except testenv.ClusterError as e:
+            binaries = e
+    if isinstance(binaries, Exception):
+        _unavailable(f"cannot build the control plane binaries: {binaries}")
     cluster = testenv.LocalCluster(nodes=1, binaries=binaries)
     try:
         cluster.start()
@@ -107,9 +142,7 @@ def local_cluster(request) -> Iterator[object | None]:
     rss = cluster.rss_bytes()
     request.config.stash.setdefault(_report_key, []).append(
         f"e2e: local control plane {cluster.server} started in {cluster.timings.get('total', 0):.1f} s, "
-        f"RSS {sum(rss.values()) / 2**20:.0f} MiB ("
-        + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items())
-        + ")"
+        f"RSS {sum(rss.values()) / 2**20:.0f} MiB (" + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items()) + ")"
     )
     try:
         yield cluster

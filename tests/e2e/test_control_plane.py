@@ -46,9 +46,7 @@ def test_namespace_gets_service_account_and_root_ca(k8s, namespace, wait_for):
         what="the default ServiceAccount",
     )
     cm = wait_for(
-        lambda: (
-            core.list_namespaced_config_map(namespace, field_selector="metadata.name=kube-root-ca.crt").items
-        ),
+        lambda: core.list_namespaced_config_map(namespace, field_selector="metadata.name=kube-root-ca.crt").items,
         what="the kube-root-ca.crt ConfigMap",
     )
     assert "BEGIN CERTIFICATE" in cm[0].data["ca.crt"]
@@ -63,9 +61,7 @@ def _job(name: str, ttl: int | None = None) -> client.V1Job:
             template=client.V1PodTemplateSpec(
                 spec=client.V1PodSpec(
                     restart_policy="Never",
-                    containers=[
-                        client.V1Container(name="main", image=JOB_IMAGE, command=["sh", "-c", "exit 0"])
-                    ],
+                    containers=[client.V1Container(name="main", image=JOB_IMAGE, command=["sh", "-c", "exit 0"])],
                 )
             ),
         ),
@@ -90,9 +86,7 @@ def test_job_controller_runs_a_job_to_completion(k8s, namespace, wait_for):
 
     job = wait_for(
         lambda: (
-            (j := batch.read_namespaced_job_status("ok", namespace))
-            and _conditions(j).get("Complete") == "True"
-            and j
+            (j := batch.read_namespaced_job_status("ok", namespace)) and _conditions(j).get("Complete") == "True" and j
         ),
         timeout=120,
         what="the Job to complete",
@@ -125,9 +119,7 @@ def test_owner_reference_garbage_collection(k8s, namespace, wait_for):
     )  # fmt: skip
     core.create_namespaced_secret(
         namespace,
-        client.V1Secret(
-            metadata=client.V1ObjectMeta(name="child", owner_references=[ref]), string_data={"k": "v"}
-        ),
+        client.V1Secret(metadata=client.V1ObjectMeta(name="child", owner_references=[ref]), string_data={"k": "v"}),
     )
     unrelated = core.create_namespaced_secret(
         namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="unrelated"), string_data={"k": "v"})
@@ -143,9 +135,7 @@ def test_label_selectors_filter_lists(k8s, namespace):
         core.create_namespaced_config_map(
             namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, labels=labels))
         )
-    assert [
-        c.metadata.name for c in core.list_namespaced_config_map(namespace, label_selector="tier=x").items
-    ] == ["a"]
+    assert [c.metadata.name for c in core.list_namespaced_config_map(namespace, label_selector="tier=x").items] == ["a"]
     names = {c.metadata.name for c in core.list_namespaced_config_map(namespace, label_selector="tier").items}
     assert names == {"a", "b"}
 
@@ -240,12 +230,8 @@ def test_crd_cel_rule_rejects_a_bad_object(k8s, namespace, widget_crd, wait_for)
 
 def test_status_subresource_and_resource_version_conflicts(k8s, namespace, widget_crd, wait_for):
     co = client.CustomObjectsApi(k8s)
-    created = _create_widget(
-        co, widget_crd, namespace, _widget("w", 1, 2, status={"phase": "Forged"}), wait_for
-    )
-    assert "status" not in created or not created["status"], (
-        "status is ignored on create with a /status subresource"
-    )
+    created = _create_widget(co, widget_crd, namespace, _widget("w", 1, 2, status={"phase": "Forged"}), wait_for)
+    assert "status" not in created or not created["status"], "status is ignored on create with a /status subresource"
     assert created["metadata"]["generation"] == 1
 
     patched = co.patch_namespaced_custom_object_status(
@@ -277,9 +263,7 @@ def test_rbac_denies_until_a_role_grants(k8s, namespace, wait_for):
         client.RbacAuthorizationV1Api(k8s),
         client.AuthorizationV1Api(k8s),
     )
-    core.create_namespaced_service_account(
-        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="bot"))
-    )
+    core.create_namespaced_service_account(namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="bot")))
     user = f"system:serviceaccount:{namespace}:bot"
 
     def allowed(verb: str, resource: str, group: str = "batch") -> bool:
