@@ -33,6 +33,13 @@ def run_step(examples: Path, output: Path, step: str) -> tuple[float, float]:
     return result.val_accuracy, time.perf_counter() - start
 
 
+def run_demo(examples: Path, output: Path) -> dict[str, tuple[float, float]]:
+    """{step: (val accuracy, seconds)} for pretrain, finetune and baseline."""
+    results = {step: run_step(examples, output, step) for step in STEPS}
+    Predictor.load(output / "finetune")  # the export must load back
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", default="examples/demo", help="folder with the three demo job files")
@@ -41,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     examples, output = Path(args.examples), Path(args.output)
     started = time.perf_counter()
     try:
-        results = {step: run_step(examples, output, step) for step in STEPS}
-        Predictor.load(output / "finetune")  # the export must load back
+        results = run_demo(examples, output)
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from finetune_trainer import checkpoint as ckpt
+from finetune_trainer import features
 from finetune_trainer.data import build_dataloaders, load_splits
 from finetune_trainer.engine import EvalResult, Precision, evaluate, train_one_epoch
 from finetune_trainer.errors import Preempted
@@ -138,13 +140,18 @@ def fit(
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     run = _Run()
     resumed = _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run, reporter)
+    net, cache = model, _cache_decision(spec, model, built.head_name)
 
     reporter.event(
         "start", name=name, architecture=spec.model.architecture, numClasses=len(splits.classes),
         classes=splits.classes, trainSize=len(splits.train), valSize=len(splits.val), freeze=plan.describe(),
         device=str(device), precision=precision.name, weights=built.weights_note, totalEpochs=t.epochs,
-        startEpoch=run.epoch + 1, skippedImages=splits.skipped,
+        startEpoch=run.epoch + 1, skippedImages=splits.skipped, featureCache=cache.enabled, cacheReason=cache.reason,
     )
+    if cache.enabled and run.epoch < t.epochs:
+        net = model.get_submodule(built.head_name)
+        train_loader, val_loader = _feature_loaders(model, built.head_name, train_loader, val_loader, device,
+                                                    precision, t.batch_size, reporter)
     run_start = time.perf_counter()
     while run.epoch < t.epochs and not _early_stop(run, t):
         epoch = run.epoch + 1
@@ -159,16 +166,35 @@ def fit(
             reporter.event("step", epoch=_e, totalEpochs=t.epochs, step=step, totalSteps=total,
                            trainLoss=loss, samplesPerSecond=sps, etaSeconds=eta)
 
-        stats = train_one_epoch(model, train_loader, optimizer, criterion, device, precision, scaler,
+        stats = train_one_epoch(net, train_loader, optimizer, criterion, device, precision, scaler,
                                 on_log, t.log_every_steps, should_stop)
         if should_stop():
             raise Preempted(f"stopped during epoch {epoch}; resume restarts it from the epoch {run.epoch} checkpoint")
         if scheduler is not None:
             scheduler.step()
-        ev = evaluate(model, val_loader, criterion, device, precision, len(splits.classes))
+        ev = evaluate(net, val_loader, criterion, device, precision, len(splits.classes))
         _end_epoch(output, spec, epoch, stats, ev, run, model, optimizer, scheduler, scaler, reporter)
 
-    return _export(output, spec, name, model, built, splits, run, precision, device, resumed, reporter)
+    extra = {"featureCache": {"enabled": cache.enabled, "reason": cache.reason}}
+    return _export(output, spec, name, model, built, splits, run, precision, device, resumed, reporter, extra)
+
+
+def _cache_decision(spec: FineTuneJobSpec, model: nn.Module, head_name: str) -> features.CacheDecision:
+    if spec.training.feature_cache == "off":
+        return features.CacheDecision(False, "training.featureCache is off")
+    return features.decide(spec, model.get_submodule(head_name))
+
+
+def _feature_loaders(model, head_name, train_loader, val_loader, device, precision, batch_size, reporter):
+    """One backbone pass over train (in dataset order, so later shuffles match the image loader) and val."""
+    start = time.perf_counter()
+    in_order = DataLoader(train_loader.dataset, batch_size=batch_size, shuffle=False,
+                          collate_fn=train_loader.collate_fn, num_workers=train_loader.num_workers)
+    train = features.extract(model, head_name, in_order, device, precision)
+    val = features.extract(model, head_name, val_loader, device, precision)
+    reporter.event("message", level="info", text=f"backbone features for {len(train[1]) + len(val[1])} images "
+                   f"computed once in {time.perf_counter() - start:.1f}s; the head trains on them")
+    return features.cached_loaders(train, val, batch_size)
 
 
 def _early_stop(run: _Run, t: Training) -> bool:
@@ -221,7 +247,7 @@ def _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run: _Run, 
     return run.epoch
 
 
-def _export(output, spec, name, model, built, splits, run, precision, device, resumed, reporter) -> Result:
+def _export(output, spec, name, model, built, splits, run, precision, device, resumed, reporter, extra) -> Result:
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     best = next(h for h in run.history if h["epoch"] == run.best_epoch)
@@ -232,7 +258,7 @@ def _export(output, spec, name, model, built, splits, run, precision, device, re
             "freeze": {"policy": spec.freeze.policy, "headModule": built.head_name},
             "dataset": {"source": splits.source, "train": len(splits.train), "val": len(splits.val),
                         "skippedImages": splits.skipped},
-            "resumedFromEpoch": resumed, "epochs": run.epoch,
+            "resumedFromEpoch": resumed, "epochs": run.epoch, **extra,
         },
     )
     reporter.event("end", valAccuracy=best["valAccuracy"], valLoss=best["valLoss"], bestEpoch=run.best_epoch,

@@ -175,6 +175,9 @@ class Training(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     log_every_steps: int = Field(10, ge=1, le=100000, description="progress events every N steps")
+    feature_cache: Literal["auto", "off"] = Field(
+        "auto", description="auto: with a frozen backbone and fixed inputs, compute backbone features once"
+    )
 
 
 class Output(_Model):
@@ -278,7 +281,7 @@ class FineTuneJobSpec(_Model):
         Epochs, early stopping, logging and cluster settings may change between attempts
         (e.g. extend training); architecture, data, freezing, head and optimisation may not.
         """
-        t = self.training.model_dump(exclude={"epochs", "early_stopping", "log_every_steps", "device"})
+        t = self.training.model_dump(exclude={"epochs", "early_stopping", "log_every_steps", "device", "feature_cache"})
         relevant = {
             "model": self.model.model_dump(),
             "dataset": self.dataset.model_dump(exclude={"num_workers"}),
