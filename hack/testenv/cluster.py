@@ -734,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "start":
         return 0
     stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # also when started with SIGINT ignored
+        signal.signal(sig, lambda *_: stop.append(1))
     try:
         while not stop:
             c._check_running()
