@@ -88,13 +88,13 @@ def load_job_with_overrides(path: str, overrides: dict[tuple[str, ...], Any]):
 
 
 def _reporter(kind: str):
+    """Console and/or JSON lines, plus the HTTP push to the operator when the pod is wired for it."""
+    from finetune_trainer.http_report import HttpReporter
     from finetune_trainer.report import ConsoleReporter, JsonLinesReporter, MultiReporter
 
-    if kind == "jsonl":
-        return JsonLinesReporter()
-    if kind == "both":
-        return MultiReporter(ConsoleReporter(), JsonLinesReporter())
-    return ConsoleReporter()
+    local = {"jsonl": [JsonLinesReporter()], "both": [ConsoleReporter(), JsonLinesReporter()]}.get(
+        kind, [ConsoleReporter()])
+    return MultiReporter(*local, HttpReporter.from_environment())
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -261,7 +261,10 @@ def _export(output, spec, name, model, built, splits, run, precision, device, re
             "resumedFromEpoch": resumed, "epochs": run.epoch, **extra,
         },
     )
+    per_class = dict(zip(splits.classes, best["perClassAccuracy"], strict=True))
     reporter.event("end", valAccuracy=best["valAccuracy"], valLoss=best["valLoss"], bestEpoch=run.best_epoch,
+                   trainLoss=best["trainLoss"], perClassAccuracy=per_class, totalEpochs=spec.training.epochs,
+                   epoch=run.epoch,
                    weightsFile=meta["weightsFile"], sha256=meta["sha256"], output=str(output))
     return _result_from_export(output, meta, resumed)
 

@@ -100,5 +100,10 @@ class ConsoleReporter(Reporter):
                 f"done: best val accuracy {f['valAccuracy']:.3f} at epoch {f['bestEpoch']}; "
                 f"export {f['weightsFile']}"
             )
+            per_class = f.get("perClassAccuracy") or {}
+            if per_class:
+                worst = sorted(per_class.items(), key=lambda kv: kv[1])[:10]
+                self._write("per-class val accuracy (lowest first): "
+                            + ", ".join(f"{c} {a:.2f}" for c, a in worst))
         elif kind == "message":
             self._write(f"{f.get('level', 'info')}: {f['text']}")
