@@ -49,6 +49,9 @@ class Metrics:
                               ["result", "reason"], registry=r)
         self.job_gauges = {key: Gauge(name, help_, ["namespace", "name"], registry=r)
                            for key, (name, help_) in JOB_GAUGES.items()}
+        self.stalled = Gauge("finetune_job_stalled", "1 while the job's Stalled condition is True (e.g. NoProgress).",
+                             ["namespace", "name", "reason"], registry=r)
+        self._stalled: dict[tuple[str, str], str] = {}
         self._phases: dict[tuple[str, str], str] = {}
         for phase in PHASES:
             self.jobs.labels(phase).set(0)
@@ -74,11 +77,23 @@ class Metrics:
             self.duration.labels(phase).observe(duration_seconds)
         self._recount()
 
+    def observe_stalled(self, namespace: str, name: str, reason: str | None) -> None:
+        """reason None clears the series; a reason sets it to 1 (one series per job at a time)."""
+        key = (namespace, name)
+        old = self._stalled.pop(key, None)
+        if old is not None:
+            with contextlib.suppress(KeyError):
+                self.stalled.remove(namespace, name, old)
+        if reason:
+            self._stalled[key] = reason
+            self.stalled.labels(namespace, name, reason).set(1)
+
     def forget(self, namespace: str, name: str) -> None:
         """The FineTuneJob is gone: drop its series and its phase count."""
         for gauge in self.job_gauges.values():
             with contextlib.suppress(KeyError):
                 gauge.remove(namespace, name)
+        self.observe_stalled(namespace, name, None)
         self._phases.pop((namespace, name), None)
         self._recount()
 
