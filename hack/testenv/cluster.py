@@ -16,8 +16,11 @@ What runs (binaries from build.sh, versions in versions.env), each a child proce
                              nodelifecycle, podgc, deployment, replicaset, ... with per-controller
                              service-account credentials (as kubeadm runs it)
     kube-scheduler
-    kwok                     fake node(s) "kwok-node-N": Ready, pods scheduled there go Running; pods owned
-                             by a Job go Succeeded; deleted pods are removed
+    kwok                     keeps the nodes Ready (heartbeats, lease); on fake nodes "kwok-node-N" pods go
+                             Running, Job pods Succeeded, without executing anything
+    runner.py                node "finetune-runner" (label finetune.dev/runner=true): its pods really run as
+                             local processes in bubblewrap sandboxes (see runner.py); kwok plays no pod
+                             stage there. Fake nodes are tainted finetune.dev/fake-node:NoSchedule then.
 
 Everything lives in one work directory: pki/, etcd data, logs/<component>.log, kubeconfig (admin,
 client-certificate auth, system:masters), state.json (PIDs). Use from Python:
@@ -48,6 +51,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BUILD_SH = HERE / "build.sh"
 VERSIONS_ENV = HERE / "versions.env"
+RUNNER_PY = HERE / "runner.py"
+DEPS_SH = HERE / "deps.sh"
+
+# The node whose pods really run (hack/testenv/runner.py): kwok keeps it Ready, plays no pod stage on it.
+RUNNER_NODE = "finetune-runner"
+RUNNER_LABEL = "finetune.dev/runner"
+# kwok-only nodes (pods "run" without executing) get this taint when a runner node exists.
+FAKE_NODE_TAINT = {"key": "finetune.dev/fake-node", "value": "true", "effect": "NoSchedule"}
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
@@ -247,16 +258,22 @@ class LocalCluster:
     def __init__(
         self,
         workdir: Path | str | None = None,
-        nodes: int = 1,
+        nodes: int | None = None,
         detach: bool = False,
         binaries: dict[str, Path] | None = None,
+        runner: bool = True,
     ):
+        """nodes: kwok-only (fake) nodes, default 0 with the runner, 1 without."""
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="finetune-testenv-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logs = self.workdir / "logs"
         self.kubeconfig = self.workdir / "kubeconfig"
         self.state_file = self.workdir / "state.json"
-        self.nodes = [f"kwok-node-{i}" for i in range(nodes)]
+        self.runner = runner
+        self.runner_dir = self.workdir / "runner"
+        self.pod_logs = self.logs / "pods"
+        fake = nodes if nodes is not None else (0 if runner else 1)
+        self.nodes = ([RUNNER_NODE] if runner else []) + [f"kwok-node-{i}" for i in range(fake)]
         self.detach = detach  # True: children survive this Python process (CLI `start`)
         self.binaries = binaries
         self.procs: dict[str, subprocess.Popen] = {}
@@ -315,7 +332,25 @@ class LocalCluster:
         """PIDs of components that are still alive (should be empty after stop())."""
         state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         known = state.get("all_pids", {})
-        return {n: p for n, p in known.items() if self._is_ours(p, state.get("exe", {}).get(n))}
+        stray = {n: p for n, p in known.items() if self._is_ours(p, state.get("exe", {}).get(n))}
+        # Pod processes of the runner (bwrap sandboxes), as it last recorded them.
+        procs_file = self.runner_dir / "procs.json"
+        with contextlib.suppress(OSError, ValueError):
+            procs = json.loads(procs_file.read_text())
+            for name, (pid, _) in procs.get("procs", {}).items():
+                if self._is_ours(pid, procs.get("bwrap")):
+                    stray[f"pod {name}"] = pid
+        return stray
+
+    def pod_log_tails(self, since: float = 0.0, max_bytes: int = 3000) -> list[tuple[str, str]]:
+        """(file name, tail) of every pod container log written since `since` (time.time())."""
+        out = []
+        for f in sorted(self.pod_logs.glob("*.log")) if self.pod_logs.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if f.stat().st_mtime >= since:
+                    data = f.read_bytes()
+                    out.append((f.name, data[-max_bytes:].decode(errors="replace")))
+        return out
 
     def rss_bytes(self) -> dict[str, int]:
         out = {}
@@ -474,6 +509,12 @@ class LocalCluster:
         t = time.monotonic()
         if self.binaries is None:
             self.binaries = build_binaries(quiet=True, stream=False)
+        self.binaries = dict(self.binaries)
+        if self.runner:
+            missing = [b for b in ("bwrap", "setpriv") if not shutil.which(b)]
+            if missing:
+                raise ClusterError(f"the pod runner needs {missing}: run {DEPS_SH} (Debian: bubblewrap, util-linux)")
+            self.binaries["runner"] = Path(sys.executable)
         self.timings["binaries"] = time.monotonic() - t
         self.logs.mkdir(parents=True, exist_ok=True)
         w = self.workdir
@@ -494,6 +535,8 @@ class LocalCluster:
         kcm_crt, kcm_key = pki.make_cert("controller-manager", "system:kube-controller-manager")
         sched_crt, sched_key = pki.make_cert("scheduler", "system:kube-scheduler")
         kwok_crt, kwok_key = pki.make_cert("kwok", "kwok-controller", org="system:masters")
+        if self.runner:  # the runner acts as the node's kubelet: Node authorizer + NodeRestriction apply
+            node_crt, node_key = pki.make_cert("runner-node", f"system:node:{RUNNER_NODE}", org="system:nodes")
         sa_key, sa_pub = pki.make_keypair("sa")
         # Front proxy (aggregation layer), as kubeadm sets it up: its own CA and client certificate.
         front_ca, _ = pki.make_ca("front-proxy-ca", "front-proxy-ca")
@@ -613,7 +656,7 @@ class LocalCluster:
             "kwok",
             [
                 f"--kubeconfig={kwok_kc}",
-                f"--config={self.binaries['kwok-stages']}",
+                f"--config={self._kwok_stages()}",
                 "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 f"--cidr={POD_CIDR}",
@@ -636,8 +679,54 @@ class LocalCluster:
             deadline,
         )
         self._wait("kwok", lambda: self._http_ok(self.ports["kwok"], "/healthz"), deadline)
+        if self.runner:
+            self.runner_dir.mkdir(parents=True, exist_ok=True)
+            self.pod_logs.mkdir(parents=True, exist_ok=True)
+            self._spawn(
+                "runner",
+                [
+                    str(RUNNER_PY),
+                    f"--node={RUNNER_NODE}",
+                    f"--server={self.server}",
+                    f"--ca={ca}",
+                    f"--cert={node_crt}",
+                    f"--key={node_key}",
+                    f"--admin-cert={admin_crt}",
+                    f"--admin-key={admin_key}",
+                    f"--workdir={self.runner_dir}",
+                    f"--logs={self.pod_logs}",
+                    f"--repo={HERE.parents[1]}",
+                ],
+            )
         self._wait("nodes ready", self._nodes_ready, deadline, interval=0.25)
         self._wait("default service account", self._default_sa, deadline, interval=0.25)
+        if self.runner:
+            self._wait("runner", lambda: (self.runner_dir / "ready").exists(), deadline, interval=0.05)
+
+    def _kwok_stages(self) -> Path:
+        """kwok's stages, with the pod stages excluded from the runner's node (the runner owns those pods)."""
+        src = Path(self.binaries["kwok-stages"]).read_text()
+        if not self.runner:
+            return Path(self.binaries["kwok-stages"])
+        exclude = (
+            "    matchExpressions:\n"
+            "    - key: '.spec.nodeName'\n"
+            "      operator: 'NotIn'\n"
+            "      values:\n"
+            f"      - '{RUNNER_NODE}'\n"
+        )
+        docs = []
+        for doc in src.split("\n---\n"):
+            if "kind: Pod\n" in doc:
+                if "    matchExpressions:\n" not in doc:
+                    raise ClusterError(
+                        "kwok pod stage without selector.matchExpressions: cannot exclude the runner node"
+                    )
+                doc = doc.replace("    matchExpressions:\n", exclude, 1)
+            docs.append(doc)
+        out = self.workdir / "kwok-stages.yaml"
+        out.write_text("\n---\n".join(docs))
+        return out
 
     def _create_node(self, name: str) -> None:
         node = {
@@ -651,9 +740,10 @@ class LocalCluster:
                     "kubernetes.io/os": "linux",
                     "kubernetes.io/hostname": name,
                     "type": "kwok",
+                    **({RUNNER_LABEL: "true"} if name == RUNNER_NODE else {}),
                 },
             },
-            "spec": {},
+            "spec": {"taints": [FAKE_NODE_TAINT]} if self.runner and name != RUNNER_NODE else {},
             "status": {
                 "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110", "ephemeral-storage": "500Gi"},
                 "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110", "ephemeral-storage": "500Gi"},
@@ -693,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workdir", type=Path, default=None, help="default: $FINETUNE_TESTENV_DIR or /tmp/finetune-testenv"
     )
-    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--nodes", type=int, default=None, help="kwok-only nodes (default: 0 with the runner, 1 without)")
+    ap.add_argument("--no-runner", action="store_true", help="no pod runner: every node is a kwok fake")
     ap.add_argument("--with-kubelet", action="store_true", help="build: also build the kubelet")
     args = ap.parse_args(argv)
 
@@ -721,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if workdir.exists():
         shutil.rmtree(workdir)
-    c = LocalCluster(workdir, nodes=args.nodes, detach=args.command == "start")
+    c = LocalCluster(workdir, nodes=args.nodes, detach=args.command == "start", runner=not args.no_runner)
     try:
         c.start()
     except ClusterError as e:
