@@ -701,9 +701,10 @@ class Volumes:
 
     def token(self, pr: PodRun, audience: str | None, seconds: int) -> str:
         sa = pr.pod["spec"].get("serviceAccountName") or "default"
+        bound = {"apiVersion": "v1", "kind": "Pod", "name": pr.name, "uid": pr.uid}
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                 "spec": {"audiences": [audience] if audience else None, "expirationSeconds": seconds,
-                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pr.name, "uid": pr.uid}}}  # fmt: skip
+                         "boundObjectRef": bound}}  # fmt: skip
         try:
             obj = self.r.api.request("POST", f"/api/v1/namespaces/{pr.ns}/serviceaccounts/{sa}/token", body)
         except ApiError as e:
@@ -999,7 +1000,7 @@ class Launcher:
         a += ["--ro-bind", "/sys", "/sys", "--proc", "/proc", "--dev", "/dev"]
         a += ["--ro-bind" if ro_root else "--bind", tmp, "/tmp"]
         made: set[str] = set()
-        for dest, src, ro, is_file in sorted(targets[:-1], key=lambda t: t[0].count("/")) + [targets[-1]]:
+        for dest, src, ro, _ in [*sorted(targets[:-1], key=lambda t: t[0].count("/")), targets[-1]]:
             self._parents(a, dest, targets, made)
             a += ["--ro-bind" if ro else "--bind", src, dest]
         if ro_root:
@@ -1022,8 +1023,10 @@ class Launcher:
                 host.mkdir(parents=True, mode=0o755)
             return
         missing = []
-        while parent != "/" and parent not in made and not (
-            os.path.lexists(parent) and not parent.startswith(("/dev/", "/tmp/"))
+        while (
+            parent != "/"
+            and parent not in made
+            and not (os.path.lexists(parent) and not parent.startswith(("/dev/", "/tmp/")))
         ):
             missing.append(parent)
             parent = os.path.dirname(parent)
@@ -1115,8 +1118,9 @@ class Provisioner:
         self.next = 0.0
 
     def ensure_class(self) -> None:
+        default = {"storageclass.kubernetes.io/is-default-class": "true"}
         sc = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-              "metadata": {"name": STORAGE_CLASS, "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+              "metadata": {"name": STORAGE_CLASS, "annotations": default},
               "provisioner": PROVISIONER, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate"}  # fmt: skip
         try:
             self.api.request("POST", "/apis/storage.k8s.io/v1/storageclasses", sc)

@@ -4,8 +4,14 @@ Which cluster:
   * ``FINETUNE_E2E_KUBECONFIG`` or ``KUBECONFIG`` set  -> that cluster (kind, a real one); nothing is started.
     ``FINETUNE_E2E_LOCAL=1`` ignores ``KUBECONFIG`` and starts the local one anyway.
   * otherwise -> the local control plane of ``hack/testenv/cluster.py`` (etcd, kube-apiserver,
-    kube-controller-manager, kube-scheduler, kwok nodes), built/cached by ``hack/testenv/build.sh``,
-    started once per session and stopped by PID at the end (a leftover process fails the session).
+    kube-controller-manager, kube-scheduler, kwok) with the pod runner ``hack/testenv/runner.py`` on node
+    ``finetune-runner``: pods really run there, as local processes in bubblewrap sandboxes (the system
+    packages come from ``hack/testenv/deps.sh``, run here). Binaries are built/cached by
+    ``hack/testenv/build.sh``; the cluster is started once per session and stopped by PID at the end
+    (a leftover process — a component or a pod's process — fails the session).
+
+A failed e2e test gets the tails of the pod logs written during it (``<logs>/pods/<ns>_<pod>_<container>.log``)
+as a report section.
 
 When no cluster can be provisioned (no Go toolchain, build failure, ...) the e2e tests are skipped with the
 reason, except with ``CI=true``, where that is a failure. The component logs of a session with a failed
@@ -35,6 +41,8 @@ E2E_DIR = Path(__file__).resolve().parent
 _failed_key = pytest.StashKey[bool]()
 _report_key = pytest.StashKey[list]()
 _build_key = pytest.StashKey[object]()  # {name: Path} from build.sh, or the ClusterError it raised
+_cluster_key = pytest.StashKey[object]()  # the session's LocalCluster
+_started_key = pytest.StashKey[float]()  # per test: when it started (time.time())
 
 
 def _truthy(name: str) -> bool:
@@ -87,6 +95,24 @@ def pytest_collection_finish(session):
             config.stash[_build_key] = testenv.build_binaries(quiet=True, stream=True)
         except testenv.ClusterError as e:
             config.stash[_build_key] = e
+            return
+        problem = _install_deps(testenv)
+        if problem:
+            config.stash[_build_key] = testenv.ClusterError(problem)
+
+
+def _install_deps(testenv) -> str | None:
+    """Run hack/testenv/deps.sh (the pod runner's system packages; a no-op when present)."""
+    import subprocess
+
+    proc = subprocess.run(["bash", str(testenv.DEPS_SH)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return f"{testenv.DEPS_SH.name} failed: {proc.stderr.strip()[-800:]}"
+    return None
+
+
+def pytest_runtest_setup(item):
+    item.stash[_started_key] = time.time()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -94,6 +120,10 @@ def pytest_runtest_makereport(item, call):
     report = yield
     if report.failed and E2E_DIR in Path(str(item.fspath)).parents:
         item.config.stash[_failed_key] = True
+        cluster = item.config.stash.get(_cluster_key, None)
+        if cluster is not None and hasattr(cluster, "pod_log_tails"):
+            for name, tail in cluster.pod_log_tails(since=item.stash.get(_started_key, 0.0) - 1):
+                report.sections.append((f"pod log {name} (tail)", tail))
     return report
 
 
@@ -131,7 +161,11 @@ def local_cluster(request) -> Iterator[object | None]:
             binaries = e
     if isinstance(binaries, Exception):
         _unavailable(f"cannot build the control plane binaries: {binaries}")
-    cluster = testenv.LocalCluster(nodes=1, binaries=binaries)
+    if request.config.stash.get(_build_key, None) is None:
+        problem = _install_deps(testenv)
+        if problem:
+            _unavailable(problem)
+    cluster = testenv.LocalCluster(binaries=binaries)
     try:
         cluster.start()
     except testenv.ClusterError as e:
@@ -144,9 +178,15 @@ def local_cluster(request) -> Iterator[object | None]:
         f"e2e: local control plane {cluster.server} started in {cluster.timings.get('total', 0):.1f} s, "
         f"RSS {sum(rss.values()) / 2**20:.0f} MiB (" + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items()) + ")"
     )
+    request.config.stash[_cluster_key] = cluster
     try:
         yield cluster
     finally:
+        rss = cluster.rss_bytes().get("runner")
+        if rss:
+            request.config.stash.setdefault(_report_key, []).append(
+                f"e2e: pod runner RSS at the end of the session: {rss / 2**20:.0f} MiB"
+            )
         cluster.stop()
         stray = cluster.stray_pids()
         failed = request.config.stash.get(_failed_key, False)
@@ -190,6 +230,12 @@ def namespace(k8s) -> Iterator[str]:
     except client.ApiException as e:
         if e.status != 404:
             raise
+
+
+@pytest.fixture(scope="session")
+def e2e_report(request) -> Callable[[str], None]:
+    """`e2e_report(line)`: a line for the end-of-session summary (measurements)."""
+    return lambda line: request.config.stash.setdefault(_report_key, []).append(f"e2e: {line}")
 
 
 @pytest.fixture(scope="session")
