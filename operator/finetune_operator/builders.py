@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
+
 from finetune_operator.settings import Settings
 from finetune_trainer.errors import EXIT_INVALID_JOB, EXIT_PREEMPTED, JobFileError
 from finetune_trainer.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec, parse_spec
@@ -331,9 +332,7 @@ def _resources(spec: FineTuneJobSpec) -> Obj:
     return out
 
 
-def _volumes(
-    ftj: Mapping[str, Any], spec: FineTuneJobSpec, settings: Settings
-) -> tuple[list[Obj], list[Obj]]:
+def _volumes(ftj: Mapping[str, Any], spec: FineTuneJobSpec, settings: Settings) -> tuple[list[Obj], list[Obj]]:
     """Pod volumes and the trainer's mounts: the job file, scratch, output, then the user's."""
     volumes: list[Obj] = [
         {"name": VOL_JOB_FILE, "configMap": {"name": configmap_name(ftj)}},
@@ -348,9 +347,7 @@ def _volumes(
     if output_volume(spec) is None:
         if settings.output_pvc:
             volumes.append({"name": VOL_OUTPUT, "persistentVolumeClaim": {"claimName": settings.output_pvc}})
-            mounts.append(
-                {"name": VOL_OUTPUT, "mountPath": spec.output.path, "subPath": ftj["metadata"]["name"]}
-            )
+            mounts.append({"name": VOL_OUTPUT, "mountPath": spec.output.path, "subPath": ftj["metadata"]["name"]})
         else:
             # Nothing durable holds the output: an emptyDir keeps the trainer working, and
             # status.output.ephemeral / an event tell the user the model dies with the pod.

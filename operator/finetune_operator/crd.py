@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 import yaml
+
 from finetune_operator.status_schema import STATUS_SCHEMA
 from finetune_trainer.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
 

@@ -29,9 +29,7 @@ CONFIG_WAITING = {
     "CreateContainerError": "CreateContainerError",
 }
 HOPELESS_WAITING = {"InvalidImageName": "InvalidImageName"}
-STARTUP_PROBLEMS = frozenset(
-    {*IMAGE_WAITING.values(), *CONFIG_WAITING.values(), "Unschedulable", "PodCreationFailed"}
-)
+STARTUP_PROBLEMS = frozenset({*IMAGE_WAITING.values(), *CONFIG_WAITING.values(), "Unschedulable", "PodCreationFailed"})
 IMMEDIATE_FAILURES = frozenset(HOPELESS_WAITING.values())
 
 PREEMPTION_REASONS = {"PreemptionByScheduler", "PreemptionByKubeScheduler"}
@@ -118,11 +116,7 @@ def pod_failure(pod: Obj) -> Problem | None:
         return "Evicted", tail(status.get("message") or "the kubelet evicted the pod")
     term = _trainer_terminated(pod)
     if term is None:
-        return (
-            ("PodFailed", tail(status.get("message") or "pod failed"))
-            if status.get("phase") == "Failed"
-            else None
-        )
+        return ("PodFailed", tail(status.get("message") or "pod failed")) if status.get("phase") == "Failed" else None
     code = term.get("exitCode", 0)
     if term.get("reason") == "OOMKilled":
         return (
@@ -132,9 +126,7 @@ def pod_failure(pod: Obj) -> Problem | None:
     if code == 0:
         return None
     if code == EXIT_INVALID_JOB:
-        return "InvalidJobFile", tail(
-            term.get("message") or "the trainer rejected its job file (exit code 2)"
-        )
+        return "InvalidJobFile", tail(term.get("message") or "the trainer rejected its job file (exit code 2)")
     if code == EXIT_PREEMPTED:
         return "Preempted", "the trainer saved a checkpoint and stopped after SIGTERM (exit code 75)"
     detail = tail(term.get("message")) or term.get("reason") or "no output"

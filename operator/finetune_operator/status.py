@@ -39,9 +39,7 @@ class Verdict:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def derive_status(
-    ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: dt.datetime, settings: Settings
-) -> dict:
+def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: dt.datetime, settings: Settings) -> dict:
     """The complete new status (declared fields only); the caller patches what changed."""
     prev = dict(ftj.get("status") or {})
     verdict = _keep_finished(prev, job) or _judge(ftj, job, pods, now, settings, prev)
@@ -91,8 +89,7 @@ def _judge(
             return Verdict(
                 "Failed",
                 "JobDeleted",
-                f"Job {prev['jobName']} was deleted before it finished; "
-                "re-create the FineTuneJob to train again",
+                f"Job {prev['jobName']} was deleted before it finished; re-create the FineTuneJob to train again",
                 completion_time=observe.format_time(now),
             )
         return Verdict("Pending", "Creating", f"creating Job {builders.job_name(ftj)}")
@@ -131,9 +128,7 @@ def _running(pod: Obj, pods: Sequence[Obj], now: dt.datetime) -> Verdict:
     earlier = observe.last_failure(pods)
     if earlier:
         message += f" (after a failed attempt: {earlier[0]})"
-    return Verdict(
-        "Running", "Running", message, start_time=observe.running_since(pod) or observe.format_time(now)
-    )
+    return Verdict("Running", "Running", message, start_time=observe.running_since(pod) or observe.format_time(now))
 
 
 def _pending(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings: Settings) -> Verdict:
@@ -144,9 +139,7 @@ def _pending(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings
     if problem is None and not any(observe.is_active(p) for p in pods):
         earlier = observe.last_failure(pods)
         if earlier:  # between attempts: the Job controller is about to retry
-            return Verdict(
-                "Pending", "Retrying", f"attempt failed ({earlier[0]}: {earlier[1]}); the Job retries"
-            )
+            return Verdict("Pending", "Retrying", f"attempt failed ({earlier[0]}: {earlier[1]}); the Job retries")
         if waited > deadline:
             problem = (
                 "PodCreationFailed",
@@ -204,9 +197,7 @@ def _progress_stalled(ftj: Obj, status: Mapping[str, Any], now: dt.datetime) -> 
     limit = ((ftj.get("spec") or {}).get("runPolicy") or {}).get("progressDeadlineSeconds")
     if not limit or status["phase"] != "Running":
         return None
-    last = observe.parse_time(status["progress"].get("lastUpdateTime")) or observe.parse_time(
-        status.get("startTime")
-    )
+    last = observe.parse_time(status["progress"].get("lastUpdateTime")) or observe.parse_time(status.get("startTime"))
     if last is None or (now - last).total_seconds() <= limit:
         return None
     return (
@@ -306,11 +297,7 @@ def transition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Ev
         events.append(("Normal", "Resumed", new.get("message", "")))
     if now_ != was:
         events.extend(_phase_events(now_, new))
-    elif (
-        now_ == "Pending"
-        and new.get("reason") != old.get("reason")
-        and new.get("reason") in observe.STARTUP_PROBLEMS
-    ):
+    elif now_ == "Pending" and new.get("reason") != old.get("reason") and new.get("reason") in observe.STARTUP_PROBLEMS:
         events.append(("Warning", new["reason"], new.get("message", "")))
     for kind, reason in (("SpecChangeRefused", "SpecChangeRefused"), ("Stalled", "ProgressDeadlineExceeded")):
         became = _true(new, kind) and not _true(old, kind)

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
+
 from finetune_operator import crd
 from finetune_operator.status_schema import CONDITION_TYPES, PHASES
 from finetune_trainer.errors import JobFileError
 from finetune_trainer.spec import FineTuneJobSpec, parse_spec
-from pydantic import BaseModel
 
 pytestmark = pytest.mark.unit
 

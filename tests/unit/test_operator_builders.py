@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from finetune_operator import builders
 from finetune_operator.settings import Settings, SettingsError
 from finetune_trainer.errors import EXIT_INVALID_JOB, EXIT_PREEMPTED, JobFileError
@@ -207,9 +208,7 @@ def test_output_pvc_setting_uses_a_subpath_per_job() -> None:
 
 
 def test_configmap_holds_the_resolved_job_file_the_trainer_can_load(tmp_path: Any) -> None:
-    cm = builders.build_configmap(
-        ftj({"dataset": {"builtin": "digits"}, "training": {"epochs": 3}}), SETTINGS
-    )
+    cm = builders.build_configmap(ftj({"dataset": {"builtin": "digits"}, "training": {"epochs": 3}}), SETTINGS)
     assert cm["metadata"]["name"] == "demo-spec"
     assert cm["metadata"]["labels"][builders.LABEL_UID] == "uid-123"
     doc = yaml.safe_load(cm["data"]["job.yaml"])
@@ -290,9 +289,7 @@ def test_changed_fields_names_what_changed_and_ignores_suspend() -> None:
 
 
 def test_settings_from_env() -> None:
-    s = Settings.from_env(
-        {"FINETUNE_TRAINER_IMAGE": "t:1", "FINETUNE_NAMESPACES": "a, b", "FINETUNE_OUTPUT_PVC": ""}
-    )
+    s = Settings.from_env({"FINETUNE_TRAINER_IMAGE": "t:1", "FINETUNE_NAMESPACES": "a, b", "FINETUNE_OUTPUT_PVC": ""})
     assert s.trainer_image == "t:1" and s.namespaces == ("a", "b") and not s.clusterwide
     assert Settings.from_env({}).clusterwide
     assert Settings.from_env({}).startup_deadline_seconds == 600

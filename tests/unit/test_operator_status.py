@@ -11,6 +11,7 @@ import datetime as dt
 from typing import Any
 
 import pytest
+
 from finetune_operator import builders, observe
 from finetune_operator.crd import crd
 from finetune_operator.settings import Settings
@@ -27,9 +28,7 @@ def at(seconds: float) -> dt.datetime:
     return T0 + dt.timedelta(seconds=seconds)
 
 
-def ftj(
-    spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None, generation: int = 1
-) -> dict:
+def ftj(spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None, generation: int = 1) -> dict:
     body = {
         "apiVersion": "finetune.dev/v1alpha1",
         "kind": "FineTuneJob",
@@ -41,9 +40,7 @@ def ftj(
     return body
 
 
-def job(
-    suspend: bool = False, conditions: list[dict] | None = None, spec: dict | None = None, **counts: Any
-) -> dict:
+def job(suspend: bool = False, conditions: list[dict] | None = None, spec: dict | None = None, **counts: Any) -> dict:
     obj = builders.build_job(ftj(spec), SETTINGS)
     obj["metadata"]["creationTimestamp"] = CREATED
     obj["metadata"]["uid"] = "job-uid"
@@ -107,9 +104,7 @@ def terminated(exit_code: int, reason: str = "Error", message: str = "") -> dict
 
 RUNNING_POD = pod(
     phase="Running",
-    containerStatuses=[
-        {"name": "trainer", "ready": True, "state": {"running": {"startedAt": "2025-03-01T12:00:07Z"}}}
-    ],
+    containerStatuses=[{"name": "trainer", "ready": True, "state": {"running": {"startedAt": "2025-03-01T12:00:07Z"}}}],
 )
 UNSCHEDULABLE_POD = pod(
     conditions=[
@@ -123,9 +118,7 @@ UNSCHEDULABLE_POD = pod(
 )
 
 
-def derive(
-    body: dict, j: dict | None, pods: list[dict], seconds: float = 30, settings: Settings = SETTINGS
-) -> dict:
+def derive(body: dict, j: dict | None, pods: list[dict], seconds: float = 30, settings: Settings = SETTINGS) -> dict:
     return derive_status(body, j, pods, at(seconds), settings)
 
 
@@ -225,9 +218,7 @@ def test_image_and_config_problems_are_pending_then_failed_after_the_startup_dea
 
 
 def test_invalid_image_name_fails_at_once() -> None:
-    status = derive(
-        ftj(), job(active=1), [pod(**waiting("InvalidImageName", 'invalid image "a b"'))], seconds=1
-    )
+    status = derive(ftj(), job(active=1), [pod(**waiting("InvalidImageName", 'invalid image "a b"'))], seconds=1)
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidImageName")
     assert should_stop_job(status, job(active=1))
 
@@ -270,9 +261,7 @@ def test_oom_killed_after_retries_names_oom() -> None:
 
 
 def test_trainer_error_carries_the_termination_message_tail() -> None:
-    traceback = (
-        "Traceback (most recent call last):\n" + "  frame\n" * 200 + "RuntimeError: CUDA error: device-side"
-    )
+    traceback = "Traceback (most recent call last):\n" + "  frame\n" * 200 + "RuntimeError: CUDA error: device-side"
     failed = job(conditions=[job_condition("Failed", "BackoffLimitExceeded")], failed=3)
     status = derive(ftj(), failed, [pod(phase="Failed", **terminated(1, "Error", traceback))])
     assert status["reason"] == "TrainerError"
@@ -282,9 +271,7 @@ def test_trainer_error_carries_the_termination_message_tail() -> None:
 
 
 def test_invalid_job_file_via_pod_failure_policy() -> None:
-    failed = job(
-        conditions=[job_condition("Failed", "PodFailurePolicy", "Container trainer exited with 2")], failed=1
-    )
+    failed = job(conditions=[job_condition("Failed", "PodFailurePolicy", "Container trainer exited with 2")], failed=1)
     pods = [pod(phase="Failed", **terminated(2, "Error", "spec.dataset.path: /data/x does not exist"))]
     status = derive(ftj(), failed, pods)
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidJobFile")
@@ -305,9 +292,7 @@ def test_deadline_exceeded() -> None:
 
 
 def test_backoff_limit_exceeded_without_pods_keeps_the_job_reason() -> None:
-    failed = job(
-        conditions=[job_condition("Failed", "BackoffLimitExceeded", "Job has reached the backoff limit")]
-    )
+    failed = job(conditions=[job_condition("Failed", "BackoffLimitExceeded", "Job has reached the backoff limit")])
     assert derive(ftj(), failed, [])["reason"] == "BackoffLimitExceeded"
 
 
@@ -317,9 +302,7 @@ def test_failure_target_counts_as_failed_before_the_pods_are_gone() -> None:
 
 
 def test_evicted_by_the_kubelet() -> None:
-    evicted = pod(
-        phase="Failed", reason="Evicted", message="The node was low on resource: ephemeral-storage."
-    )
+    evicted = pod(phase="Failed", reason="Evicted", message="The node was low on resource: ephemeral-storage.")
     failed = job(conditions=[job_condition("Failed", "BackoffLimitExceeded")], failed=3)
     status = derive(ftj(), failed, [evicted])
     assert status["reason"] == "Evicted" and "ephemeral-storage" in status["message"]
@@ -499,9 +482,7 @@ def test_failure_and_pending_problem_events_are_warnings() -> None:
 
 def test_suspend_event() -> None:
     suspended = derive(ftj(), job(suspend=True), [])
-    assert ("Normal", "Suspended") in [
-        (t, r) for t, r, _ in transition_events({"phase": "Running"}, suspended)
-    ]
+    assert ("Normal", "Suspended") in [(t, r) for t, r, _ in transition_events({"phase": "Running"}, suspended)]
 
 
 # --- every written field is declared ------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""kopf handlers: thin triggers that all call `reconcile`.
+
+Registered on an explicit registry (`register`), so tests run a fresh operator with their
+own settings and API endpoint, and `__main__` / `kopf run -m finetune_operator.entry` use
+kopf's default registry.
+
+Handlers return None: kopf would store a return value in status.<handler-id>, which the
+CRD's strict status schema does not declare. Kopf's own bookkeeping goes to annotations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kopf
+
+from finetune_operator import builders
+from finetune_operator.crd import PLURAL
+from finetune_operator.kube import Kube
+from finetune_operator.reconcile import Runtime, reconcile, set_job_suspend
+from finetune_operator.settings import Settings
+from finetune_trainer.spec import API_GROUP, API_VERSION
+
+FTJ = (API_GROUP, API_VERSION, PLURAL)
+OWNED = {builders.LABEL_UID: kopf.PRESENT}
+
+
+def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
+    """Kopf settings: nothing undeclared in status, sane timeouts and backoff."""
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    kopf_settings.persistence.finalizer = f"{API_GROUP}/kopf-finalizer"  # unused: no deletion handlers
+    kopf_settings.posting.level = logging.getLevelName(settings.posting_level)
+    # Restart watches every few minutes: a silently dead connection is noticed in bounded time.
+    kopf_settings.watching.server_timeout = settings.watch_server_timeout
+    kopf_settings.watching.client_timeout = settings.watch_server_timeout + 30
+    kopf_settings.watching.connect_timeout = 30
+    kopf_settings.networking.request_timeout = 60
+    kopf_settings.networking.connect_timeout = 30
+    kopf_settings.queueing.error_delays = (1, 2, 5, 10, 20, 30, 60)
+    kopf_settings.execution.max_workers = 16
+    # Deterministic Job names + create-if-absent make a second replica harmless, so no
+    # peering (which needs its own CRDs) is required.
+    kopf_settings.peering.standalone = True
+
+
+def register(
+    registry: kopf.OperatorRegistry,
+    settings: Settings,
+    kube_factory: Callable[[], Kube] = Kube.from_environment,
+) -> Runtime:
+    """Register every handler on `registry`; returns the shared runtime (for tests)."""
+    rt = Runtime(settings=settings)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> None:
+        configure_kopf(settings, rt.settings)
+        rt.kube = kube_factory()
+        rt.resync_task = asyncio.create_task(resync_loop(rt, logger), name="finetune resync")
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        if rt.resync_task is not None:
+            rt.resync_task.cancel()
+
+    @kopf.on.create(*FTJ, registry=registry)
+    @kopf.on.resume(*FTJ, registry=registry)
+    def created_or_resumed(namespace: str, name: str, logger: Any, **_: Any) -> None:
+        _run(rt, namespace, name, logger, permanent=True)
+
+    @kopf.on.update(*FTJ, field="spec", registry=registry)
+    def spec_changed(
+        namespace: str, name: str, body: Mapping[str, Any], old: Any, new: Any, logger: Any, **_: Any
+    ) -> None:
+        before, after = _suspend(old), _suspend(new)
+        if before != after:
+            set_job_suspend(rt, body, after, logger)
+        _run(rt, namespace, name, logger, permanent=True)
+
+    @kopf.on.event("batch", "v1", "jobs", labels=OWNED, registry=registry)
+    def job_event(body: Mapping[str, Any], namespace: str, logger: Any, **_: Any) -> None:
+        owner = _owner_name(body)
+        if owner:
+            _run(rt, namespace, owner, logger, permanent=False)
+
+    @kopf.on.event("v1", "pods", labels=OWNED, registry=registry)
+    def pod_event(body: Mapping[str, Any], namespace: str, logger: Any, **_: Any) -> None:
+        owner = _owner_name(body)
+        if owner:
+            _run(rt, namespace, owner, logger, permanent=False)
+
+    return rt
+
+
+def _run(rt: Runtime, namespace: str, name: str, logger: Any, *, permanent: bool) -> None:
+    outcome = reconcile(rt, namespace, name, logger)
+    if outcome.invalid and permanent:
+        # Status already says Failed/InvalidSpec with a Warning event; this stops kopf's retries.
+        raise kopf.PermanentError(f"invalid spec: {outcome.invalid}")
+
+
+async def resync_loop(rt: Runtime, logger: Any) -> None:
+    """Re-derive every unfinished FineTuneJob each `resync_seconds`: deadlines pass without events.
+
+    An operator-level loop rather than a kopf timer: kopf puts a finalizer on every object
+    with a timer, and a finalizer blocks deletion whenever the operator is not running.
+    """
+    while True:
+        await asyncio.sleep(rt.settings.resync_seconds)
+        for namespace, name in rt.unfinished():
+            try:
+                await asyncio.to_thread(reconcile, rt, namespace, name, logger)
+            except kopf.TemporaryError as err:
+                logger.warning(f"resync of {namespace}/{name} will be retried: {err}")
+            except Exception:  # one bad object must not stop the loop for the others
+                logger.exception(f"resync of {namespace}/{name} failed")
+
+
+def _suspend(spec: Any) -> bool:
+    return bool(((spec or {}).get("runPolicy") or {}).get("suspend", False))
+
+
+def _owner_name(body: Mapping[str, Any]) -> str | None:
+    """The FineTuneJob behind a Job (owner reference) or a pod (annotation from the template)."""
+    meta = body.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "FineTuneJob" and ref.get("apiVersion", "").startswith(f"{API_GROUP}/"):
+            return ref.get("name")
+    return (meta.get("annotations") or {}).get(builders.ANNOTATION_NAME)

@@ -1,0 +1,212 @@
+"""One reconcile pass for one FineTuneJob: read what exists, create what is missing, write status.
+
+Every handler (create, resume, update, timer, Job and Pod watches) ends here, so the
+outcome depends only on the objects, never on which event arrived or in what order.
+A per-object lock keeps two handler threads from deriving and posting the same
+transition twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from finetune_operator import builders, status
+from finetune_operator.events import post_event
+from finetune_operator.kube import (
+    ApiError,
+    Kube,
+    configmap_path,
+    ftj_path,
+    job_path,
+    merge_patch_for,
+    pod_path,
+)
+from finetune_operator.settings import Settings
+from finetune_trainer.errors import JobFileError
+
+Obj = dict[str, Any]
+RETRY_DELAY = 10.0
+GC_WAIT = 15.0
+
+
+@dataclass
+class Runtime:
+    """What handlers share: settings, the API client (set at startup), locks, unfinished jobs."""
+
+    settings: Settings
+    kube: Kube | None = None
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)
+    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    _unfinished: set[tuple[str, str]] = field(default_factory=set)
+    resync_task: asyncio.Task[None] | None = None
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def track(self, namespace: str, name: str, unfinished: bool) -> None:
+        """Remember unfinished jobs: the resync loop re-derives them (deadlines need a clock)."""
+        with self._guard:
+            if unfinished:
+                self._unfinished.add((namespace, name))
+            else:
+                self._unfinished.discard((namespace, name))
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._locks.pop((namespace, name), None)
+            self._unfinished.discard((namespace, name))
+
+    def unfinished(self) -> list[tuple[str, str]]:
+        with self._guard:
+            return sorted(self._unfinished)
+
+
+@dataclass
+class Outcome:
+    invalid: str | None = None  # the user-facing reason when the spec cannot run
+    status: Obj | None = None
+
+
+def reconcile(rt: Runtime, namespace: str, name: str, logger: logging.Logger | Any) -> Outcome:
+    """Converge one FineTuneJob. API trouble becomes kopf.TemporaryError (kopf retries later)."""
+    assert rt.kube is not None, "the startup handler sets the API client"
+    try:
+        with rt.lock(namespace, name):
+            return _reconcile(rt, rt.kube, namespace, name, logger)
+    except ApiError as err:
+        raise kopf.TemporaryError(f"Kubernetes API: {err}", delay=RETRY_DELAY) from None
+
+
+def _reconcile(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any) -> Outcome:
+    ftj = kube.get(ftj_path(namespace, name))
+    if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+        rt.forget(namespace, name)
+        return Outcome()  # deleted: ownerReferences take the Job, ConfigMap and pods along
+    job = kube.get(job_path(namespace, builders.job_name(ftj)))
+    _check_owner(job, ftj, "Job")
+    prev = ftj.get("status") or {}
+    if job is None and _may_create(prev):
+        problem = _spec_problem(ftj, rt.settings)
+        if problem:
+            rt.track(namespace, name, unfinished=False)
+            return _fail_invalid(kube, ftj, problem, rt.clock())
+        job = _create_children(kube, ftj, rt.settings, logger)
+        _warn_if_ephemeral(kube, ftj, rt.settings, rt.clock())
+    pods = kube.list(pod_path(namespace), builders.selector_labels(ftj)) if job else []
+    new = status.derive_status(ftj, job, pods, rt.clock(), rt.settings)
+    if status.should_stop_job(new, job):
+        logger.warning(f"Deleting Job {job['metadata']['name']}: {new['reason']}")
+        kube.delete(job_path(namespace, job["metadata"]["name"]))
+    _write_status(kube, ftj, new, rt.clock())
+    rt.track(namespace, name, unfinished=new["phase"] not in status.TERMINAL)
+    return Outcome(status=new)
+
+
+def _may_create(prev: Mapping[str, Any]) -> bool:
+    """Create the Job only if none ever existed and the job is not finished (or only invalid)."""
+    if prev.get("jobName"):
+        return False  # it existed: derive_status reports it gone rather than training again
+    return prev.get("phase") not in status.TERMINAL or prev.get("reason") == status.INVALID_SPEC
+
+
+def _spec_problem(ftj: Mapping[str, Any], settings: Settings) -> str | None:
+    try:
+        spec = builders.parsed_spec(ftj)
+    except JobFileError as err:
+        return str(err)
+    problems = builders.cluster_problems(spec, settings)
+    return "; ".join(problems) if problems else None
+
+
+def _check_owner(child: Mapping[str, Any] | None, ftj: Mapping[str, Any], kind: str) -> None:
+    """A same-named child of an earlier FineTuneJob is still being garbage-collected: wait."""
+    if child is None:
+        return
+    owners = [r.get("uid") for r in child["metadata"].get("ownerReferences") or []]
+    if ftj["metadata"]["uid"] not in owners:
+        raise kopf.TemporaryError(
+            f"{kind} {child['metadata']['name']} exists but is not owned by this FineTuneJob "
+            "(left from an earlier one with the same name?); waiting for it to be deleted",
+            delay=GC_WAIT,
+        )
+
+
+def _create_children(kube: Kube, ftj: Obj, settings: Settings, logger: Any) -> Obj:
+    """ConfigMap first (the pod mounts it), then the Job; an existing one of ours is reused."""
+    namespace = ftj["metadata"]["namespace"]
+    configmap = builders.build_configmap(ftj, settings)
+    job = builders.build_job(ftj, settings)
+    # Owner references only: kopf.adopt would also copy the FineTuneJob's labels onto the
+    # children, and labels such as Argo CD's app.kubernetes.io/instance must stay off them.
+    kopf.append_owner_reference([configmap, job], owner=ftj)
+    _create_or_reuse(kube, configmap_path(namespace), configmap, ftj, "ConfigMap")
+    created = _create_or_reuse(kube, job_path(namespace), job, ftj, "Job")
+    logger.info(f"Job {created['metadata']['name']} is there")
+    return created
+
+
+def _warn_if_ephemeral(kube: Kube, ftj: Obj, settings: Settings, now: dt.datetime) -> None:
+    location = builders.output_location(ftj, builders.parsed_spec(ftj), settings)
+    if location["ephemeral"]:
+        message = (
+            f"nothing durable is mounted at spec.output.path ({location['path']}): the model goes to "
+            "an emptyDir and is deleted with the pod; mount a volume there to keep it"
+        )
+        post_event(kube, ftj, "Warning", "EphemeralOutput", message, now)
+
+
+def _create_or_reuse(kube: Kube, path: str, obj: Obj, ftj: Mapping[str, Any], kind: str) -> Obj:
+    try:
+        return kube.create(path, obj)
+    except ApiError as err:
+        if err.status != 409:
+            raise
+    existing = kube.get(f"{path}/{obj['metadata']['name']}")
+    if existing is None:  # deleted between our create and get: try again shortly
+        raise kopf.TemporaryError(f"{kind} {obj['metadata']['name']} vanished during creation", delay=1)
+    _check_owner(existing, ftj, kind)
+    return existing
+
+
+def _fail_invalid(kube: Kube, ftj: Obj, problem: str, now: dt.datetime) -> Outcome:
+    new = status.invalid_spec_status(ftj, problem, now)
+    _write_status(kube, ftj, new, now)
+    return Outcome(invalid=problem, status=new)
+
+
+def _write_status(kube: Kube, ftj: Obj, new: Obj, now: dt.datetime) -> None:
+    """Patch only what changed, then post the events for the transition."""
+    old = ftj.get("status") or {}
+    patch = merge_patch_for(old, new)
+    if not patch:
+        return
+    meta = ftj["metadata"]
+    kube.merge_patch(ftj_path(meta["namespace"], meta["name"], "status"), {"status": patch})
+    for kind, reason, message in status.transition_events(old, new):
+        post_event(kube, ftj, kind, reason, message, now)
+
+
+def set_job_suspend(rt: Runtime, ftj: Mapping[str, Any], suspend: bool, logger: Any) -> None:
+    """Propagate spec.runPolicy.suspend to an existing Job (the one mutable spec field)."""
+    assert rt.kube is not None
+    meta = ftj["metadata"]
+    path = job_path(meta["namespace"], builders.job_name(ftj))
+    try:
+        job = rt.kube.get(path)
+        if job is None or bool((job.get("spec") or {}).get("suspend")) == suspend:
+            return
+        _check_owner(job, ftj, "Job")
+        rt.kube.merge_patch(path, {"spec": {"suspend": suspend}})
+    except ApiError as err:
+        raise kopf.TemporaryError(f"Kubernetes API: {err}", delay=RETRY_DELAY) from None
+    logger.info(f"Job {job['metadata']['name']}: suspend={suspend}")
