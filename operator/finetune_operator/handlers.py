@@ -4,6 +4,9 @@ Registered on an explicit registry (`register`), so tests run a fresh operator w
 own settings and API endpoint, and `__main__` / `kopf run -m finetune_operator.entry` use
 kopf's default registry.
 
+Triggers: create/resume/update of a FineTuneJob, any event of an owned Job or Pod (selected
+by the finetune.dev/finetunejob-uid label), and an operator-level resync loop for deadlines.
+
 Handlers return None: kopf would store a return value in status.<handler-id>, which the
 CRD's strict status schema does not declare. Kopf's own bookkeeping goes to annotations.
 """
