@@ -120,3 +120,15 @@ def test_console_entry_point_runs_as_a_process(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "finetune_trainer", "-f", str(path)], capture_output=True, text=True)
     assert proc.returncode == EXIT_INVALID_JOB and "spec.training.epochs" in proc.stderr
     assert Image  # PIL is importable in the trainer environment
+
+
+def test_termination_message_summarises_the_result(tmp_path, capsys, monkeypatch):
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(log))
+    root = make_image_folder(tmp_path / "imgs", {"cat": 5, "dog": 5})
+    assert run(["-f", job(tmp_path, dataset={"path": str(root)})], capsys)[0] == EXIT_OK
+    summary = json.loads(log.read_text())
+    assert summary["weightsFile"] == "model.safetensors" and len(summary["sha256"]) == 64
+    write_job(tmp_path / "bad.yaml", {"dataset": {"builtin": "digits"}, "bogus": 1})
+    assert run(["-f", tmp_path / "bad.yaml"], capsys)[0] == EXIT_INVALID_JOB
+    assert log.read_text().startswith("JobFileError: spec.bogus")

@@ -116,6 +116,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         reporter.close()
     print(f"val accuracy {result.val_accuracy:.4f} (best epoch {result.best_epoch}) -> "
           f"{result.output / result.weights_file}", file=sys.stderr)
+    # Kubernetes copies this into the pod status; the operator lifts it into status.output.
+    _termination_message(json.dumps({"weightsFile": result.weights_file, "sha256": result.sha256,
+                                     "bestEpoch": result.best_epoch, "valAccuracy": result.val_accuracy}))
     return EXIT_OK
 
 
@@ -141,7 +144,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _termination_message(text: str) -> None:
-    path = os.environ.get("FINETUNE_TERMINATION_LOG", TERMINATION_LOG)
+    """Kubernetes mounts /dev/termination-log into containers; outside a pod it does not exist."""
+    path = os.environ.get("FINETUNE_TERMINATION_LOG") or TERMINATION_LOG
+    if path == TERMINATION_LOG and not os.path.exists(path):
+        return
     try:
         with open(path, "w") as f:
             f.write(text[-4000:])

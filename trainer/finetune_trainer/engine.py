@@ -65,6 +65,7 @@ def train_one_epoch(
     on_log: Callable[[int, int, float, float], None] | None = None,
     log_every: int = 10,
     should_stop: Callable[[], bool] = lambda: False,
+    channels_last: bool = False,
 ) -> EpochStats:
     total_loss = torch.zeros((), device=device)
     samples, skipped, start = 0, 0, time.perf_counter()
@@ -74,6 +75,8 @@ def train_one_epoch(
             skipped += 1
             continue
         images, targets = (t.to(device, non_blocking=True) for t in batch)
+        if channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
             loss = criterion(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -97,7 +100,7 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, precision: Precision,
-             num_classes: int) -> EvalResult:
+             num_classes: int, channels_last: bool = False) -> EvalResult:
     model.eval()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -109,6 +112,8 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
         if batch is None:
             continue
         images, targets = (t.to(device, non_blocking=True) for t in batch)
+        if channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
             logits = model(images)
         logits = logits.float()

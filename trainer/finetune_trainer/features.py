@@ -1,64 +1,121 @@
-"""Frozen-backbone feature cache: with `freeze.policy: head` the backbone's output never changes,
-so it is computed once and the head trains on the cached features for every epoch.
+"""Feature cache at the freeze boundary: what enters the first trainable module never changes
+while everything before it is frozen and the inputs are fixed, so it is computed once.
 
-Only valid when nothing random happens before the head (no random augmentation; the backbone in
-eval mode is deterministic). The head is the last operation of every torchvision classifier except
-SqueezeNet (a conv followed by pooling), which falls back to the plain loop.
+- `head`: the boundary is the new head; the cache holds penultimate features.
+- `partial`: the boundary is the first trainable stage; the cache holds the activations entering
+  it, and a torch.fx "tail" graph (boundary → logits, sharing the model's modules) trains on them.
+Only valid when nothing random happens before the boundary (no random augmentation; frozen modules
+run in eval mode). Anything that cannot be split cleanly falls back to the plain loop, with the
+reason recorded in model.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune_trainer.engine import Precision
+from finetune_trainer.freeze import FreezePlan
 from finetune_trainer.spec import FineTuneJobSpec
+
+MAX_CACHE_BYTES = 4 << 30
 
 
 @dataclass
 class CacheDecision:
     enabled: bool
     reason: str
+    boundary: str | None = None  # module whose input is cached
 
 
-def decide(spec: FineTuneJobSpec, head: nn.Module) -> CacheDecision:
-    if spec.freeze.policy != "head":
-        return CacheDecision(False, f"freeze.policy {spec.freeze.policy}: the backbone trains")
+def decide(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan) -> CacheDecision:
+    if spec.training.feature_cache == "off":
+        return CacheDecision(False, "training.featureCache is off")
+    if plan.policy == "full":
+        return CacheDecision(False, "freeze.policy full: nothing is frozen")
     if spec.dataset.augment.any_random:
         return CacheDecision(False, "random augmentation changes backbone inputs every epoch")
-    if isinstance(head, nn.Conv2d):
-        return CacheDecision(False, "this architecture pools after its classifier")
-    return CacheDecision(True, "backbone frozen and inputs fixed: features computed once")
+    if plan.policy == "head":
+        if isinstance(model.get_submodule(plan.head_name), nn.Conv2d):
+            return CacheDecision(False, "this architecture pools after its classifier")
+        return CacheDecision(True, "backbone frozen and inputs fixed: penultimate features computed once",
+                             plan.head_name)
+    first = next(s for s in plan.stages if s.name in plan.trainable_stages)
+    return CacheDecision(True, f"frozen stages before {first.name} computed once", first.modules[0])
+
+
+class _Stop(Exception):
+    """Raised by the boundary hook: nothing after the boundary needs computing."""
 
 
 @torch.inference_mode()
-def extract(model: nn.Module, head_name: str, loader, device: torch.device, precision: Precision):
-    """(features, labels) on the CPU: the head's input for every image, backbone in eval mode."""
-    parent_name, _, leaf = head_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    head = getattr(parent, leaf)
-    setattr(parent, leaf, nn.Identity())
+def extract(model: nn.Module, boundary: str, loader, device: torch.device, precision: Precision,
+            channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs of `boundary`, labels) for every image, frozen prefix in eval mode, kept on the CPU."""
+    captured: list[torch.Tensor] = []
+
+    def grab(module, args):
+        captured.append(args[0].float().cpu())
+        raise _Stop
+
+    handle = model.get_submodule(boundary).register_forward_pre_hook(grab)
     model.eval()
-    feats, labels = [], []
+    labels, total = [], 0
     try:
         for batch in loader:
             if batch is None:
                 continue
             images, targets = batch
-            with precision.autocast():
-                out = model(images.to(device, non_blocking=True))
-            feats.append(out.float().cpu())
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with precision.autocast(), contextlib.suppress(_Stop):
+                model(images)
             labels.append(targets)
+            total += captured[-1].numel() * 4
+            if total > MAX_CACHE_BYTES:
+                raise MemoryError("boundary activations exceed the in-memory cache budget")
     finally:
-        setattr(parent, leaf, head)
-    return torch.cat(feats), torch.cat(labels)
+        handle.remove()
+    return torch.cat(captured), torch.cat(labels)
+
+
+def build_tail(model: nn.Module, boundary: str) -> nn.Module | None:
+    """A module computing logits from the boundary's input, sharing the model's parameters.
+
+    None when the model cannot be traced or its later layers need anything from before the
+    boundary other than the boundary's input (e.g. a skip connection across it).
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:
+        return None
+    nodes = list(gm.graph.nodes)
+    start = next((i for i, n in enumerate(nodes) if n.op == "call_module"
+                  and (n.target == boundary or n.target.startswith(boundary + "."))), None)
+    if start is None or len(nodes[start].args) != 1 or not isinstance(nodes[start].args[0], fx.Node):
+        return None
+    entry, later = nodes[start].args[0], nodes[start:]
+    inside = set(later) | {entry}
+    graph, env = fx.Graph(), {}
+    env[entry] = graph.placeholder("boundary_input")
+    for node in later:
+        for dep in node.all_input_nodes:
+            if dep not in inside:
+                if dep.op != "get_attr":
+                    return None  # needs a value computed before the boundary
+                env[dep] = graph.node_copy(dep, lambda n: env[n])
+                inside.add(dep)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(gm, graph)
 
 
 def cached_loaders(train: tuple, val: tuple, batch_size: int) -> tuple[DataLoader, DataLoader]:
-    """Loaders over cached features with the same shuffling contract as the image loaders."""
+    """Loaders over cached tensors with the same shuffling contract as the image loaders."""
     train_loader = DataLoader(TensorDataset(*train), batch_size=batch_size, shuffle=True, generator=torch.Generator())
     val_loader = DataLoader(TensorDataset(*val), batch_size=batch_size, shuffle=False)
     return train_loader, val_loader

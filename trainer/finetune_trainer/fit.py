@@ -24,7 +24,7 @@ from finetune_trainer import checkpoint as ckpt
 from finetune_trainer import features
 from finetune_trainer.data import build_dataloaders, load_splits
 from finetune_trainer.engine import EvalResult, Precision, evaluate, train_one_epoch
-from finetune_trainer.errors import Preempted
+from finetune_trainer.errors import Preempted, TrainingError
 from finetune_trainer.export import read_export, write_export
 from finetune_trainer.freeze import apply_freeze, param_groups, plan_freeze, set_train_mode
 from finetune_trainer.model import build_model
@@ -128,30 +128,27 @@ def fit(
         reporter.event("message", level="info", text=f"{output} already holds a finished export of this spec")
         return _result_from_export(output, previous, reused=True)
 
-    device = resolve_device(t.device)
-    precision = resolve_precision(t.precision, device)
-    model.to(device)
+    env = _Env.create(spec, model, device=resolve_device(t.device))
     train_loader, val_loader = build_dataloaders(
-        splits, built.preprocessing, spec.dataset, t.batch_size, pin_memory=device.type == "cuda"
+        splits, built.preprocessing, spec.dataset, t.batch_size, pin_memory=env.device.type == "cuda"
     )
     optimizer = build_optimizer(param_groups(model, plan, t, spec.freeze.backbone_lr_scale), t)
     scheduler = build_scheduler(optimizer, t)
-    scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
+    scaler = torch.amp.GradScaler("cuda") if env.precision.needs_scaler else None
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     run = _Run()
     resumed = _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run, reporter)
-    net, cache = model, _cache_decision(spec, model, built.head_name)
+    cache, net = _plan_cache(spec, model, plan)
 
     reporter.event(
         "start", name=name, architecture=spec.model.architecture, numClasses=len(splits.classes),
         classes=splits.classes, trainSize=len(splits.train), valSize=len(splits.val), freeze=plan.describe(),
-        device=str(device), precision=precision.name, weights=built.weights_note, totalEpochs=t.epochs,
+        device=str(env.device), precision=env.precision.name, weights=built.weights_note, totalEpochs=t.epochs,
         startEpoch=run.epoch + 1, skippedImages=splits.skipped, featureCache=cache.enabled, cacheReason=cache.reason,
     )
     if cache.enabled and run.epoch < t.epochs:
-        net = model.get_submodule(built.head_name)
-        train_loader, val_loader = _feature_loaders(model, built.head_name, train_loader, val_loader, device,
-                                                    precision, t.batch_size, reporter)
+        train_loader, val_loader = _feature_loaders(model, cache.boundary, train_loader, val_loader, env,
+                                                    t.batch_size, reporter)
     run_start = time.perf_counter()
     while run.epoch < t.epochs and not _early_stop(run, t):
         epoch = run.epoch + 1
@@ -166,34 +163,80 @@ def fit(
             reporter.event("step", epoch=_e, totalEpochs=t.epochs, step=step, totalSteps=total,
                            trainLoss=loss, samplesPerSecond=sps, etaSeconds=eta)
 
-        stats = train_one_epoch(net, train_loader, optimizer, criterion, device, precision, scaler,
-                                on_log, t.log_every_steps, should_stop)
+        stats = train_one_epoch(net, train_loader, optimizer, criterion, env.device, env.precision, scaler,
+                                on_log, t.log_every_steps, should_stop, env.channels_last)
         if should_stop():
             raise Preempted(f"stopped during epoch {epoch}; resume restarts it from the epoch {run.epoch} checkpoint")
         if scheduler is not None:
             scheduler.step()
-        ev = evaluate(net, val_loader, criterion, device, precision, len(splits.classes))
+        ev = evaluate(net, val_loader, criterion, env.device, env.precision, len(splits.classes), env.channels_last)
         _end_epoch(output, spec, epoch, stats, ev, run, model, optimizer, scheduler, scaler, reporter)
 
-    extra = {"featureCache": {"enabled": cache.enabled, "reason": cache.reason}}
-    return _export(output, spec, name, model, built, splits, run, precision, device, resumed, reporter, extra)
+    extra = {"featureCache": {"enabled": cache.enabled, "reason": cache.reason, "boundary": cache.boundary},
+             **env.describe()}
+    return _export(output, spec, name, model, built, splits, run, env, resumed, reporter, extra)
 
 
-def _cache_decision(spec: FineTuneJobSpec, model: nn.Module, head_name: str) -> features.CacheDecision:
-    if spec.training.feature_cache == "off":
-        return features.CacheDecision(False, "training.featureCache is off")
-    return features.decide(spec, model.get_submodule(head_name))
+@dataclass
+class _Env:
+    """Where and how numbers are computed: device, training precision, frozen-pass precision, layout."""
+
+    device: torch.device
+    precision: Precision
+    frozen_precision: Precision
+    channels_last: bool
+
+    @classmethod
+    def create(cls, spec: FineTuneJobSpec, model: nn.Module, device: torch.device) -> _Env:
+        precision = resolve_precision(spec.training.precision, device)
+        frozen = resolve_frozen_precision(spec.training.precision, device, precision)
+        # channels_last is what oneDNN and cuDNN convolutions are fastest with — measured on these CPUs
+        # from 64 px up; below that (the 32 px demo) the reorders cost more than they save.
+        channels_last = spec.dataset.image_size >= 64 and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        return cls(device, precision, frozen, channels_last)
+
+    def describe(self) -> dict:
+        return {"precision": self.precision.name, "frozenPrecision": self.frozen_precision.name,
+                "device": str(self.device), "channelsLast": self.channels_last}
 
 
-def _feature_loaders(model, head_name, train_loader, val_loader, device, precision, batch_size, reporter):
-    """One backbone pass over train (in dataset order, so later shuffles match the image loader) and val."""
+def resolve_frozen_precision(choice: str, device: torch.device, training: Precision) -> Precision:
+    """Frozen forward passes have no gradients to protect: auto uses bf16 on CPUs with bf16 kernels."""
+    if choice == "auto" and device.type == "cpu" and torch.backends.mkldnn.is_available() \
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return Precision("bf16", torch.bfloat16, "cpu")
+    return training
+
+
+def _plan_cache(spec: FineTuneJobSpec, model: nn.Module, plan) -> tuple[features.CacheDecision, nn.Module]:
+    """What the loop trains: the head, an fx tail after the freeze boundary, or the whole model."""
+    cache = features.decide(spec, model, plan)
+    if not cache.enabled:
+        return cache, model
+    if cache.boundary == plan.head_name:
+        return cache, model.get_submodule(plan.head_name)
+    tail = features.build_tail(model, cache.boundary)
+    if tail is None:
+        return features.CacheDecision(False, f"the model cannot be split at {cache.boundary}"), model
+    return cache, tail
+
+
+def _feature_loaders(model, boundary, train_loader, val_loader, env: _Env, batch_size, reporter):
+    """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val."""
     start = time.perf_counter()
     in_order = DataLoader(train_loader.dataset, batch_size=batch_size, shuffle=False,
                           collate_fn=train_loader.collate_fn, num_workers=train_loader.num_workers)
-    train = features.extract(model, head_name, in_order, device, precision)
-    val = features.extract(model, head_name, val_loader, device, precision)
-    reporter.event("message", level="info", text=f"backbone features for {len(train[1]) + len(val[1])} images "
-                   f"computed once in {time.perf_counter() - start:.1f}s; the head trains on them")
+    try:
+        train = features.extract(model, boundary, in_order, env.device, env.frozen_precision, env.channels_last)
+        val = features.extract(model, boundary, val_loader, env.device, env.frozen_precision, env.channels_last)
+    except MemoryError as err:
+        raise TrainingError(f"feature cache: {err}; set training.featureCache: off") from None
+    reporter.event("message", level="info", text=f"frozen-part outputs for {len(train[1]) + len(val[1])} images "
+                   f"computed once in {time.perf_counter() - start:.1f}s ({env.frozen_precision.name}); "
+                   f"training continues from {boundary}")
     return features.cached_loaders(train, val, batch_size)
 
 
@@ -247,14 +290,14 @@ def _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run: _Run, 
     return run.epoch
 
 
-def _export(output, spec, name, model, built, splits, run, precision, device, resumed, reporter, extra) -> Result:
+def _export(output, spec, name, model, built, splits, run, env: _Env, resumed, reporter, extra) -> Result:
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     best = next(h for h in run.history if h["epoch"] == run.best_epoch)
     meta = write_export(
         output, model, name=name, spec=spec, classes=splits.classes, preprocessing=built.preprocessing,
         best=best, history=run.history, extra={
-            "precision": precision.name, "device": str(device), "weightsSource": built.weights_note,
+            "weightsSource": built.weights_note,
             "freeze": {"policy": spec.freeze.policy, "headModule": built.head_name},
             "dataset": {"source": splits.source, "train": len(splits.train), "val": len(splits.val),
                         "skippedImages": splits.skipped},
