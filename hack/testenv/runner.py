@@ -242,6 +242,15 @@ def _exit_reason(code: int) -> str:
     return "Completed" if code == 0 else "Error"
 
 
+def _has_children(pid: int) -> bool:
+    """True once the sandbox's PID 1 (bwrap's init) has forked the container's command."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                return True
+    return False
+
+
 # ---------------------------------------------------------------------------------------------- container
 class Container:
     def __init__(self, spec: dict, kind: str):
@@ -257,6 +266,7 @@ class Container:
         self.ready = False
         self.last_probe = 0.0
         self.log_offset = 0
+        self.term_sent = False
 
     @property
     def running(self) -> bool:
@@ -319,11 +329,18 @@ class PodRun:
             self.kill_at = min(self.kill_at, now + grace)
         for c in self.containers:
             c.next_start = 0.0
-            if c.running:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(c.init_pid, signal.SIGTERM)
+            self._sigterm(c)
         if grace <= 0:
             self.kill_all()
+
+    @staticmethod
+    def _sigterm(c: Container) -> None:
+        """SIGTERM the container's process group; retried by step() while the sandbox is still starting
+        (until bwrap's setsid the group does not exist yet)."""
+        if c.running and not c.term_sent and _has_children(c.init_pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(c.init_pid, signal.SIGTERM)
+                c.term_sent = True
 
     def kill_all(self) -> None:
         for c in self.containers:
@@ -352,6 +369,9 @@ class PodRun:
         for c in self.containers:
             if c.running and c.proc.poll() is not None:
                 self._exited(c, c.proc.returncode)
+        if self.terminating:
+            for c in self.containers:
+                self._sigterm(c)
         if self.terminating and now >= self.kill_at and not self.killed and any(c.running for c in self.containers):
             log(f"{self.ns}/{self.name}: grace period over, SIGKILL")
             self.killed = True
@@ -408,8 +428,7 @@ class PodRun:
         if all(c.done for c in mains):
             for c in self.containers:  # sidecars end with the main containers
                 if c.kind == "sidecar" and c.running:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(c.init_pid, signal.SIGTERM)
+                    self._sigterm(c)
                     self.terminating = True
                     self.kill_at = now + float(self.pod["spec"].get("terminationGracePeriodSeconds", 30))
 
@@ -885,7 +904,15 @@ class Launcher:
                 if not src.exists():
                     src.mkdir(parents=True)
                     src.chmod(0o777)
+            mp = self._host_real(m["mountPath"])
+            if str(self.r.repo) == mp or str(self.r.repo).startswith(mp.rstrip("/") + "/"):
+                raise Refused(
+                    f"container {c.name!r}: mountPath {m['mountPath']} would hide {self.r.repo}, where the "
+                    "runner runs python from; mount it elsewhere"
+                )
             mounts.append((m["mountPath"], str(src), bool(m.get("readOnly"))))
+        groups = [int(g) for g in [psc.get("fsGroup"), *psc.get("supplementalGroups", [])] if g is not None]
+        mounts += self._identity(pr, c, uid, gid, groups)
         term_dir = pr.dir / "termination"
         term_dir.mkdir(parents=True, exist_ok=True)
         term_file = term_dir / c.name
@@ -902,7 +929,6 @@ class Launcher:
         workdir = spec.get("workingDir") or "/"
         argv_b += ["--chdir", workdir]
         if uid != 0 or gid != 0:
-            groups = [g for g in [psc.get("fsGroup"), *psc.get("supplementalGroups", [])] if g is not None]
             argv_b += [self.setpriv, f"--reuid={uid}", f"--regid={gid}"]
             argv_b += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
             argv_b += ["--inh-caps=-all", "--bounding-set=-all", "--"]
@@ -936,6 +962,7 @@ class Launcher:
         c.started_at = time.time()
         c.exit_code = None
         c.next_start = 0.0
+        c.term_sent = False
         c.state = {"running": {"startedAt": now_iso(c.started_at)}}
         self.r.save_procs()
         log(f"{pr.ns}/{pr.name}/{c.name}: started pid {proc.pid} (uid {uid}): {' '.join(argv)[:200]}")
@@ -947,6 +974,33 @@ class Launcher:
     def _host_real(self, path: str) -> str:
         """`path` with the symlinks of its existing part resolved as on the host (/var/run -> /run)."""
         return os.path.realpath(self._norm(path))
+
+    @staticmethod
+    def _identity(pr: PodRun, c: Container, uid: int, gid: int, groups: list[int]) -> list[tuple[str, str, bool]]:
+        """/etc/passwd and /etc/group with entries for the pod's uid/gids when the host lacks them.
+
+        Images define their users (getpass.getuser(), which kopf calls, needs one); the host does not know
+        e.g. 65532. The entries are named u<uid>/g<gid> with home /tmp.
+        """
+        out = []
+        for name, ids, line in (
+            ("passwd", [uid], lambda i: f"u{i}:x:{i}:{gid}::/tmp:/usr/sbin/nologin"),
+            ("group", [gid, *groups], lambda i: f"g{i}:x:{i}:"),
+        ):
+            host = Path("/etc") / name
+            try:
+                text = host.read_text()
+            except OSError:
+                continue
+            known = {int(f[2]) for f in (ln.split(":") for ln in text.splitlines()) if len(f) > 2 and f[2].isdigit()}
+            extra = [line(i) for i in dict.fromkeys(ids) if i not in known]
+            if extra:
+                f = pr.dir / "etc" / c.name / name
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_text(text.rstrip("\n") + "\n" + "\n".join(extra) + "\n")
+                f.chmod(0o644)
+                out.append((str(host), str(f), True))
+        return out
 
     @staticmethod
     def _hostname(pr: PodRun) -> str:

@@ -3,7 +3,8 @@
 These need a real control plane (no mock has them): the Job controller creating pods, the scheduler binding
 them, ownerReference garbage collection, CRD structural schema + CEL validation, the status subresource,
 resourceVersion conflicts, label selectors and RBAC. They run unchanged on kind and on the local
-control plane (kwok nodes complete a Job's pods; on kind a real busybox container exits 0).
+control plane (there the pod runner runs the Job's `sh -c "exit 0"` as a local process; on kind a real
+busybox container exits 0).
 """
 
 from __future__ import annotations

@@ -293,3 +293,37 @@ def test_env_naming_a_service_is_rewritten_to_loopback(runner, k8s, namespace, w
     assert "OTHER http://localhost:80/ web:81" in log
     core.delete_namespaced_pod("web", namespace)
     wait_for(lambda: _gone(core, "web", namespace), timeout=30, what="the server to stop")
+
+
+def test_init_containers_multiple_containers_restarts_and_deadline(runner, k8s, namespace, wait_for):
+    core = client.CoreV1Api(k8s)
+    shared = {"volumeMounts": [{"name": "work", "mountPath": "/scratch"}]}
+    # init writes a file, both main containers read it; the pod succeeds when both exit 0.
+    multi = _python_pod("multi", "open('/scratch/a').read() == 'init' or exit(1)", container=shared,
+                        volumes=[{"name": "work", "emptyDir": {}}])  # fmt: skip
+    multi["spec"]["initContainers"] = [
+        {"name": "init", "image": IMAGE, "command": ["python", "-c", "open('/scratch/a', 'w').write('init')"], **shared}
+    ]
+    multi["spec"]["containers"].append(
+        {"name": "second", "image": IMAGE, "command": ["sh", "-c", 'test "$(cat /scratch/a)" = init'], **shared}
+    )
+    # OnFailure: fails once, succeeds on the restart (the emptyDir outlives the container).
+    flaky = _python_pod(
+        "flaky",
+        "import os, sys\nif not os.path.exists('/scratch/seen'):\n    open('/scratch/seen', 'w').close(); sys.exit(1)",
+        restartPolicy="OnFailure", container=shared, volumes=[{"name": "work", "emptyDir": {}}],
+    )  # fmt: skip
+    slow = _python_pod("slow", "import time; time.sleep(600)", activeDeadlineSeconds=2)
+    for pod in (multi, flaky, slow):
+        core.create_namespaced_pod(namespace, pod)
+
+    multi = wait_for(lambda: _phase(core, "multi", namespace), timeout=60, what="multi to finish")
+    assert multi.status.phase == "Succeeded"
+    assert multi.status.init_container_statuses[0].state.terminated.exit_code == 0
+    assert sorted(c.name for c in multi.status.container_statuses) == ["main", "second"]
+    flaky = wait_for(lambda: _phase(core, "flaky", namespace), timeout=60, what="flaky to finish")
+    assert flaky.status.phase == "Succeeded"
+    status = flaky.status.container_statuses[0]
+    assert status.restart_count == 1 and status.last_state.terminated.exit_code == 1
+    slow = wait_for(lambda: _phase(core, "slow", namespace), timeout=60, what="the deadline")
+    assert slow.status.phase == "Failed" and slow.status.reason == "DeadlineExceeded"
