@@ -31,8 +31,12 @@ VOL_JOB_FILE = "finetune-job"
 VOL_TMP = "finetune-tmp"
 VOL_SHM = "finetune-shm"
 VOL_OUTPUT = "finetune-output"
-RESERVED_VOLUMES = (VOL_JOB_FILE, VOL_TMP, VOL_SHM, VOL_OUTPUT)
-RESERVED_MOUNTS = (JOB_FILE_DIR, TMP_DIR, SHM_DIR)
+VOL_PROGRESS = "finetune-progress"
+# The per-job progress token (a Secret owned by the FineTuneJob), read by the trainer's HTTP reporter.
+PROGRESS_DIR = "/var/run/finetune/progress"
+PROGRESS_TOKEN_FILE = f"{PROGRESS_DIR}/token"
+RESERVED_VOLUMES = (VOL_JOB_FILE, VOL_TMP, VOL_SHM, VOL_OUTPUT, VOL_PROGRESS)
+RESERVED_MOUNTS = (JOB_FILE_DIR, TMP_DIR, SHM_DIR, PROGRESS_DIR)
 
 # Selection label: the FineTuneJob's uid (always a valid label value, unlike long names).
 LABEL_UID = f"{API_GROUP}/finetunejob-uid"
@@ -291,7 +295,10 @@ def _container(ftj: Mapping[str, Any], spec: FineTuneJobSpec, settings: Settings
         {"name": "FINETUNE_JOB_NAMESPACE", "value": ftj["metadata"].get("namespace") or ""},
     ]
     if settings.progress_url:
-        env.append({"name": "FINETUNE_PROGRESS_URL", "value": settings.progress_url})
+        env += [
+            {"name": "FINETUNE_PROGRESS_URL", "value": progress_endpoint(ftj, settings)},
+            {"name": "FINETUNE_PROGRESS_TOKEN_FILE", "value": PROGRESS_TOKEN_FILE},
+        ]
     return {
         "name": CONTAINER,
         "image": spec.image or settings.trainer_image,
@@ -344,6 +351,10 @@ def _volumes(ftj: Mapping[str, Any], spec: FineTuneJobSpec, settings: Settings) 
         {"name": VOL_TMP, "mountPath": TMP_DIR},
         {"name": VOL_SHM, "mountPath": SHM_DIR},
     ]
+    if settings.progress_url:
+        # 0440 with the pod's fsGroup: the non-root trainer can read its own token, nothing else can write.
+        volumes.append({"name": VOL_PROGRESS, "secret": {"secretName": token_secret_name(ftj), "defaultMode": 0o440}})
+        mounts.append({"name": VOL_PROGRESS, "mountPath": PROGRESS_DIR, "readOnly": True})
     if output_volume(spec) is None:
         if settings.output_pvc:
             volumes.append({"name": VOL_OUTPUT, "persistentVolumeClaim": {"claimName": settings.output_pvc}})
@@ -357,3 +368,29 @@ def _volumes(ftj: Mapping[str, Any], spec: FineTuneJobSpec, settings: Settings) 
         volumes.append(vol.source())
         mounts.append({"name": vol.name, "mountPath": vol.mount_path, "readOnly": vol.read_only})
     return volumes, mounts
+
+
+def token_secret_name(ftj: Mapping[str, Any]) -> str:
+    return f"{job_name(ftj)}-progress"
+
+
+def progress_endpoint(ftj: Mapping[str, Any], settings: Settings) -> str:
+    """The URL this job's trainer pushes to; the token only opens this path."""
+    meta = ftj["metadata"]
+    return f"{settings.progress_url.rstrip('/')}/v1/progress/{meta.get('namespace')}/{meta['name']}"
+
+
+def build_token_secret(ftj: Mapping[str, Any], token: str) -> Obj:
+    """The per-job progress credential. Owned by the FineTuneJob, so it goes when the job goes."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": token_secret_name(ftj),
+            "namespace": ftj["metadata"].get("namespace"),
+            "labels": common_labels(ftj),
+            "annotations": {ANNOTATION_NAME: ftj["metadata"]["name"]},
+        },
+        "stringData": {"token": token},
+    }

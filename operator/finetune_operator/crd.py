@@ -244,6 +244,13 @@ PRINTER_COLUMNS: list[Schema] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Epoch", "type": "string", "jsonPath": ".status.progress.epochText"},
     {
+        "name": "Loss",
+        "type": "number",
+        "format": "float",
+        "jsonPath": ".status.progress.trainLoss",
+        "description": "latest training loss",
+    },
+    {
         "name": "Val-Acc",
         "type": "number",
         "format": "float",
@@ -256,6 +263,7 @@ PRINTER_COLUMNS: list[Schema] = [
         "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
         "priority": 1,
     },
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.etaText"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},

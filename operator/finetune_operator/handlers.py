@@ -22,8 +22,9 @@ import kopf
 
 from finetune_operator import builders
 from finetune_operator.crd import PLURAL
-from finetune_operator.kube import Kube
-from finetune_operator.reconcile import Runtime, reconcile, set_job_suspend
+from finetune_operator.kube import Kube, ftj_path
+from finetune_operator.reconcile import Runtime, reconcile, set_job_suspend, token_digest_for
+from finetune_operator.server import ProgressService, serve
 from finetune_operator.settings import Settings
 from finetune_trainer.spec import API_GROUP, API_VERSION
 
@@ -65,11 +66,23 @@ def register(
         configure_kopf(settings, rt.settings)
         rt.kube = kube_factory()
         rt.resync_task = asyncio.create_task(resync_loop(rt, logger), name="finetune resync")
+        if rt.settings.http_listen:
+            host, port = parse_listen(rt.settings.http_listen)
+            service = progress_service(rt)
+            rt.on_forget.append(service.forget)
+            rt.http_task = asyncio.create_task(serve(service, host, port), name="finetune http")
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        if rt.resync_task is not None:
-            rt.resync_task.cancel()
+        for task in (rt.resync_task, rt.http_task):
+            if task is not None:
+                task.cancel()
+
+    @kopf.on.event(*FTJ, registry=registry)
+    def ftj_event(event: Mapping[str, Any], namespace: str, name: str, **_: Any) -> None:
+        """No finalizer: a deleted FineTuneJob is noticed here, and its series and state dropped."""
+        if event.get("type") == "DELETED":
+            rt.forget(namespace, name)
 
     @kopf.on.create(*FTJ, registry=registry)
     @kopf.on.resume(*FTJ, registry=registry)
@@ -135,3 +148,29 @@ def _owner_name(body: Mapping[str, Any]) -> str | None:
         if ref.get("kind") == "FineTuneJob" and ref.get("apiVersion", "").startswith(f"{API_GROUP}/"):
             return ref.get("name")
     return (meta.get("annotations") or {}).get(builders.ANNOTATION_NAME)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        return host or "0.0.0.0", int(port)
+    except ValueError:
+        raise ValueError(f"FINETUNE_HTTP_LISTEN: expected host:port, got {text!r}") from None
+
+
+def progress_service(rt: Runtime) -> ProgressService:
+    """Pushes are verified against the job's token digest and written to its status subresource.
+
+    The API client is synchronous, so lookups and writes run in the default thread pool.
+    """
+
+    async def lookup(namespace: str, name: str) -> str | None:
+        return await asyncio.get_running_loop().run_in_executor(None, token_digest_for, rt, namespace, name)
+
+    async def write(namespace: str, name: str, progress: dict[str, Any]) -> None:
+        assert rt.kube is not None
+        path = ftj_path(namespace, name, "status")
+        await asyncio.get_running_loop().run_in_executor(
+            None, rt.kube.merge_patch, path, {"status": {"progress": progress}})
+
+    return ProgressService(rt.metrics, lookup, write)

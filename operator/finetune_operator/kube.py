@@ -41,6 +41,10 @@ def configmap_path(namespace: str, name: str = "") -> str:
     return _path("/api/v1", namespace, "configmaps", name)
 
 
+def secret_path(namespace: str, name: str = "") -> str:
+    return _path("/api/v1", namespace, "secrets", name)
+
+
 def pod_path(namespace: str) -> str:
     return _path("/api/v1", namespace, "pods")
 

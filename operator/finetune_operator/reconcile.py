@@ -9,16 +9,18 @@ transition twice.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
-from finetune_operator import builders, status
+from finetune_operator import builders, progress, status
 from finetune_operator.events import post_event
 from finetune_operator.kube import (
     ApiError,
@@ -28,7 +30,9 @@ from finetune_operator.kube import (
     job_path,
     merge_patch_for,
     pod_path,
+    secret_path,
 )
+from finetune_operator.metrics import Metrics
 from finetune_operator.settings import Settings
 from finetune_trainer.errors import JobFileError
 
@@ -47,6 +51,11 @@ class Runtime:
     _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     _unfinished: set[tuple[str, str]] = field(default_factory=set)
     resync_task: asyncio.Task[None] | None = None
+    http_task: asyncio.Task[None] | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    # sha256 digests of the per-job progress tokens (never the tokens themselves).
+    tokens: dict[tuple[str, str], str] = field(default_factory=dict)
+    on_forget: list[Callable[[str, str], None]] = field(default_factory=list)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
@@ -62,9 +71,14 @@ class Runtime:
                 self._unfinished.discard((namespace, name))
 
     def forget(self, namespace: str, name: str) -> None:
+        """The FineTuneJob is gone: drop its lock, token digest, metrics series and progress state."""
         with self._guard:
             self._locks.pop((namespace, name), None)
             self._unfinished.discard((namespace, name))
+            self.tokens.pop((namespace, name), None)
+        self.metrics.forget(namespace, name)
+        for callback in self.on_forget:
+            callback(namespace, name)
 
     def unfinished(self) -> list[tuple[str, str]]:
         with self._guard:
@@ -80,11 +94,22 @@ class Outcome:
 def reconcile(rt: Runtime, namespace: str, name: str, logger: logging.Logger | Any) -> Outcome:
     """Converge one FineTuneJob. API trouble becomes kopf.TemporaryError (kopf retries later)."""
     assert rt.kube is not None, "the startup handler sets the API client"
+    started = time.perf_counter()
     try:
         with rt.lock(namespace, name):
-            return _reconcile(rt, rt.kube, namespace, name, logger)
+            outcome = _reconcile(rt, rt.kube, namespace, name, logger)
     except ApiError as err:
+        rt.metrics.reconcile_errors.inc()
+        rt.metrics.reconciles.labels("error").inc()
         raise kopf.TemporaryError(f"Kubernetes API: {err}", delay=RETRY_DELAY) from None
+    except Exception:
+        rt.metrics.reconcile_errors.inc()
+        rt.metrics.reconciles.labels("error").inc()
+        raise
+    finally:
+        rt.metrics.reconcile_latency.observe(time.perf_counter() - started)
+    rt.metrics.reconciles.labels("invalid" if outcome.invalid else "ok").inc()
+    return outcome
 
 
 def _reconcile(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any) -> Outcome:
@@ -100,7 +125,7 @@ def _reconcile(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any) 
         if problem:
             rt.track(namespace, name, unfinished=False)
             return _fail_invalid(kube, ftj, problem, rt.clock())
-        job = _create_children(kube, ftj, rt.settings, logger)
+        job = _create_children(rt, kube, ftj, logger)
         _warn_if_ephemeral(kube, ftj, rt.settings, rt.clock())
     pods = kube.list(pod_path(namespace), builders.selector_labels(ftj)) if job else []
     new = status.derive_status(ftj, job, pods, rt.clock(), rt.settings)
@@ -109,7 +134,29 @@ def _reconcile(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any) 
         kube.delete(job_path(namespace, job["metadata"]["name"]))
     _write_status(kube, ftj, new, rt.clock())
     rt.track(namespace, name, unfinished=new["phase"] not in status.TERMINAL)
+    _observe(rt, ftj, new)
     return Outcome(status=new)
+
+
+def _observe(rt: Runtime, ftj: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """Phase and stall gauges; the duration histogram gets each job once, when it finishes."""
+    meta = ftj["metadata"]
+    duration = None
+    created = _parse_time(meta.get("creationTimestamp"))
+    finished = _parse_time(new.get("completionTime"))
+    if created and finished:
+        duration = (finished - created).total_seconds()
+    rt.metrics.observe_phase(meta["namespace"], meta["name"], new["phase"], new.get("reason") or "", duration)
+    stalled = next((c for c in new.get("conditions") or [] if c["type"] == "Stalled" and c["status"] == "True"
+                    and new["phase"] not in status.TERMINAL), None)
+    rt.metrics.observe_stalled(meta["namespace"], meta["name"], stalled["reason"] if stalled else None)
+
+
+def _parse_time(text: str | None) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    except ValueError:
+        return None
 
 
 def _may_create(prev: Mapping[str, Any]) -> bool:
@@ -141,8 +188,9 @@ def _check_owner(child: Mapping[str, Any] | None, ftj: Mapping[str, Any], kind: 
         )
 
 
-def _create_children(kube: Kube, ftj: Obj, settings: Settings, logger: Any) -> Obj:
-    """ConfigMap first (the pod mounts it), then the Job; an existing one of ours is reused."""
+def _create_children(rt: Runtime, kube: Kube, ftj: Obj, logger: Any) -> Obj:
+    """ConfigMap and token Secret first (the pod mounts them), then the Job; ours are reused."""
+    settings = rt.settings
     namespace = ftj["metadata"]["namespace"]
     configmap = builders.build_configmap(ftj, settings)
     job = builders.build_job(ftj, settings)
@@ -150,9 +198,54 @@ def _create_children(kube: Kube, ftj: Obj, settings: Settings, logger: Any) -> O
     # children, and labels such as Argo CD's app.kubernetes.io/instance must stay off them.
     kopf.append_owner_reference([configmap, job], owner=ftj)
     _create_or_reuse(kube, configmap_path(namespace), configmap, ftj, "ConfigMap")
+    if settings.progress_url:
+        _ensure_token(rt, kube, ftj)
     created = _create_or_reuse(kube, job_path(namespace), job, ftj, "Job")
     logger.info(f"Job {created['metadata']['name']} is there")
     return created
+
+
+def _ensure_token(rt: Runtime, kube: Kube, ftj: Obj) -> None:
+    """Create the job's progress token Secret (or reuse ours after a restart); remember its digest."""
+    secret = builders.build_token_secret(ftj, progress.new_token())
+    kopf.append_owner_reference(secret, owner=ftj)
+    existing = _create_or_reuse(kube, secret_path(ftj["metadata"]["namespace"]), secret, ftj, "Secret")
+    token = secret["stringData"]["token"] if "data" not in existing else decode_token(existing)
+    if token:
+        with rt._guard:
+            rt.tokens[(ftj["metadata"]["namespace"], ftj["metadata"]["name"])] = progress.token_digest(token)
+
+
+def decode_token(secret: Mapping[str, Any]) -> str | None:
+    raw = (secret.get("data") or {}).get(progress.TOKEN_KEY)
+    if not raw:
+        return None
+    try:
+        return base64.b64decode(raw).decode().strip() or None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def token_digest_for(rt: Runtime, namespace: str, name: str) -> str | None:
+    """The digest of a job's token: remembered, else read from its Secret (after an operator restart)."""
+    with rt._guard:
+        known = rt.tokens.get((namespace, name))
+    if known or rt.kube is None:
+        return known
+    ftj = rt.kube.get(ftj_path(namespace, name))
+    if ftj is None:
+        return None
+    secret = rt.kube.get(secret_path(namespace, builders.token_secret_name(ftj)))
+    if secret is None or ftj["metadata"]["uid"] not in [
+            r.get("uid") for r in secret["metadata"].get("ownerReferences") or []]:
+        return None
+    token = decode_token(secret)
+    if not token:
+        return None
+    digest = progress.token_digest(token)
+    with rt._guard:
+        rt.tokens[(namespace, name)] = digest
+    return digest
 
 
 def _warn_if_ephemeral(kube: Kube, ftj: Obj, settings: Settings, now: dt.datetime) -> None:

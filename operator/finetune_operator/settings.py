@@ -32,8 +32,11 @@ class Settings:
     # When no user volume holds spec.output.path: a PVC of this name in the job's
     # namespace (subPath = the FineTuneJob's name), or, when empty, an emptyDir.
     output_pvc: str = ""
-    # Where trainers push progress (KEP-2779 style); empty = progress from logs only.
+    # Base URL trainers push progress to (KEP-2779 style), e.g. http://finetune-operator.ops.svc:8081;
+    # empty = no push (progress from logs only), no per-job token Secret.
     progress_url: str = ""
+    # host:port of the operator's HTTP server (progress pushes and /metrics); empty = off.
+    http_listen: str = "0.0.0.0:8081"
     # Pod security: the trainer runs as this non-root uid/gid; fsGroup makes volumes writable.
     run_as_user: int = 1000
     run_as_group: int = 1000
@@ -82,6 +85,7 @@ class Settings:
             ),
             output_pvc=get("OUTPUT_PVC", d.output_pvc),
             progress_url=get("PROGRESS_URL", d.progress_url),
+            http_listen=env.get("FINETUNE_HTTP_LISTEN", d.http_listen).strip(),
             run_as_user=_int(get("RUN_AS_USER", str(d.run_as_user)), "RUN_AS_USER", 1),
             run_as_group=_int(get("RUN_AS_GROUP", str(d.run_as_group)), "RUN_AS_GROUP", 0),
             fs_group=_int(get("FS_GROUP", str(d.fs_group)), "FS_GROUP", 0),

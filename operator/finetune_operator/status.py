@@ -201,7 +201,7 @@ def _progress_stalled(ftj: Obj, status: Mapping[str, Any], now: dt.datetime) -> 
     if last is None or (now - last).total_seconds() <= limit:
         return None
     return (
-        "ProgressDeadlineExceeded",
+        "NoProgress",
         f"no progress reported for more than {limit}s (spec.runPolicy.progressDeadlineSeconds)",
     )
 
@@ -299,7 +299,7 @@ def transition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Ev
         events.extend(_phase_events(now_, new))
     elif now_ == "Pending" and new.get("reason") != old.get("reason") and new.get("reason") in observe.STARTUP_PROBLEMS:
         events.append(("Warning", new["reason"], new.get("message", "")))
-    for kind, reason in (("SpecChangeRefused", "SpecChangeRefused"), ("Stalled", "ProgressDeadlineExceeded")):
+    for kind, reason in (("SpecChangeRefused", "SpecChangeRefused"), ("Stalled", "NoProgress")):
         became = _true(new, kind) and not _true(old, kind)
         if became and (kind != "Stalled" or now_ != "Failed"):
             events.append(("Warning", reason, _condition_message(new, kind)))

@@ -65,7 +65,8 @@ PROGRESS_SCHEMA: dict[str, Any] = {
         "valAccuracy": _num(),
         "bestValAccuracy": _num(),
         "samplesPerSecond": _num(),
-        "etaSeconds": _num(),
+        "etaSeconds": _num("estimated seconds to finish, from the observed rate"),
+        "etaText": _s("etaSeconds for people (e.g. 12m30s), for the ETA printer column"),
         "lastUpdateTime": _s(**_TIME),
     },
 }

@@ -33,12 +33,14 @@ RESOURCES = {
     "v1/pods": {"kind": "Pod", "namespaced": True, "subresources": {"status"}},
     "v1/configmaps": {"kind": "ConfigMap", "namespaced": True},
     "v1/events": {"kind": "Event", "namespaced": True},
+    "v1/secrets": {"kind": "Secret", "namespaced": True},
 }
 FTJ = "finetune.dev/v1alpha1/finetunejobs"
 JOBS = "batch/v1/jobs"
 PODS = "v1/pods"
 CONFIGMAPS = "v1/configmaps"
 EVENTS = "v1/events"
+SECRETS = "v1/secrets"
 NS = "ml"
 _versions = itertools.count(1)
 _uids = itertools.count(1)
@@ -96,7 +98,9 @@ class Cluster:
 
 
 # Short intervals: the timer notices deadlines; the suite polls instead of sleeping.
-TEST_SETTINGS = Settings(trainer_image="trainer:test", resync_seconds=0.3, startup_deadline_seconds=600)
+TEST_SETTINGS = Settings(
+    trainer_image="trainer:test", resync_seconds=0.3, startup_deadline_seconds=600, http_listen=""
+)
 
 
 @contextlib.asynccontextmanager

@@ -297,3 +297,28 @@ def test_settings_from_env() -> None:
         Settings.from_env({"FINETUNE_STARTUP_DEADLINE_SECONDS": "soon"})
     with pytest.raises(SettingsError, match="FINETUNE_IMAGE_PULL_POLICY"):
         Settings.from_env({"FINETUNE_IMAGE_PULL_POLICY": "Sometimes"})
+
+
+def test_progress_wiring_mounts_only_this_jobs_token() -> None:
+    settings = Settings(progress_url="http://finetune-operator.ops.svc:8081/")
+    obj = ftj(namespace="team")
+    job = builders.build_job(obj, settings)
+    pod = job["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in container(job)["env"]}
+    assert env["FINETUNE_PROGRESS_URL"] == "http://finetune-operator.ops.svc:8081/v1/progress/team/demo"
+    assert env["FINETUNE_PROGRESS_TOKEN_FILE"] == builders.PROGRESS_TOKEN_FILE
+    vol = next(v for v in pod["volumes"] if v["name"] == builders.VOL_PROGRESS)
+    assert vol["secret"]["secretName"] == builders.token_secret_name(obj) == "demo-progress"
+    mount = next(m for m in container(job)["volumeMounts"] if m["name"] == builders.VOL_PROGRESS)
+    assert mount["readOnly"] is True and builders.PROGRESS_TOKEN_FILE.startswith(mount["mountPath"])
+    assert pod["automountServiceAccountToken"] is False  # the token file is the only credential
+    secret = builders.build_token_secret(obj, "abc")
+    assert secret["stringData"] == {"token": "abc"} and secret["metadata"]["namespace"] == "team"
+    assert builders.LABEL_UID in secret["metadata"]["labels"]
+
+
+def test_no_progress_url_means_no_token_and_no_push_env() -> None:
+    job = builders.build_job(ftj(), Settings(progress_url=""))
+    names = {e["name"] for e in container(job)["env"]}
+    assert "FINETUNE_PROGRESS_URL" not in names and "FINETUNE_PROGRESS_TOKEN_FILE" not in names
+    assert builders.VOL_PROGRESS not in {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]}

@@ -451,9 +451,9 @@ def test_no_progress_for_longer_than_the_progress_deadline_marks_stalled() -> No
     fresh = derive(ftj(spec, status=prev), job(spec=spec, active=1), [RUNNING_POD], seconds=100)
     assert cond(fresh, "Stalled")["status"] == "False"
     stale = derive(ftj(spec, status=fresh), job(spec=spec, active=1), [RUNNING_POD], seconds=400)
-    assert cond(stale, "Stalled")["reason"] == "ProgressDeadlineExceeded"
+    assert cond(stale, "Stalled")["reason"] == "NoProgress"
     assert stale["phase"] == "Running"
-    assert ("Warning", "ProgressDeadlineExceeded") in [(t, r) for t, r, _ in transition_events(fresh, stale)]
+    assert ("Warning", "NoProgress") in [(t, r) for t, r, _ in transition_events(fresh, stale)]
 
 
 # --- events -------------------------------------------------------------------------------------
