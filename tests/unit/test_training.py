@@ -156,3 +156,20 @@ def test_feature_cache_falls_back_with_random_augmentation(tmp_path):
     fit(tiny_spec(tmp_path, **{"training.epochs": 1, "dataset.augment.randomResizedCrop": True}), Reporter(), tmp_path)
     meta = json.loads((tmp_path / "model.json").read_text())
     assert not meta["featureCache"]["enabled"] and "augmentation" in meta["featureCache"]["reason"]
+
+
+def test_head_checkpoints_hold_only_what_trains_and_notice_a_replaced_weights_file(tmp_path):
+    from torchvision import models as tvm
+
+    weights = tmp_path / "backbone.pt"
+    torch.save(tvm.resnet18().state_dict(), weights)
+    extra = {"training.epochs": 3, "training.logEverySteps": 1,
+             "model.weights": {"source": "file", "path": str(weights)}}
+    stopper = StopAfter(1)
+    with pytest.raises(Preempted):
+        fit(tiny_spec(tmp_path / "o", **extra), stopper, tmp_path / "o", should_stop=lambda: stopper.stop)
+    state = torch.load(latest_checkpoint(tmp_path / "o"), weights_only=False)
+    assert set(state["model"]) == {"fc.weight", "fc.bias"}
+    torch.save(tvm.resnet18().state_dict(), weights)  # a different backbone under the same name
+    with pytest.raises(JobFileError, match="frozen weights differ"):
+        fit(tiny_spec(tmp_path / "o", **extra), Reporter(), tmp_path / "o")

@@ -8,6 +8,7 @@ exact shuffles, augmentations and dropout masks of an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import random
 import time
@@ -24,7 +25,7 @@ from finetune_trainer import checkpoint as ckpt
 from finetune_trainer import features
 from finetune_trainer.data import build_dataloaders, load_splits
 from finetune_trainer.engine import EvalResult, Precision, evaluate, train_one_epoch
-from finetune_trainer.errors import Preempted, TrainingError
+from finetune_trainer.errors import JobFileError, Preempted, TrainingError
 from finetune_trainer.export import read_export, write_export
 from finetune_trainer.freeze import apply_freeze, param_groups, plan_freeze, set_train_mode
 from finetune_trainer.model import build_model
@@ -240,6 +241,35 @@ def _feature_loaders(model, boundary, train_loader, val_loader, env: _Env, batch
     return features.cached_loaders(train, val, batch_size)
 
 
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training can change: trainable parameters and the buffers of modules that train.
+
+    Frozen parts are rebuilt from the weights source on resume (checked by frozen_digest), so a
+    head-only checkpoint is kilobytes instead of the whole backbone every epoch.
+    """
+    state = {}
+    for mod_name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not any(p.requires_grad for _, p in own):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        for name, t in [*own, *module.named_buffers(recurse=False)]:
+            state[prefix + name] = t.detach()
+    return state
+
+
+def frozen_digest(model: nn.Module) -> str:
+    """sha256 over every frozen parameter and the buffers of frozen modules."""
+    trainable = trainable_state(model)
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if name not in trainable:
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                     if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _early_stop(run: _Run, t: Training) -> bool:
     es = t.early_stopping
     if es.target_accuracy is not None and run.best_accuracy >= es.target_accuracy:
@@ -251,7 +281,7 @@ def _end_epoch(output, spec, epoch, stats, ev, run, model, optimizer, scheduler,
     is_best = run.improved(ev)
     if is_best:
         run.best_accuracy, run.best_loss, run.best_epoch, run.since_best = ev.accuracy, ev.loss, epoch, 0
-        run.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        run.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainable_state(model).items()})
     else:
         run.since_best += 1
     record = {"epoch": epoch, "trainLoss": stats.loss, "valLoss": ev.loss, "valAccuracy": ev.accuracy,
@@ -260,7 +290,8 @@ def _end_epoch(output, spec, epoch, stats, ev, run, model, optimizer, scheduler,
     run.history.append(record)
     run.epoch = epoch
     ckpt.save_checkpoint(output, epoch, {
-        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "epoch": epoch, "model": trainable_state(model), "frozenDigest": frozen_digest(model),
+        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler else None,
         "best": {k: getattr(run, k) for k in ("best_accuracy", "best_loss", "best_epoch", "since_best")},
@@ -277,7 +308,10 @@ def _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run: _Run, 
     if path is None:
         return None
     state = ckpt.load_for_resume(path, spec)
-    model.load_state_dict(state["model"])
+    if state.get("frozenDigest") != frozen_digest(model):
+        raise JobFileError(f"the frozen weights differ from those {path.name} was trained on (was the weights "
+                           "file replaced?); use a new output path or delete the checkpoints")
+    model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler"):
         scheduler.load_state_dict(state["scheduler"])
@@ -292,7 +326,7 @@ def _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run: _Run, 
 
 def _export(output, spec, name, model, built, splits, run, env: _Env, resumed, reporter, extra) -> Result:
     if run.best_state is not None:
-        model.load_state_dict(run.best_state)
+        model.load_state_dict(run.best_state, strict=False)
     best = next(h for h in run.history if h["epoch"] == run.best_epoch)
     meta = write_export(
         output, model, name=name, spec=spec, classes=splits.classes, preprocessing=built.preprocessing,
