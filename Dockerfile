@@ -26,7 +26,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv
 COPY hack/images/constraints.txt /tmp/constraints.txt
-# Metadata and empty packages first: dependency layers stay cached while the source changes.
+# Metadata and empty packages first: dependency layers stay cached while the source changes. The stubs
+# (and setuptools' build/ dir, whose newer files would shadow the real ones) are removed after use.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN mkdir -p trainer/finetune_trainer operator/finetune_operator \
@@ -35,7 +36,8 @@ RUN mkdir -p trainer/finetune_trainer operator/finetune_operator \
 # ------------------------------------------------------------------------------------------ operator build
 FROM venv AS operator-build
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install '.[operator]' && pip uninstall -y finetune-operator
+    pip install '.[operator]' && pip uninstall -y finetune-operator \
+ && rm -rf build trainer operator ./*.egg-info
 COPY trainer/ trainer/
 COPY operator/ operator/
 RUN --mount=type=cache,target=/root/.cache/pip \
@@ -51,13 +53,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -n "$TORCH_INDEX_URL" ]; then \
       pip install --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple torch torchvision; \
     fi \
- && pip install '.[trainer]' && pip uninstall -y finetune-operator
+ && pip install '.[trainer]' && pip uninstall -y finetune-operator \
+ && rm -rf build trainer operator ./*.egg-info
 COPY trainer/ trainer/
 COPY operator/ operator/
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps . \
  && pip uninstall -y pip setuptools wheel \
- && python3 -m compileall -q -j 0 /opt/venv \
+ && python3 -m compileall -q -j 0 -x 'torch/testing/_internal/py3[0-9]+_' /opt/venv \
  && ! python3 -c "import kopf" 2>/dev/null
 
 # ---------------------------------------------------------------------------------------------- runtime
