@@ -27,7 +27,7 @@ RELEASE, NAMESPACE = "ft", "finetune-system"
 
 # Operator settings the chart sets before the operator reads them (requests to the operator's owners).
 # Every other FINETUNE_* variable the chart sets must be one operator/finetune_operator reads.
-PENDING_SETTINGS = {"FINETUNE_HTTP_PORT", "FINETUNE_TRAINER_SERVICE_ACCOUNT"}
+PENDING_SETTINGS = {"FINETUNE_TRAINER_SERVICE_ACCOUNT"}
 
 
 @cache
@@ -210,7 +210,7 @@ def test_operator_deployment_shape(helm: str) -> None:
     assert env["FINETUNE_LIVENESS_ENDPOINT"] == f"http://0.0.0.0:{ports['health']}/healthz"
     assert env["FINETUNE_TRAINER_IMAGE"] == "finetune-trainer:0.1.0"
     assert env["FINETUNE_NAMESPACES"] == "", "cluster-wide by default"
-    assert env["FINETUNE_HTTP_PORT"] == str(ports["http"])
+    assert env["FINETUNE_HTTP_LISTEN"] == f"0.0.0.0:{ports['http']}"
     assert env["FINETUNE_PROGRESS_URL"] == f"http://{RELEASE}-finetune-operator.{NAMESPACE}.svc:{ports['http']}"
     assert "resources" not in container, "resources are left to the user"
     assert container["image"] == "finetune-operator:0.1.0"
@@ -306,7 +306,8 @@ def test_without_the_server_there_is_no_service_and_no_secret_access(helm: str) 
     assert of_kind(docs, "Service") == []
     (rules,) = roles(docs, "ClusterRole").values()
     assert ("", "secrets") not in rules
-    assert "FINETUNE_PROGRESS_URL" not in env_of(deployment(docs))
+    env = env_of(deployment(docs))
+    assert "FINETUNE_PROGRESS_URL" not in env and env["FINETUNE_HTTP_LISTEN"] == "", "the server is on by default"
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
