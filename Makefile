@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 TESTENV := hack/testenv
 
-.PHONY: demo test venv lint fmt crd unit integration e2e testenv cluster-up kind-e2e bench clean
+.PHONY: demo test venv lint fmt crd deploy chart-test images image-test unit integration e2e testenv cluster-up kind-e2e bench clean
 
 venv: $(STAMP)
 
@@ -58,6 +58,21 @@ fmt: $(STAMP)
 # Regenerate the CRD from the spec model (a unit test fails when they drift).
 crd: $(STAMP)
 	$(PY) -m finetune_operator.crd > charts/finetune-operator/crds/finetunejobs.finetune.dev.yaml
+	hack/gen-deploy.sh
+
+# deploy/base (kustomize) is generated from the chart; a unit test fails when it drifts.
+deploy:
+	hack/gen-deploy.sh
+
+chart-test: $(STAMP)
+	$(PY) -m pytest tests/unit/test_chart.py tests/unit/test_chart_deploy.py tests/unit/test_argocd_health.py
+
+# Container images from a locally made Debian base (no registry needed); see hack/images/.
+images:
+	hack/images/build.sh
+
+image-test: $(STAMP)
+	FINETUNE_REQUIRE_DOCKER=1 $(PY) -m pytest tests/images -m e2e
 
 bench: $(STAMP)
 	$(PY) bench/train_loop.py
