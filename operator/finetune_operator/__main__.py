@@ -7,6 +7,7 @@ kopf's watchers are alive.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
@@ -17,6 +18,12 @@ from finetune_operator.settings import Settings, SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="finetune-operator",
+        description="Run the FineTuneJob operator. All settings come from FINETUNE_* environment variables "
+        "(see operator/finetune_operator/settings.py and the Helm chart's values).",
+    )
+    parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env()

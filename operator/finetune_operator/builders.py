@@ -275,6 +275,8 @@ def pod_spec(ftj: Mapping[str, Any], spec: FineTuneJobSpec, settings: Settings) 
         "containers": [_container(ftj, spec, settings, mounts)],
         "volumes": volumes,
     }
+    if settings.trainer_service_account:
+        pod["serviceAccountName"] = settings.trainer_service_account
     if spec.scheduling.node_selector:
         pod["nodeSelector"] = dict(spec.scheduling.node_selector)
     if spec.scheduling.tolerations:

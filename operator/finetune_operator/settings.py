@@ -20,6 +20,8 @@ class Settings:
     # The trainer image used when spec.image is empty.
     trainer_image: str = "finetune-trainer:latest"
     image_pull_policy: str = "IfNotPresent"
+    # serviceAccountName of trainer pods (one without API rights; its token is never mounted).
+    trainer_service_account: str = ""
     # Empty: watch the whole cluster. Otherwise kopf namespace patterns (globs allowed).
     namespaces: tuple[str, ...] = ()
     # Pending this long with an image-pull / scheduling / pod-creation problem → Failed.
@@ -71,6 +73,7 @@ class Settings:
                 "IMAGE_PULL_POLICY",
                 ("Always", "IfNotPresent", "Never"),
             ),
+            trainer_service_account=get("TRAINER_SERVICE_ACCOUNT", d.trainer_service_account),
             namespaces=tuple(ns.strip() for ns in get("NAMESPACES", "").split(",") if ns.strip()),
             startup_deadline_seconds=_int(
                 get("STARTUP_DEADLINE_SECONDS", str(d.startup_deadline_seconds)),

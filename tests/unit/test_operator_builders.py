@@ -322,3 +322,9 @@ def test_no_progress_url_means_no_token_and_no_push_env() -> None:
     names = {e["name"] for e in container(job)["env"]}
     assert "FINETUNE_PROGRESS_URL" not in names and "FINETUNE_PROGRESS_TOKEN_FILE" not in names
     assert builders.VOL_PROGRESS not in {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_trainer_service_account_from_settings() -> None:
+    pod = builders.build_job(ftj(), Settings(trainer_service_account="finetune-trainer"))["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "finetune-trainer" and pod["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in builders.build_job(ftj(), Settings())["spec"]["template"]["spec"]
