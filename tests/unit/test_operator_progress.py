@@ -167,3 +167,22 @@ def test_metric_names_follow_conventions():
         assert name in names
     assert {"finetune_reconcile_total", "finetune_progress_pushes_total", "finetune_job_duration_seconds_bucket",
             "finetune_job_phase_transitions_total", "finetune_jobs"} <= names
+
+
+def test_phase_and_stall_series_follow_the_job_and_vanish_on_delete():
+    m = Metrics()
+    m.observe_phase("ns", "a", "Running")
+    m.observe_phase("ns", "a", "Running")  # unchanged: no second transition
+    m.observe_stalled("ns", "a", "NoProgress")
+    text = m.exposition().decode()
+    assert 'finetune_jobs{phase="Running"} 1.0' in text
+    assert 'finetune_job_phase_transitions_total{phase="Running",reason=""} 1.0' in text
+    assert 'finetune_job_stalled{name="a",namespace="ns",reason="NoProgress"} 1.0' in text
+    m.observe_stalled("ns", "a", None)
+    assert "finetune_job_stalled{" not in m.exposition().decode()
+    m.observe_phase("ns", "a", "Failed", "OOMKilled", duration_seconds=120)
+    text = m.exposition().decode()
+    assert 'finetune_jobs{phase="Running"} 0.0' in text and 'finetune_jobs{phase="Failed"} 1.0' in text
+    assert 'finetune_job_duration_seconds_count{phase="Failed"} 1.0' in text
+    m.forget("ns", "a")
+    assert 'finetune_jobs{phase="Failed"} 0.0' in m.exposition().decode()

@@ -454,6 +454,10 @@ def test_no_progress_for_longer_than_the_progress_deadline_marks_stalled() -> No
     assert cond(stale, "Stalled")["reason"] == "NoProgress"
     assert stale["phase"] == "Running"
     assert ("Warning", "NoProgress") in [(t, r) for t, r, _ in transition_events(fresh, stale)]
+    # a new push (newer lastUpdateTime) clears it on the next pass
+    pushed = {**stale, "progress": {**stale["progress"], "epoch": 2, "lastUpdateTime": "2025-03-01T12:06:30Z"}}
+    cleared = derive(ftj(spec, status=pushed), job(spec=spec, active=1), [RUNNING_POD], seconds=400)
+    assert cond(cleared, "Stalled")["status"] == "False"
 
 
 # --- events -------------------------------------------------------------------------------------
