@@ -1,0 +1,499 @@
+"""The operator end to end: Helm chart installed, real API server, real Job controller and garbage collector.
+
+What runs: a namespace enforcing Pod Security "restricted" (any violation by the operator or a trainer pod
+fails), the CRD from charts/finetune-operator/crds/, the chart installed there with helm (the operator runs
+with its own ServiceAccount and the chart's RBAC only — a missing rule shows up as a 403 in its log and a
+test that does not converge). On the local control plane the pods really run (hack/testenv/runner.py:
+`finetune-operator` and `finetune-train` from the repository's venv, in bubblewrap sandboxes).
+
+On kind (hack/kind-e2e.sh) the chart is installed by the script: ``FINETUNE_E2E_OPERATOR=installed`` and
+``FINETUNE_E2E_OPERATOR_NAMESPACE`` say where; the jobs then go to a fresh restricted namespace.
+
+Proves (issues 3, 4, 6): the CRD rejects the bad_manifests/ corpus naming the field; the CPU example
+reaches Succeeded with its output recorded while `kubectl get ftj` shows epoch/loss/accuracy moving and
+/metrics carries the job's gauges; a trainer failure ends Failed with a reason and a Warning event, not
+retried; suspend/resume; deletion cascades to Job, pods, ConfigMap and token Secret; an operator restart
+mid-run keeps one Job.
+
+Jobs are tiny (examples/cpu-demo.yaml with 2 digit classes at 16 px, 2 epochs): each is mostly the
+trainer's `import torch`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+kubernetes = pytest.importorskip("kubernetes")
+from kubernetes import client  # noqa: E402
+
+from operator_util import (  # noqa: E402
+    CHART,
+    OWNER_UID_LABEL,
+    TERMINAL,
+    Jobs,
+    TableWatch,
+    apply_crds,
+    bad_manifests,
+    free_port,
+    helm,
+    http_get,
+    metric_samples,
+    raw,
+    tiny_job,
+    wait_phase,
+)
+
+OPERATOR_SELECTOR = "app.kubernetes.io/name=finetune-operator,app.kubernetes.io/component=operator"
+OUTPUT_PVC = "finetune-outputs"
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+    "pod-security.kubernetes.io/warn": "restricted",
+}
+TRAIN_TIMEOUT = 240  # one tiny job start to finish; ~40-70 s on 2 busy cores (mostly `import torch`)
+
+
+@dataclass
+class OperatorEnv:
+    """The installed operator and the namespace the tests' FineTuneJobs go to."""
+
+    api: client.ApiClient
+    namespace: str  # FineTuneJobs
+    operator_namespace: str
+    installed_here: bool  # False: installed by someone else (hack/kind-e2e.sh)
+    local_cluster: Any
+    output_pvc: str | None = None
+    http_port: int | None = None  # the operator's server port (Service targetPort) — what trainers push to
+    http_problem: str | None = None  # why the operator's HTTP server is not where the chart says, if it is not
+    values: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    def operator_pods(self) -> list:
+        return self.core.list_namespaced_pod(self.operator_namespace, label_selector=OPERATOR_SELECTOR).items
+
+    def operator_log(self, max_bytes: int = 4000) -> str:
+        """The operator's log tail (files of the local runner, else the API)."""
+        out = []
+        for pod in self.operator_pods():
+            name = pod.metadata.name
+            if self.local_cluster is not None:
+                f = Path(self.local_cluster.pod_logs) / f"{self.operator_namespace}_{name}_operator.log"
+                text = f.read_bytes()[-max_bytes:].decode(errors="replace") if f.exists() else "(no log file)"
+            else:
+                try:
+                    text = self.core.read_namespaced_pod_log(name, self.operator_namespace, tail_lines=40)
+                except client.ApiException as e:
+                    text = f"(log unavailable: {e.status})"
+            out.append(f"--- {name}\n{text}")
+        return "\n".join(out) or "(no operator pod)"
+
+    def metrics(self) -> str:
+        """GET /metrics of the operator: the host's loopback under the runner, else the API's service proxy."""
+        if self.local_cluster is not None:
+            status, text = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
+        else:
+            svc = self.core.list_namespaced_service(self.operator_namespace, label_selector=OPERATOR_SELECTOR.split(",")[0]).items
+            assert svc, f"no operator Service in {self.operator_namespace}"
+            resp = raw(self.api, "GET", f"/api/v1/namespaces/{self.operator_namespace}/services/"
+                                        f"{svc[0].metadata.name}:http/proxy/metrics", headers={"Accept": "*/*"})
+            status, text = resp.status, resp.read().decode(errors="replace")
+        assert status == 200, f"/metrics answered {status}: {text[:300]}"
+        return text
+
+    def diagnose(self, jobs: Jobs, name: str) -> str:
+        """Operator log tail plus the Job's events (pod creation refused by Pod Security, quota …)."""
+        lines = []
+        try:
+            for ev in client.CoreV1Api(self.api).list_namespaced_event(
+                    jobs.ns, field_selector=f"involvedObject.name={name}").items:
+                lines.append(f"event {ev.involved_object.kind} {ev.type} {ev.reason}: {ev.message}")
+        except client.ApiException:
+            pass
+        return "\n".join(lines) + "\noperator log tail:\n" + self.operator_log()
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def _create_namespace(core: client.CoreV1Api, prefix: str) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+        name=name, labels={"e2e": "true", **RESTRICTED})))
+    return name
+
+
+def _deployment_available(apps: client.AppsV1Api, ns: str) -> bool:
+    for dep in apps.list_namespaced_deployment(ns, label_selector=OPERATOR_SELECTOR).items:
+        conds = dep.status.conditions or []
+        if any(c.type == "Available" and c.status == "True" for c in conds) and (dep.status.ready_replicas or 0) >= 1:
+            return True
+    return False
+
+
+def _check_http(env: OperatorEnv, deployment: client.V1Deployment) -> str | None:
+    """None when the operator serves /metrics on the port the chart gives trainers; else why not."""
+    if env.local_cluster is None:
+        try:
+            env.metrics()
+        except AssertionError as e:
+            return f"the operator's /metrics is not reachable through its Service: {e}"
+        return None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            status, _ = http_get(f"http://127.0.0.1:{env.http_port}/metrics", timeout=2)
+            if status == 200:
+                return None
+        except OSError:
+            pass
+        time.sleep(0.5)
+    container = next(c for c in deployment.spec.template.spec.containers if c.name == "operator")
+    env_vars = {e.name: e.value for e in container.env or [] if e.name.startswith("FINETUNE_")}
+    return (
+        f"the operator does not serve /metrics and /v1/progress on port {env.http_port}, the chart's server.port — "
+        "the port of its Service (targetPort http) and of FINETUNE_PROGRESS_URL, where trainers push progress. "
+        "The chart sets " + ", ".join(f"{k}={v}" for k, v in env_vars.items() if "HTTP" in k or "PROGRESS" in k)
+        + "; the operator's listen address must follow server.port (operator/finetune_operator/settings.py reads "
+        "FINETUNE_HTTP_LISTEN, default 0.0.0.0:8081, and no FINETUNE_HTTP_PORT): set FINETUNE_HTTP_LISTEN "
+        "in charts/finetune-operator/templates/deployment.yaml or read FINETUNE_HTTP_PORT in the operator."
+    )
+
+
+@pytest.fixture(scope="module")
+def operator_env(k8s, kubeconfig, local_cluster, e2e_report) -> OperatorEnv:
+    """The CRD applied, the chart installed into a restricted namespace, the Deployment Available."""
+    core, apps = client.CoreV1Api(k8s), client.AppsV1Api(k8s)
+    t0 = time.monotonic()
+    installed = os.environ.get("FINETUNE_E2E_OPERATOR", "").strip().lower() == "installed"
+    crds = apply_crds(k8s)
+    namespace = _create_namespace(core, "ftop")
+    release = f"fte-{uuid.uuid4().hex[:6]}"  # cluster-scoped RBAC names include it: unique per run
+    env = OperatorEnv(api=k8s, namespace=namespace, operator_namespace=namespace, installed_here=not installed,
+                      local_cluster=local_cluster)
+    try:
+        if installed:
+            env.operator_namespace = os.environ.get("FINETUNE_E2E_OPERATOR_NAMESPACE", "finetune-system")
+        else:
+            binaries = getattr(local_cluster, "binaries", None) or {}
+            helm_bin = str(binaries.get("helm") or _helm_from_tools())
+            core.create_namespaced_persistent_volume_claim(namespace, client.V1PersistentVolumeClaim(
+                metadata=client.V1ObjectMeta(name=OUTPUT_PVC),
+                spec=client.V1PersistentVolumeClaimSpec(
+                    access_modes=["ReadWriteOnce"],
+                    resources=client.V1VolumeResourceRequirements(requests={"storage": "1Gi"}))))
+            env.output_pvc = OUTPUT_PVC
+            env.values = {
+                "trainer.outputPVC": OUTPUT_PVC,  # outputs persist (and the test reads model.json there)
+                "operator.resyncSeconds": "5",
+            }
+            if local_cluster is not None:
+                # Every pod of the runner listens on the host's loopback: ports nobody else uses.
+                env.values["health.port"] = str(free_port())
+                env.values["server.port"] = str(free_port())
+            args = ["install", release, str(CHART), "--namespace", namespace, "--skip-crds"]
+            for k, v in env.values.items():
+                args += ["--set", f"{k}={v}"]
+            helm(helm_bin, kubeconfig, *args)
+        try:
+            _wait(lambda: _deployment_available(apps, env.operator_namespace), 120,
+                  f"the operator Deployment in {env.operator_namespace} to become Available")
+        except AssertionError as e:
+            events = [f"{ev.involved_object.kind}/{ev.involved_object.name} {ev.reason}: {ev.message}"
+                      for ev in core.list_namespaced_event(env.operator_namespace).items if ev.type == "Warning"]
+            raise AssertionError(f"{e}\nwarnings: {events}\n{env.operator_log()}") from None
+        dep = apps.list_namespaced_deployment(env.operator_namespace, label_selector=OPERATOR_SELECTOR).items[0]
+        container = next(c for c in dep.spec.template.spec.containers if c.name == "operator")
+        env.http_port = next((p.container_port for p in container.ports or [] if p.name == "http"), None)
+        env.http_problem = (_check_http(env, dep) if env.http_port
+                            else "the chart's operator container has no `http` port (server.enabled off?)")
+        e2e_report(f"operator: CRDs {crds} applied, chart {'installed' if not installed else 'found'} in "
+                   f"{env.operator_namespace}, Available after {time.monotonic() - t0:.1f} s"
+                   + (f"; HTTP PROBLEM: {env.http_problem}" if env.http_problem else ""))
+        yield env
+    finally:
+        if not installed:
+            try:
+                helm(str((getattr(local_cluster, "binaries", None) or {}).get("helm") or _helm_from_tools()),
+                     kubeconfig, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s")
+            except AssertionError as e:
+                print(f"helm uninstall failed: {e}")
+        try:
+            core.delete_namespace(namespace)
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
+
+
+def _helm_from_tools() -> str:
+    import subprocess
+
+    out = subprocess.run([str(CHART.parents[1] / "hack" / "tools.sh"), "helm"], capture_output=True, text=True,
+                         check=True, timeout=1800)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def jobs(operator_env) -> Jobs:
+    """FineTuneJobs in the test namespace; each test's jobs are deleted (and their pods gone) afterwards."""
+    j = Jobs(operator_env.api, operator_env.namespace)
+    yield j
+    items = j.co.list_namespaced_custom_object("finetune.dev", "v1alpha1", j.ns, "finetunejobs")["items"]
+    for item in items:
+        j.delete(item["metadata"]["name"])
+    core = client.CoreV1Api(operator_env.api)
+
+    def trainer_pods_gone():
+        return not [p for p in core.list_namespaced_pod(j.ns, label_selector=OWNER_UID_LABEL).items]
+
+    _wait(trainer_pods_gone, 90, "the trainer pods of this test to be gone (next test gets the CPUs)")
+
+
+# ---------------------------------------------------------------- 1. the CRD's validation
+
+BAD = bad_manifests()
+
+
+def test_the_corpus_is_large_enough_and_the_base_job_is_valid(operator_env, jobs):
+    """At least 10 bad manifests; the good tiny job passes the same strict server-side dry run."""
+    assert len(BAD) >= 10, f"only {len(BAD)} manifests in tests/e2e/bad_manifests"
+    jobs.create(tiny_job("good"), dry_run="All", field_validation="Strict")
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[b.id for b in BAD])
+def test_crd_rejects_malformed_manifest_naming_the_field(operator_env, jobs, bad):
+    with pytest.raises(client.ApiException) as info:
+        jobs.create(bad.body, dry_run="All", field_validation="Strict")
+    err = info.value
+    assert err.status == bad.status, f"{bad.path.name}: wanted HTTP {bad.status}, got {err.status}: {err.body}"
+    body = json.loads(err.body)
+    causes = [c for c in (body.get("details") or {}).get("causes") or [] if c.get("field") not in (None, "<nil>")]
+    if causes:  # 422 Invalid: the field of every real cause is the one the manifest breaks
+        fields = sorted({c["field"] for c in causes})
+        assert fields == [bad.field], (
+            f"{bad.path.name}: the error names {fields}, wanted only {bad.field!r}: {body['message']}")
+    else:  # strict decoding (unknown field): 400 with the field in the message
+        assert f'"{bad.field}"' in body["message"] or f"{bad.field}:" in body["message"], (
+            f"{bad.path.name}: {bad.field!r} not named in: {body['message']}")
+
+
+# ---------------------------------------------------------------- 2. the CPU example end to end
+
+
+def test_cpu_example_succeeds_with_live_progress_in_kubectl_get_and_metrics(operator_env, jobs, e2e_report):
+    env, name = operator_env, "cpu-demo"
+    t0 = time.monotonic()
+    with TableWatch(env.api, jobs.ns, name) as watch:
+        jobs.create(tiny_job(name))
+        done = wait_phase(jobs, name, ("Succeeded",), TRAIN_TIMEOUT, lambda: env.diagnose(jobs, name))
+        time.sleep(0.5)  # the watch's last events
+    took = time.monotonic() - t0
+    status = done["status"]
+    out = status.get("output") or {}
+    assert len(out.get("sha256") or "") == 64, f"status.output has no sha256: {out}"
+    assert 0.0 <= float(out.get("valAccuracy", -1)) <= 1.0, f"status.output has no valAccuracy: {out}"
+    assert status.get("completionTime") and status.get("jobName"), status
+    assert out.get("weightsFile"), out
+    if env.output_pvc and env.local_cluster is not None:  # the model outlives the pod, on the output PVC
+        folder = Path(env.local_cluster.runner_dir) / "pvc" / jobs.ns / env.output_pvc / name
+        model_json = folder / "model.json"
+        assert model_json.exists(), f"no model.json on the output PVC ({folder}): {sorted(folder.parent.rglob('*'))[:20]}"
+        doc = json.loads(model_json.read_text())
+        weights = folder / out["weightsFile"]
+        assert doc["sha256"] == out["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+        assert out.get("ephemeral") is not True, out
+
+    # Issue 4: `kubectl get ftj` showed the numbers moving before the job finished.
+    assert not env.http_problem, f"progress cannot reach the operator: {env.http_problem}"
+    assert watch.rows, f"the Table watch saw nothing ({watch.error})"
+    running = [r for _, r in watch.rows if r.get("Phase") == "Running"]
+    live = [r for r in running if _epoch(r.get("Epoch")) is not None
+            and _epoch(r["Epoch"])[0] < _epoch(r["Epoch"])[1] and isinstance(r.get("Loss"), (int, float))]
+    assert live, ("no `kubectl get ftj` row while Running with epoch < total and a loss value; rows seen:\n"
+                  + watch.describe())
+    distinct = {(r.get("Epoch"), r.get("Loss"), r.get("Val-Acc")) for r in running if r.get("Loss") is not None}
+    assert len(distinct) >= 2, f"progress columns did not move while Running:\n{watch.describe()}"
+    assert any(r.get("Val-Acc") is not None for r in running), (
+        f"no Val-Acc while Running (epoch 1 of 2 ended before the job did):\n{watch.describe()}")
+    final = jobs.table(name)[0]
+    assert final["Phase"] == "Succeeded" and _epoch(final["Epoch"]) == (2, 2), final
+    e2e_report(f"cpu-demo (tiny) Succeeded in {took:.0f} s; `kubectl get ftj` rows while Running: "
+               + " | ".join(f"{r['Epoch']} loss={r['Loss']} acc={r.get('Val-Acc')} eta={r.get('ETA')}"
+                            for r in live[:4]))
+
+    # /metrics has the job's gauges (the host's loopback under the runner; the service proxy elsewhere) ...
+    text = env.metrics()
+    acc = [v for labels, v in metric_samples(text, "finetune_job_val_accuracy")
+           if labels.get("namespace") == jobs.ns and labels.get("name") == name]
+    assert acc, "finetune_job_val_accuracy has no series for the job:\n" + "\n".join(
+        line for line in text.splitlines() if line.startswith("finetune_job_val_accuracy"))
+    assert abs(acc[0] - float(status["progress"]["valAccuracy"])) < 1e-3, (acc, status["progress"])
+    # ... until the job is deleted (no stale series).
+    jobs.delete(name)
+    _wait(lambda: not [1 for labels, _ in metric_samples(env.metrics(), "finetune_job_val_accuracy")
+                       if labels.get("namespace") == jobs.ns and labels.get("name") == name],
+          30, "the job's finetune_job_val_accuracy series to go with the job")
+
+
+def _epoch(text: Any) -> tuple[int, int] | None:
+    try:
+        done, total = str(text).split("/")
+        return int(done), int(total)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- 3. failures in the trainer
+
+
+def test_invalid_dataset_path_fails_in_the_trainer_with_reason_and_is_not_retried(operator_env, jobs):
+    env, name = operator_env, "no-data"
+    job = tiny_job(name, {
+        "dataset": {"builtin": None, "path": "/data/does-not-exist", "classes": None},
+        "volumes": [{"name": "data", "mountPath": "/data", "emptyDir": {}}],
+        "runPolicy": {"backoffLimit": 2},  # retries allowed, yet exit 2 (invalid job file) is never retried
+    })
+    jobs.create(job)
+    obj = wait_phase(jobs, name, ("Failed",), 120, lambda: env.diagnose(jobs, name))
+    status = obj["status"]
+    assert status["reason"] == "InvalidJobFile", status
+    assert "does-not-exist" in status.get("message", ""), f"the message does not say what is wrong: {status}"
+    k8s_job = jobs.batch.read_namespaced_job(status["jobName"], jobs.ns)
+    assert (k8s_job.status.failed or 0) == 1, f"retried: {k8s_job.status}"
+    assert len(jobs.pods(obj)) == 1, [p.metadata.name for p in jobs.pods(obj)]
+    assert status.get("attempts") == 1, status
+    cond = {c["type"]: c for c in status.get("conditions") or []}
+    assert cond["Failed"]["status"] == "True" and cond["Ready"]["status"] == "False", cond
+    _wait(lambda: jobs.event_counts(name).get(("Warning", "InvalidJobFile")), 15,
+          f"a Warning event InvalidJobFile on {name}: {jobs.event_counts(name)}")
+
+
+def test_deadline_exceeded_fails_with_reason_and_warning(operator_env, jobs):
+    env, name = operator_env, "too-slow"
+    jobs.create(tiny_job(name, {"runPolicy": {"activeDeadlineSeconds": 3, "backoffLimit": 0}}))
+    obj = wait_phase(jobs, name, ("Failed",), 90, lambda: env.diagnose(jobs, name))
+    assert obj["status"]["reason"] == "DeadlineExceeded", obj["status"]
+    assert "activeDeadlineSeconds" in obj["status"]["message"], obj["status"]
+    _wait(lambda: jobs.event_counts(name).get(("Warning", "DeadlineExceeded")), 15,
+          f"a Warning event DeadlineExceeded on {name}: {jobs.event_counts(name)}")
+
+
+# ---------------------------------------------------------------- 4. suspend / resume
+
+
+def test_suspend_then_resume(operator_env, jobs):
+    env, name = operator_env, "held"
+    jobs.create(tiny_job(name, {"runPolicy": {"suspend": True}}))
+    obj = wait_phase(jobs, name, ("Suspended",), 60, lambda: env.diagnose(jobs, name))
+    job_name = obj["status"]["jobName"]
+    k8s_job = jobs.batch.read_namespaced_job(job_name, jobs.ns)
+    assert k8s_job.spec.suspend is True, "the Job of a suspended FineTuneJob is not suspended"
+    time.sleep(2)  # long enough for a wrongly created pod to show up
+    assert not jobs.pods(obj), f"pods of a suspended job: {[p.metadata.name for p in jobs.pods(obj)]}"
+    assert (jobs.batch.read_namespaced_job(job_name, jobs.ns).status.active or 0) == 0
+    assert jobs.event_counts(name).get(("Normal", "Suspended")), jobs.event_counts(name)
+
+    jobs.patch(name, {"spec": {"runPolicy": {"suspend": False}}})
+    _wait(lambda: jobs.batch.read_namespaced_job(job_name, jobs.ns).spec.suspend is False, 30,
+          "the operator to resume the Job (spec.suspend false)")
+    _wait(lambda: [p for p in jobs.pods(obj) if p.status.phase == "Running"], 60, "a running trainer pod")
+    obj = wait_phase(jobs, name, ("Running",), 60, lambda: env.diagnose(jobs, name))
+    assert obj["status"]["jobName"] == job_name
+    _wait(lambda: jobs.event_counts(name).get(("Normal", "Resumed")), 15, f"a Resumed event: {jobs.event_counts(name)}")
+
+
+# ---------------------------------------------------------------- 5. deletion cascades
+
+
+def test_delete_cascades_to_job_pods_configmap_and_token_secret(operator_env, jobs):
+    env, name = operator_env, "doomed"
+    jobs.create(tiny_job(name))
+    obj = jobs.get(name)
+
+    def children():
+        owned = jobs.owned(obj)
+        running = [p.metadata.name for p in jobs.pods(obj) if p.status.phase == "Running"]
+        return owned if all(owned.values()) and running else None
+
+    owned = _wait(children, 60, f"the Job, ConfigMap, token Secret and a running pod of {name} "
+                                f"({env.diagnose(jobs, name)[-1500:]})")
+    pods = [p.metadata.name for p in jobs.pods(obj)]
+    jobs.delete(name)  # what `kubectl delete ftj` sends (background propagation): the garbage collector's turn
+
+    def remaining():
+        left = {k: v for k, v in jobs.owned(obj).items() if v}
+        left_pods = [p.metadata.name for p in jobs.pods(obj)]
+        if left_pods:
+            left["Pod"] = left_pods
+        if jobs.get(name) is not None:
+            left["FineTuneJob"] = [name]
+        return left
+
+    deadline = time.monotonic() + 90
+    while (left := remaining()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"left after deleting FineTuneJob {name} (had {owned}, pods {pods}): {left}"
+
+
+# ---------------------------------------------------------------- 6. operator restart mid-run
+
+
+def test_operator_restart_mid_run_keeps_one_job(operator_env, jobs, e2e_report):
+    env, name = operator_env, "survivor"
+    core = client.CoreV1Api(env.api)
+    jobs.create(tiny_job(name, {"training": {"epochs": 3}}))
+    obj = wait_phase(jobs, name, ("Running",), 90, lambda: env.diagnose(jobs, name))
+    k8s_job = jobs.batch.read_namespaced_job(obj["status"]["jobName"], jobs.ns)
+    job_uid = k8s_job.metadata.uid
+
+    old = [p.metadata.name for p in env.operator_pods()]
+    assert len(old) == 1, f"expected one operator pod, found {old}"
+    t0 = time.monotonic()
+    core.delete_namespaced_pod(old[0], env.operator_namespace)
+
+    def new_operator_ready():
+        pods = env.operator_pods()
+        if any(p.metadata.name in old for p in pods):
+            return None
+        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+        return ready[0].metadata.name if ready else None
+
+    new = _wait(new_operator_ready, 90, f"a new operator pod (Ready) replacing {old[0]}")
+    back_after = time.monotonic() - t0
+    phase_then = jobs.status(name).get("phase")
+    assert phase_then not in TERMINAL, (
+        f"the job finished ({phase_then}) before the operator was back: the test proves nothing; make it longer")
+
+    obj = wait_phase(jobs, name, ("Succeeded",), TRAIN_TIMEOUT, lambda: env.diagnose(jobs, name))
+    owned_jobs = [j for j in jobs.batch.list_namespaced_job(jobs.ns).items
+                  if any(r.uid == obj["metadata"]["uid"] for r in j.metadata.owner_references or [])]
+    assert [j.metadata.uid for j in owned_jobs] == [job_uid], (
+        f"Jobs of {name} after the restart: {[(j.metadata.name, j.metadata.uid) for j in owned_jobs]}, "
+        f"before: {job_uid}")
+    counts = jobs.event_counts(name, obj["metadata"]["uid"])
+    assert counts.get(("Normal", "JobCreated")) == 1, f"JobCreated events: {counts}"
+    assert counts.get(("Normal", "Succeeded")) == 1, f"Succeeded events: {counts}"
+    assert (obj["status"].get("output") or {}).get("sha256"), obj["status"]
+    e2e_report(f"operator restart: {old[0]} -> {new} Ready in {back_after:.1f} s while {name} was {phase_then}; "
+               f"one Job ({job_uid[:8]}), events {dict((r, n) for (_, r), n in counts.items())}")
