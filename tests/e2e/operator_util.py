@@ -232,13 +232,18 @@ class Jobs:
 def table_rows(table: dict, cols: list[str] | None = None) -> list[dict[str, Any]]:
     """Rows as {column: cell}; `cols` for watch events after the first (the server sends the columns once)."""
     cols = [c["name"] for c in table.get("columnDefinitions") or []] or cols or []
-    return [dict(zip(cols, row.get("cells") or [])) for row in table.get("rows") or []]
+    return [dict(zip(cols, row.get("cells") or [], strict=False)) for row in table.get("rows") or []]
 
 
-def wait_phase(jobs: Jobs, name: str, phases: tuple[str, ...], timeout: float, operator_logs=None) -> dict:
-    """Wait until the FineTuneJob's phase is one of `phases`; fail with its status (and operator log) if not."""
+def wait_phase(jobs: Jobs, name: str, phases: tuple[str, ...], timeout: float, operator_logs=None,
+               give_up=None) -> dict:
+    """Wait until the FineTuneJob's phase is one of `phases`; fail with its status (and operator log) if not.
+
+    `give_up()`: a reason to stop waiting early (e.g. the operator got a 403), checked every few seconds.
+    """
     deadline = time.monotonic() + timeout
     last: dict = {}
+    next_check = time.monotonic() + 2
     while time.monotonic() < deadline:
         obj = jobs.get(name)
         last = (obj or {}).get("status") or {}
@@ -246,6 +251,13 @@ def wait_phase(jobs: Jobs, name: str, phases: tuple[str, ...], timeout: float, o
             return obj
         if last.get("phase") in TERMINAL:  # finished, but not as wanted: no point waiting
             break
+        if give_up is not None and time.monotonic() >= next_check:
+            reason = give_up()
+            if reason:
+                raise AssertionError(
+                    f"FineTuneJob {jobs.ns}/{name}: phase {last.get('phase')!r} reason {last.get('reason')!r}; "
+                    f"stopped waiting for {'/'.join(phases)}: {reason}")
+            next_check = time.monotonic() + 3
         time.sleep(0.3)
     extra = f"\noperator log tail:\n{operator_logs()}" if operator_logs else ""
     raise AssertionError(
@@ -311,7 +323,7 @@ class TableWatch:
                     cols = [c["name"] for c in obj.get("columnDefinitions") or []] or cols
                     for row in table_rows(obj, cols):
                         self.rows.append((time.time(), row))
-            except Exception as e:  # noqa: BLE001 - reported by the test through .error
+            except Exception as e:
                 if self._stop.is_set():
                     return
                 self.error = f"{type(e).__name__}: {e}"
@@ -354,7 +366,7 @@ def free_port() -> int:
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status, resp.read().decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")

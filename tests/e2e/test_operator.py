@@ -6,8 +6,10 @@ with its own ServiceAccount and the chart's RBAC only — a missing rule shows u
 test that does not converge). On the local control plane the pods really run (hack/testenv/runner.py:
 `finetune-operator` and `finetune-train` from the repository's venv, in bubblewrap sandboxes).
 
-On kind (hack/kind-e2e.sh) the chart is installed by the script: ``FINETUNE_E2E_OPERATOR=installed`` and
-``FINETUNE_E2E_OPERATOR_NAMESPACE`` say where; the jobs then go to a fresh restricted namespace.
+``FINETUNE_E2E_CHART=<dir>`` installs another copy of the chart (how the RBAC proof was made: a copy with one
+rule removed fails here with the 403 from the operator's log). On kind (hack/kind-e2e.sh) the chart is
+installed by the script: ``FINETUNE_E2E_OPERATOR=installed`` and ``FINETUNE_E2E_OPERATOR_NAMESPACE`` say
+where; the jobs then go to a fresh restricted namespace.
 
 Proves (issues 3, 4, 6): the CRD rejects the bad_manifests/ corpus naming the field; the CPU example
 reaches Succeeded with its output recorded while `kubectl get ftj` shows epoch/loss/accuracy moving and
@@ -21,9 +23,11 @@ trainer's `import torch`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,7 +40,6 @@ pytestmark = pytest.mark.e2e
 
 kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client  # noqa: E402
-
 from operator_util import (  # noqa: E402
     CHART,
     OWNER_UID_LABEL,
@@ -101,12 +104,35 @@ class OperatorEnv:
             out.append(f"--- {name}\n{text}")
         return "\n".join(out) or "(no operator pod)"
 
+    def forbidden(self) -> str | None:
+        """The operator's log lines about 403 Forbidden answers (a permission the chart's RBAC lacks), if any."""
+        texts = []
+        if self.local_cluster is not None:  # every operator pod of this run, restarted ones included
+            for f in sorted(Path(self.local_cluster.pod_logs).glob(f"{self.operator_namespace}_*_operator.log")):
+                texts.append(f.read_text(errors="replace"))
+        else:
+            for pod in self.operator_pods():
+                with contextlib.suppress(client.ApiException):
+                    texts.append(self.core.read_namespaced_pod_log(pod.metadata.name, self.operator_namespace,
+                                                                   tail_lines=2000))
+        hits = [line.strip()[:400] for text in texts for line in text.splitlines()
+                if re.search(r"\b403\b", line) and "forbidden" in line.lower()]
+        if not hits:
+            return None
+        return (f"the operator was refused by the API server ({len(hits)} log lines with 403 Forbidden) — the "
+                "chart's RBAC (charts/finetune-operator/templates/rbac.yaml) lacks a permission it uses:\n"
+                + "\n".join(hits[:5]))
+
+    def wait_phase(self, jobs: Jobs, name: str, phases: tuple[str, ...], timeout: float) -> dict:
+        return wait_phase(jobs, name, phases, timeout, lambda: self.diagnose(jobs, name), give_up=self.forbidden)
+
     def metrics(self) -> str:
         """GET /metrics of the operator: the host's loopback under the runner, else the API's service proxy."""
         if self.local_cluster is not None:
             status, text = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
         else:
-            svc = self.core.list_namespaced_service(self.operator_namespace, label_selector=OPERATOR_SELECTOR.split(",")[0]).items
+            svc = self.core.list_namespaced_service(self.operator_namespace,
+                                                    label_selector=OPERATOR_SELECTOR.split(",")[0]).items
             assert svc, f"no operator Service in {self.operator_namespace}"
             resp = raw(self.api, "GET", f"/api/v1/namespaces/{self.operator_namespace}/services/"
                                         f"{svc[0].metadata.name}:http/proxy/metrics", headers={"Accept": "*/*"})
@@ -126,13 +152,19 @@ class OperatorEnv:
         return "\n".join(lines) + "\noperator log tail:\n" + self.operator_log()
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.3):
+def _wait(predicate, timeout: float, what: str, interval: float = 0.3, give_up=None):
+    """Poll until `predicate()` is truthy; `give_up()` (checked every 3 s) names a reason to stop early."""
     deadline = time.monotonic() + timeout
-    last = None
+    last, next_check = None, time.monotonic() + 2
     while time.monotonic() < deadline:
         last = predicate()
         if last:
             return last
+        if give_up is not None and time.monotonic() >= next_check:
+            reason = give_up()
+            if reason:
+                raise AssertionError(f"stopped waiting for {what}: {reason}")
+            next_check = time.monotonic() + 3
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
@@ -182,13 +214,26 @@ def _check_http(env: OperatorEnv, deployment: client.V1Deployment) -> str | None
 
 
 @pytest.fixture(scope="module")
-def operator_env(k8s, kubeconfig, local_cluster, e2e_report) -> OperatorEnv:
+def restricted_namespace(k8s) -> str:
+    """The CRDs applied and a namespace enforcing Pod Security "restricted" (deleted, not awaited, at the end)."""
+    core = client.CoreV1Api(k8s)
+    apply_crds(k8s)
+    namespace = _create_namespace(core, "ftop")
+    yield namespace
+    try:
+        core.delete_namespace(namespace)
+    except client.ApiException as e:
+        if e.status != 404:
+            raise
+
+
+@pytest.fixture(scope="module")
+def operator_env(k8s, kubeconfig, local_cluster, e2e_report, restricted_namespace) -> OperatorEnv:
     """The CRD applied, the chart installed into a restricted namespace, the Deployment Available."""
     core, apps = client.CoreV1Api(k8s), client.AppsV1Api(k8s)
     t0 = time.monotonic()
     installed = os.environ.get("FINETUNE_E2E_OPERATOR", "").strip().lower() == "installed"
-    crds = apply_crds(k8s)
-    namespace = _create_namespace(core, "ftop")
+    namespace = restricted_namespace
     release = f"fte-{uuid.uuid4().hex[:6]}"  # cluster-scoped RBAC names include it: unique per run
     env = OperatorEnv(api=k8s, namespace=namespace, operator_namespace=namespace, installed_here=not installed,
                       local_cluster=local_cluster)
@@ -212,7 +257,9 @@ def operator_env(k8s, kubeconfig, local_cluster, e2e_report) -> OperatorEnv:
                 # Every pod of the runner listens on the host's loopback: ports nobody else uses.
                 env.values["health.port"] = str(free_port())
                 env.values["server.port"] = str(free_port())
-            args = ["install", release, str(CHART), "--namespace", namespace, "--skip-crds"]
+            # FINETUNE_E2E_CHART: install another copy of the chart (e.g. one with an RBAC rule removed).
+            chart = os.environ.get("FINETUNE_E2E_CHART") or str(CHART)
+            args = ["install", release, chart, "--namespace", namespace, "--skip-crds"]
             for k, v in env.values.items():
                 args += ["--set", f"{k}={v}"]
             helm(helm_bin, kubeconfig, *args)
@@ -228,7 +275,7 @@ def operator_env(k8s, kubeconfig, local_cluster, e2e_report) -> OperatorEnv:
         env.http_port = next((p.container_port for p in container.ports or [] if p.name == "http"), None)
         env.http_problem = (_check_http(env, dep) if env.http_port
                             else "the chart's operator container has no `http` port (server.enabled off?)")
-        e2e_report(f"operator: CRDs {crds} applied, chart {'installed' if not installed else 'found'} in "
+        e2e_report(f"operator: chart {'installed' if not installed else 'found'} in "
                    f"{env.operator_namespace}, Available after {time.monotonic() - t0:.1f} s"
                    + (f"; HTTP PROBLEM: {env.http_problem}" if env.http_problem else ""))
         yield env
@@ -239,11 +286,6 @@ def operator_env(k8s, kubeconfig, local_cluster, e2e_report) -> OperatorEnv:
                      kubeconfig, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s")
             except AssertionError as e:
                 print(f"helm uninstall failed: {e}")
-        try:
-            core.delete_namespace(namespace)
-        except client.ApiException as e:
-            if e.status != 404:
-                raise
 
 
 def _helm_from_tools() -> str:
@@ -264,10 +306,11 @@ def jobs(operator_env) -> Jobs:
         j.delete(item["metadata"]["name"])
     core = client.CoreV1Api(operator_env.api)
 
-    def trainer_pods_gone():
-        return not [p for p in core.list_namespaced_pod(j.ns, label_selector=OWNER_UID_LABEL).items]
+    def trainers_stopped():  # finished pods use no CPU: the garbage collector may take its time with them
+        return not [p.metadata.name for p in core.list_namespaced_pod(j.ns, label_selector=OWNER_UID_LABEL).items
+                    if p.status.phase not in ("Succeeded", "Failed")]
 
-    _wait(trainer_pods_gone, 90, "the trainer pods of this test to be gone (next test gets the CPUs)")
+    _wait(trainers_stopped, 90, "the trainer pods of this test to stop (the next test gets the CPUs)")
 
 
 # ---------------------------------------------------------------- 1. the CRD's validation
@@ -275,14 +318,17 @@ def jobs(operator_env) -> Jobs:
 BAD = bad_manifests()
 
 
-def test_the_corpus_is_large_enough_and_the_base_job_is_valid(operator_env, jobs):
+def test_the_corpus_is_large_enough_and_the_base_job_is_valid(k8s, restricted_namespace):
     """At least 10 bad manifests; the good tiny job passes the same strict server-side dry run."""
+    jobs = Jobs(k8s, restricted_namespace)
     assert len(BAD) >= 10, f"only {len(BAD)} manifests in tests/e2e/bad_manifests"
     jobs.create(tiny_job("good"), dry_run="All", field_validation="Strict")
 
 
 @pytest.mark.parametrize("bad", BAD, ids=[b.id for b in BAD])
-def test_crd_rejects_malformed_manifest_naming_the_field(operator_env, jobs, bad):
+def test_crd_rejects_malformed_manifest_naming_the_field(k8s, restricted_namespace, bad):
+    """Server-side dry run with fieldValidation=Strict (what `kubectl apply --validate=strict` sends)."""
+    jobs = Jobs(k8s, restricted_namespace)
     with pytest.raises(client.ApiException) as info:
         jobs.create(bad.body, dry_run="All", field_validation="Strict")
     err = info.value
@@ -305,8 +351,8 @@ def test_cpu_example_succeeds_with_live_progress_in_kubectl_get_and_metrics(oper
     env, name = operator_env, "cpu-demo"
     t0 = time.monotonic()
     with TableWatch(env.api, jobs.ns, name) as watch:
-        jobs.create(tiny_job(name))
-        done = wait_phase(jobs, name, ("Succeeded",), TRAIN_TIMEOUT, lambda: env.diagnose(jobs, name))
+        jobs.create(tiny_job(name, {"training": {"epochs": 3}}))  # two epoch ends before the last
+        done = env.wait_phase(jobs, name, ("Succeeded",), TRAIN_TIMEOUT)
         time.sleep(0.5)  # the watch's last events
     took = time.monotonic() - t0
     status = done["status"]
@@ -318,7 +364,8 @@ def test_cpu_example_succeeds_with_live_progress_in_kubectl_get_and_metrics(oper
     if env.output_pvc and env.local_cluster is not None:  # the model outlives the pod, on the output PVC
         folder = Path(env.local_cluster.runner_dir) / "pvc" / jobs.ns / env.output_pvc / name
         model_json = folder / "model.json"
-        assert model_json.exists(), f"no model.json on the output PVC ({folder}): {sorted(folder.parent.rglob('*'))[:20]}"
+        assert model_json.exists(), (
+            f"no model.json on the output PVC ({folder}): {sorted(folder.parent.rglob('*'))[:20]}")
         doc = json.loads(model_json.read_text())
         weights = folder / out["weightsFile"]
         assert doc["sha256"] == out["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -335,9 +382,9 @@ def test_cpu_example_succeeds_with_live_progress_in_kubectl_get_and_metrics(oper
     distinct = {(r.get("Epoch"), r.get("Loss"), r.get("Val-Acc")) for r in running if r.get("Loss") is not None}
     assert len(distinct) >= 2, f"progress columns did not move while Running:\n{watch.describe()}"
     assert any(r.get("Val-Acc") is not None for r in running), (
-        f"no Val-Acc while Running (epoch 1 of 2 ended before the job did):\n{watch.describe()}")
+        f"no Val-Acc while Running (epochs ended before the job did):\n{watch.describe()}")
     final = jobs.table(name)[0]
-    assert final["Phase"] == "Succeeded" and _epoch(final["Epoch"]) == (2, 2), final
+    assert final["Phase"] == "Succeeded" and _epoch(final["Epoch"]) == (3, 3), final
     e2e_report(f"cpu-demo (tiny) Succeeded in {took:.0f} s; `kubectl get ftj` rows while Running: "
                + " | ".join(f"{r['Epoch']} loss={r['Loss']} acc={r.get('Val-Acc')} eta={r.get('ETA')}"
                             for r in live[:4]))
@@ -375,7 +422,7 @@ def test_invalid_dataset_path_fails_in_the_trainer_with_reason_and_is_not_retrie
         "runPolicy": {"backoffLimit": 2},  # retries allowed, yet exit 2 (invalid job file) is never retried
     })
     jobs.create(job)
-    obj = wait_phase(jobs, name, ("Failed",), 120, lambda: env.diagnose(jobs, name))
+    obj = env.wait_phase(jobs, name, ("Failed",), 120)
     status = obj["status"]
     assert status["reason"] == "InvalidJobFile", status
     assert "does-not-exist" in status.get("message", ""), f"the message does not say what is wrong: {status}"
@@ -392,7 +439,7 @@ def test_invalid_dataset_path_fails_in_the_trainer_with_reason_and_is_not_retrie
 def test_deadline_exceeded_fails_with_reason_and_warning(operator_env, jobs):
     env, name = operator_env, "too-slow"
     jobs.create(tiny_job(name, {"runPolicy": {"activeDeadlineSeconds": 3, "backoffLimit": 0}}))
-    obj = wait_phase(jobs, name, ("Failed",), 90, lambda: env.diagnose(jobs, name))
+    obj = env.wait_phase(jobs, name, ("Failed",), 90)
     assert obj["status"]["reason"] == "DeadlineExceeded", obj["status"]
     assert "activeDeadlineSeconds" in obj["status"]["message"], obj["status"]
     _wait(lambda: jobs.event_counts(name).get(("Warning", "DeadlineExceeded")), 15,
@@ -405,7 +452,7 @@ def test_deadline_exceeded_fails_with_reason_and_warning(operator_env, jobs):
 def test_suspend_then_resume(operator_env, jobs):
     env, name = operator_env, "held"
     jobs.create(tiny_job(name, {"runPolicy": {"suspend": True}}))
-    obj = wait_phase(jobs, name, ("Suspended",), 60, lambda: env.diagnose(jobs, name))
+    obj = env.wait_phase(jobs, name, ("Suspended",), 60)
     job_name = obj["status"]["jobName"]
     k8s_job = jobs.batch.read_namespaced_job(job_name, jobs.ns)
     assert k8s_job.spec.suspend is True, "the Job of a suspended FineTuneJob is not suspended"
@@ -416,9 +463,9 @@ def test_suspend_then_resume(operator_env, jobs):
 
     jobs.patch(name, {"spec": {"runPolicy": {"suspend": False}}})
     _wait(lambda: jobs.batch.read_namespaced_job(job_name, jobs.ns).spec.suspend is False, 30,
-          "the operator to resume the Job (spec.suspend false)")
+          "the operator to resume the Job (spec.suspend false)", give_up=env.forbidden)
     _wait(lambda: [p for p in jobs.pods(obj) if p.status.phase == "Running"], 60, "a running trainer pod")
-    obj = wait_phase(jobs, name, ("Running",), 60, lambda: env.diagnose(jobs, name))
+    obj = env.wait_phase(jobs, name, ("Running",), 60)
     assert obj["status"]["jobName"] == job_name
     _wait(lambda: jobs.event_counts(name).get(("Normal", "Resumed")), 15, f"a Resumed event: {jobs.event_counts(name)}")
 
@@ -436,8 +483,11 @@ def test_delete_cascades_to_job_pods_configmap_and_token_secret(operator_env, jo
         running = [p.metadata.name for p in jobs.pods(obj) if p.status.phase == "Running"]
         return owned if all(owned.values()) and running else None
 
-    owned = _wait(children, 60, f"the Job, ConfigMap, token Secret and a running pod of {name} "
-                                f"({env.diagnose(jobs, name)[-1500:]})")
+    try:
+        owned = _wait(children, 60, f"the Job, ConfigMap, token Secret and a running pod of {name}",
+                      give_up=env.forbidden)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{env.diagnose(jobs, name)}") from None
     pods = [p.metadata.name for p in jobs.pods(obj)]
     jobs.delete(name)  # what `kubectl delete ftj` sends (background propagation): the garbage collector's turn
 
@@ -463,7 +513,7 @@ def test_operator_restart_mid_run_keeps_one_job(operator_env, jobs, e2e_report):
     env, name = operator_env, "survivor"
     core = client.CoreV1Api(env.api)
     jobs.create(tiny_job(name, {"training": {"epochs": 3}}))
-    obj = wait_phase(jobs, name, ("Running",), 90, lambda: env.diagnose(jobs, name))
+    obj = env.wait_phase(jobs, name, ("Running",), 90)
     k8s_job = jobs.batch.read_namespaced_job(obj["status"]["jobName"], jobs.ns)
     job_uid = k8s_job.metadata.uid
 
@@ -479,13 +529,13 @@ def test_operator_restart_mid_run_keeps_one_job(operator_env, jobs, e2e_report):
         ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
         return ready[0].metadata.name if ready else None
 
-    new = _wait(new_operator_ready, 90, f"a new operator pod (Ready) replacing {old[0]}")
+    new = _wait(new_operator_ready, 90, f"a new operator pod (Ready) replacing {old[0]}", give_up=env.forbidden)
     back_after = time.monotonic() - t0
     phase_then = jobs.status(name).get("phase")
     assert phase_then not in TERMINAL, (
         f"the job finished ({phase_then}) before the operator was back: the test proves nothing; make it longer")
 
-    obj = wait_phase(jobs, name, ("Succeeded",), TRAIN_TIMEOUT, lambda: env.diagnose(jobs, name))
+    obj = env.wait_phase(jobs, name, ("Succeeded",), TRAIN_TIMEOUT)
     owned_jobs = [j for j in jobs.batch.list_namespaced_job(jobs.ns).items
                   if any(r.uid == obj["metadata"]["uid"] for r in j.metadata.owner_references or [])]
     assert [j.metadata.uid for j in owned_jobs] == [job_uid], (
@@ -497,3 +547,16 @@ def test_operator_restart_mid_run_keeps_one_job(operator_env, jobs, e2e_report):
     assert (obj["status"].get("output") or {}).get("sha256"), obj["status"]
     e2e_report(f"operator restart: {old[0]} -> {new} Ready in {back_after:.1f} s while {name} was {phase_then}; "
                f"one Job ({job_uid[:8]}), events {dict((r, n) for (_, r), n in counts.items())}")
+
+
+# ---------------------------------------------------------------- 7. RBAC: nothing the operator did was refused
+
+
+def test_operator_was_never_refused_by_rbac(operator_env):
+    """Runs last: a rule missing from the chart's RBAC shows up as a 403 in the operator's log.
+
+    (Whatever the operator does in the tests above — create Jobs, ConfigMaps, token Secrets, Events,
+    patch status, read Secrets back after a restart — was allowed by the chart's own rules.)
+    """
+    problem = operator_env.forbidden()
+    assert problem is None, problem
