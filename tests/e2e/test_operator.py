@@ -530,6 +530,7 @@ def test_operator_restart_mid_run_keeps_one_job(operator_env, jobs, e2e_report):
         return ready[0].metadata.name if ready else None
 
     new = _wait(new_operator_ready, 90, f"a new operator pod (Ready) replacing {old[0]}", give_up=env.forbidden)
+    new_since = core.read_namespaced_pod(new, env.operator_namespace).metadata.creation_timestamp
     back_after = time.monotonic() - t0
     phase_then = jobs.status(name).get("phase")
     assert phase_then not in TERMINAL, (
@@ -545,6 +546,13 @@ def test_operator_restart_mid_run_keeps_one_job(operator_env, jobs, e2e_report):
     assert counts.get(("Normal", "JobCreated")) == 1, f"JobCreated events: {counts}"
     assert counts.get(("Normal", "Succeeded")) == 1, f"Succeeded events: {counts}"
     assert (obj["status"].get("output") or {}).get("sha256"), obj["status"]
+    # The new operator took the trainer's pushes: it read the job's token back from its Secret.
+    assert not env.http_problem, f"progress cannot reach the operator: {env.http_problem}"
+    progress = obj["status"].get("progress") or {}
+    updated = progress.get("lastUpdateTime")
+    assert progress.get("epoch") == 3 and updated, f"the last epoch's progress never arrived: {progress}"
+    assert updated >= new_since.strftime("%Y-%m-%dT%H:%M:%SZ"), (
+        f"no progress accepted by the new operator (created {new_since}): last update {updated}")
     e2e_report(f"operator restart: {old[0]} -> {new} Ready in {back_after:.1f} s while {name} was {phase_then}; "
                f"one Job ({job_uid[:8]}), events {dict((r, n) for (_, r), n in counts.items())}")
 
