@@ -25,9 +25,8 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBE_VERSION = "1.31.0"  # the chart's minimum (Chart.yaml kubeVersion)
 RELEASE, NAMESPACE = "ft", "finetune-system"
 
-# Operator settings the chart sets before the operator reads them (requests to the operator's owners).
-# Every other FINETUNE_* variable the chart sets must be one operator/finetune_operator reads.
-PENDING_SETTINGS = {"FINETUNE_TRAINER_SERVICE_ACCOUNT"}
+# Every FINETUNE_* variable the chart sets must be one operator/finetune_operator reads.
+PENDING_SETTINGS: set[str] = set()
 
 
 @cache

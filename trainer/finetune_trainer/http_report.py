@@ -58,6 +58,9 @@ class HttpReporter(Reporter):
     def event(self, kind: str, **fields: Any) -> None:
         if kind not in ("start", "step", "epoch", "end"):
             return
+        if kind == "end":  # the final report describes the exported (best) epoch, not the last one
+            fields = {"bestValAccuracy": fields.get("valAccuracy"), "epoch": fields.get("epoch"),
+                      "totalEpochs": fields.get("totalEpochs")}
         self._known.update({k: fields[k] for k in FIELDS if fields.get(k) is not None})
         if kind == "start":
             self._known.update(epoch=fields.get("startEpoch", 1) - 1, totalEpochs=fields["totalEpochs"])
