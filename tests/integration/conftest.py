@@ -154,6 +154,12 @@ def apiserver(request: pytest.FixtureRequest) -> Iterator[ApiServer]:
         assert not stray, f"processes left running after the local control plane stopped: {stray}"
 
 
+@pytest.fixture(scope="session")
+def integration_report(request: pytest.FixtureRequest):
+    """`integration_report(line)`: a line for the end-of-session summary (measurements, not assertions)."""
+    return lambda line: request.config.stash.setdefault(_summary_key, []).append(line)
+
+
 @pytest.fixture
 def it_namespace(apiserver: ApiServer) -> Iterator[str]:
     """A fresh namespace with its default ServiceAccount (pods are refused without it); deleted afterwards."""

@@ -287,7 +287,7 @@ class StatusWriter(threading.Thread):
 
 
 def test_restart_mid_run_keeps_one_job_and_survives_concurrent_status_writers(
-    apiserver, it_namespace, caplog: pytest.LogCaptureFixture
+    apiserver, it_namespace, caplog: pytest.LogCaptureFixture, integration_report
 ) -> None:
     api, ns, node = apiserver.api, it_namespace, apiserver.node
     spec = {"dataset": {"builtin": "digits"}, "training": {"epochs": 10000}}
@@ -330,6 +330,7 @@ def test_restart_mid_run_keeps_one_job_and_survives_concurrent_status_writers(
             assert final["progress"]["epochText"] == f"{writer.written}/10000"
             assert final["progress"]["trainLoss"] == 0.5
             assert final["phase"] == "Succeeded" and condition(final, "Ready")["status"] == "True"
+        integration_report(f"concurrent status writer: {writer.written} PUTs, {writer.conflicts} refused with 409")
         assert writer.written > 10 and not writer.errors, (writer.written, writer.errors[:3])
         reasons = events(api, ns, "resume")
         assert reasons.count(("Normal", "JobCreated")) == 1 and reasons.count(("Normal", "Started")) == 1, reasons
