@@ -71,8 +71,8 @@ def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: dt.dateti
 def _keep_finished(prev: Mapping[str, Any], job: Obj | None) -> Verdict | None:
     if prev.get("phase") not in TERMINAL:
         return None
-    if prev.get("reason") == INVALID_SPEC and job is None:
-        return None  # nothing ran; a fixed spec may start
+    if prev.get("reason") == INVALID_SPEC and not prev.get("jobName"):
+        return None  # nothing ran for the invalid spec; a fixed spec has started (or may start) its Job
     return Verdict(prev["phase"], prev.get("reason", prev["phase"]), prev.get("message", ""))
 
 

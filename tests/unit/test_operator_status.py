@@ -425,6 +425,9 @@ def test_invalid_spec_status_and_recovery_once_fixed() -> None:
     fixed = derive(ftj(status=bad, generation=2), None, [])
     assert (fixed["phase"], fixed["reason"]) == ("Pending", "Creating")
     assert "completionTime" not in fixed
+    # reconcile creates the Job before deriving: the status must follow that Job, not stay Failed
+    started = derive(ftj(status=bad, generation=2), job(active=1), [RUNNING_POD])
+    assert started["phase"] == "Running" and started["jobName"]
 
 
 # --- progress -----------------------------------------------------------------------------------
