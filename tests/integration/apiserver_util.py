@@ -273,7 +273,9 @@ class GcProbe(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
-        self.join(10)
+        if self.ident is not None:  # started
+            self.join(10)
+            assert not self.is_alive(), "the GC probe thread did not stop"
 
 
 # ------------------------------------------------------------------------------------------- the node

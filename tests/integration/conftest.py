@@ -142,16 +142,21 @@ def apiserver(request: pytest.FixtureRequest) -> Iterator[ApiServer]:
     finally:
         if gc.seconds is not None:
             summary.append(f"the garbage collector collected FineTuneJob dependents {gc.seconds:.1f} s after the CRDs")
-        gc.stop()
-        node.stop()
+        problems = []
+        for helper in (gc, node):  # test-side threads first; the control plane is stopped whatever they do
+            try:
+                helper.stop()
+            except Exception as err:
+                problems.append(f"stopping {type(helper).__name__}: {err!r}")
         cluster.stop()
         stray = cluster.stray_pids()
-        if request.config.stash.get(_failed_key, False) or stray:
+        if request.config.stash.get(_failed_key, False) or stray or problems:
             summary.append(f"component logs of the local control plane kept in {cluster.logs}")
         else:
             cluster.cleanup()
-        assert not node.errors, f"the fake kubelet hit errors: {node.errors[:5]}"
         assert not stray, f"processes left running after the local control plane stopped: {stray}"
+        assert not problems, problems
+        assert not node.errors, f"the fake kubelet hit errors: {node.errors[:5]}"
 
 
 @pytest.fixture(scope="session")

@@ -385,18 +385,14 @@ def test_invalid_spec_fails_without_a_job_and_without_a_hot_loop(apiserver, it_n
         assert op.thread.is_alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="operator bug: after an InvalidSpec is fixed the Job is created, but derive_status keeps the old "
-    "Failed/InvalidSpec (status._keep_finished only lets InvalidSpec go while no Job exists, and reconcile "
-    "creates the Job before deriving) — the Job trains while the FineTuneJob says Failed",
-)
 def test_fixing_an_invalid_spec_starts_the_job(apiserver, it_namespace) -> None:
+    """InvalidSpec without a Job is the one failure that is not final: fixing the spec starts the Job and
+    the status follows it (found here: the status used to stay Failed/InvalidSpec while the Job ran)."""
     api, ns = apiserver.api, it_namespace
     spec, _ = INVALID["workers"]
     with running_operator(apiserver.cluster, ns, SETTINGS) as op:
         api.create(ftj_url(ns), manifest("fixme", spec))
-        wait(phase_is(api, ns, "fixme", "Failed", "InvalidSpec"), what="Failed/InvalidSpec")
+        invalid = wait(phase_is(api, ns, "fixme", "Failed", "InvalidSpec"), what="Failed/InvalidSpec")
         api.merge_patch(ftj_url(ns, "fixme"), {"spec": {"workers": 1}})  # generation 2
         wait(lambda: api.get(job_url(ns, "fixme")), what="the Job for the fixed spec")
         # jobName lands in the same status patch as the phase derived from that Job: no slack needed.
@@ -405,6 +401,15 @@ def test_fixing_an_invalid_spec_starts_the_job(apiserver, it_namespace) -> None:
         assert fixed["observedGeneration"] == 2
         assert (fixed["phase"], fixed["reason"]) in {("Pending", "Starting"), ("Pending", "Creating")}, fixed
         assert condition(fixed, "Stalled")["status"] == "False"
+        assert "completionTime" not in fixed  # the invalid attempt's time is not carried over
+
+        # ... and finishes as any job does, with its own times.
+        pod = bound_pod(api, ns, api.get(ftj_url(ns, "fixme")))
+        apiserver.node.set_running(pod)
+        wait(phase_is(api, ns, "fixme", "Running"), what="phase Running")
+        apiserver.node.set_terminated(api.get(core_url(ns, "pods", pod["metadata"]["name"])))
+        done = wait(phase_is(api, ns, "fixme", "Succeeded"), what="phase Succeeded")
+        assert done["completionTime"] >= done["startTime"] >= invalid["completionTime"]
 
 
 # ---------------------------------------------------------------------------------------------- 5
