@@ -418,6 +418,37 @@ class FakeNode:
         }
         return self._write(pod, status)
 
+    def set_waiting(self, pod: Obj, reason: str, message: str = "") -> Obj:
+        """Pending with the container waiting (ImagePullBackOff, CreateContainerConfigError, ...)."""
+        stamp = now_text()
+        status = {
+            "phase": "Pending",
+            "hostIP": "127.0.0.1",
+            "startTime": stamp,
+            "conditions": [
+                {
+                    "type": "ContainersReady",
+                    "status": "False",
+                    "reason": "ContainersNotReady",
+                    "lastTransitionTime": stamp,
+                },
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": stamp},
+            ],
+            "containerStatuses": [
+                {
+                    "name": c["name"],
+                    "image": c["image"],
+                    "imageID": "",
+                    "ready": False,
+                    "started": False,
+                    "restartCount": 0,
+                    "state": {"waiting": {"reason": reason, "message": message}},
+                }
+                for c in pod["spec"]["containers"]
+            ],
+        }
+        return self._write(pod, status)
+
     def set_terminated(self, pod: Obj, exit_code: int = 0, reason: str = "Completed", message: str = "") -> Obj:
         stamp = now_text()
         started = (pod.get("status") or {}).get("startTime") or stamp

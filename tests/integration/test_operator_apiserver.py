@@ -8,8 +8,11 @@ garbage collection. The test plays only the kubelet of one node (apiserver_util.
 status through pods/status when a test says so. No trainer runs here: the chart-installed operator with
 real trainer pods is tests/e2e's job.
 
-What kmock could not show and this module does: scenarios 1 (subresource isolation, server-side
-generation), 2 (Job controller), 3 (scheduler), 4 (conflicts), 5 (garbage collection).
+What kmock could not show and this module does: subresource isolation and server-side generation, the
+Job controller (pods, completion, podFailurePolicy, backoffLimit, suspend), ttl-after-finished, the
+scheduler's Unschedulable, resourceVersion conflicts, ownerReference garbage collection. The kmock module's
+scenarios (OOMKilled, image pull back-off deadline, suspend/resume, TTL, refused spec change, invalid spec)
+all run here too, against the real controllers.
 """
 
 from __future__ import annotations
@@ -216,6 +219,71 @@ def test_invalid_job_file_exit_code_fails_the_job_at_once_through_the_pod_failur
         assert condition(failed, "Stalled")["status"] == "True"
         assert len(pods_of(api, ns, ftj)) == 1  # not retried
         wait(lambda: ("Warning", "InvalidJobFile") in events(api, ns, "badfile"), what="the warning event")
+
+
+def test_oom_killed_with_no_retries_left_fails_with_the_reason(apiserver, it_namespace) -> None:
+    api, ns, node = apiserver.api, it_namespace, apiserver.node
+    spec = {"dataset": {"builtin": "digits"}, "runPolicy": {"backoffLimit": 0}}
+    with running_operator(apiserver.cluster, ns, SETTINGS):
+        ftj = api.create(ftj_url(ns), manifest("oom", spec))
+        pod = bound_pod(api, ns, ftj)
+        node.set_running(pod)
+        wait(phase_is(api, ns, "oom", "Running"), what="phase Running")
+        node.set_terminated(api.get(core_url(ns, "pods", pod["metadata"]["name"])), exit_code=137, reason="OOMKilled")
+        wait(lambda: job_condition(api, ns, "oom", "Failed"), what="the Job controller: BackoffLimitExceeded")
+        failed = wait(phase_is(api, ns, "oom", "Failed", "OOMKilled"), what="Failed/OOMKilled")
+        assert condition(failed, "Stalled")["status"] == "True"
+        wait(lambda: ("Warning", "OOMKilled") in events(api, ns, "oom"), what="the OOMKilled warning")
+
+
+def test_suspend_creates_a_suspended_job_and_resume_starts_it(apiserver, it_namespace) -> None:
+    api, ns = apiserver.api, it_namespace
+    spec = {"dataset": {"builtin": "digits"}, "runPolicy": {"suspend": True}}
+    with running_operator(apiserver.cluster, ns, SETTINGS):
+        ftj = api.create(ftj_url(ns), manifest("later", spec))
+        job = wait(lambda: api.get(job_url(ns, "later")), what="the Job")
+        assert job["spec"]["suspend"] is True
+        wait(lambda: job_condition(api, ns, "later", "Suspended"), what="the Job controller's Suspended condition")
+        wait(phase_is(api, ns, "later", "Suspended"), what="phase Suspended")
+        assert pods_of(api, ns, ftj) == []
+
+        api.merge_patch(ftj_url(ns, "later"), {"spec": {"runPolicy": {"suspend": False}}})
+        wait(lambda: api.get(job_url(ns, "later"))["spec"]["suspend"] is False, what="the Job resumed")
+        bound_pod(api, ns, ftj)  # the Job controller starts the pod now
+        wait(phase_is(api, ns, "later", "Pending"), what="phase Pending after resume")
+        wait(lambda: ("Normal", "Resumed") in events(api, ns, "later"), what="the Resumed event")
+
+
+def test_ttl_after_finished_deletes_the_job_and_the_result_stays(apiserver, it_namespace) -> None:
+    api, ns, node = apiserver.api, it_namespace, apiserver.node
+    spec = {"dataset": {"builtin": "digits"}, "runPolicy": {"ttlSecondsAfterFinished": 0}}
+    with running_operator(apiserver.cluster, ns, SETTINGS) as op:
+        ftj = api.create(ftj_url(ns), manifest("brief", spec))
+        pod = bound_pod(api, ns, ftj)
+        node.set_running(pod)
+        wait(phase_is(api, ns, "brief", "Running"), what="phase Running")
+        node.set_terminated(api.get(core_url(ns, "pods", pod["metadata"]["name"])))
+        done = wait(phase_is(api, ns, "brief", "Succeeded"), what="phase Succeeded")
+        wait(lambda: api.get(job_url(ns, "brief")) is None, what="ttl-after-finished to delete the Job")
+        time.sleep(1.0)  # a few resync intervals
+        assert status_of(api, ns, "brief") == done  # the result stays; not JobDeleted
+        assert op.count("POST", "/jobs") == 1
+
+
+def test_image_pull_back_off_fails_at_the_startup_deadline_and_stops_the_job(apiserver, it_namespace) -> None:
+    api, ns, node = apiserver.api, it_namespace, apiserver.node
+    spec = {"dataset": {"builtin": "digits"}, "image": "registry.invalid/trainer:nope",
+            "runPolicy": {"startupDeadlineSeconds": 3}}  # fmt: skip
+    with running_operator(apiserver.cluster, ns, SETTINGS):
+        ftj = api.create(ftj_url(ns), manifest("noimage", spec))
+        pod = bound_pod(api, ns, ftj)
+        node.set_waiting(pod, "ImagePullBackOff", 'Back-off pulling image "registry.invalid/trainer:nope"')
+        pending = wait(phase_is(api, ns, "noimage", "Pending", "ImagePullBackOff"), what="Pending/ImagePullBackOff")
+        assert "registry.invalid/trainer:nope" in pending["message"]
+        failed = wait(phase_is(api, ns, "noimage", "Failed", "ImagePullBackOff"), what="Failed/ImagePullBackOff")
+        assert "startup deadline of 3s" in failed["message"]
+        wait(lambda: api.get(job_url(ns, "noimage")) is None, what="the Job deleted")
+        wait(lambda: not pods_of(api, ns, ftj), what="its pod gone")
 
 
 # ---------------------------------------------------------------------------------------------- 3
