@@ -1053,6 +1053,9 @@ class Launcher:
                         a += [bind, e.path, e.path]
         a += ["--ro-bind", "/sys", "/sys", "--proc", "/proc", "--dev", "/dev"]
         a += ["--ro-bind" if ro_root else "--bind", tmp, "/tmp"]
+        repo = str(self.r.repo)
+        if repo.startswith("/tmp/"):  # a checkout under /tmp (CI clones) must stay visible over the fresh /tmp
+            a += ["--dir", repo, "--ro-bind", repo, repo]
         made: set[str] = set()
         for dest, src, ro, _ in [*sorted(targets[:-1], key=lambda t: t[0].count("/")), targets[-1]]:
             self._parents(a, dest, targets, made)
