@@ -1,5 +1,6 @@
 """Container images: build both Dockerfile targets from the locally made base and run them.
 
+Opt-in (`make image-test`, or FINETUNE_IMAGE_TESTS=1): a cold build is minutes and ~10 GB of disk.
 Needs a Docker engine: the one DOCKER_HOST points at, else the private engine hack/images/dockerd.sh
 starts (root + Debian's docker.io; it is stopped again at the end if this test started it). Without one
 the tests skip with the reason; FINETUNE_REQUIRE_DOCKER=1 turns that skip into a failure (for CI jobs
@@ -54,8 +55,17 @@ def _unavailable(reason: str) -> None:
     pytest.skip(message)
 
 
+def _opted_in() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0", "false") for v in ("FINETUNE_IMAGE_TESTS",
+                                                                          "FINETUNE_REQUIRE_DOCKER"))
+
+
 @pytest.fixture(scope="session")
 def docker() -> Iterator[list[str]]:
+    if not _opted_in():
+        # A cold trainer build is minutes and ~10 GB of layers (PyPI's CUDA torch): opt-in, not part of
+        # every `make test`. `make image-test` sets FINETUNE_REQUIRE_DOCKER=1.
+        pytest.skip("image builds are opt-in: run `make image-test` (or set FINETUNE_IMAGE_TESTS=1)")
     cli = _docker_cli()
     if cli is None:
         _unavailable("no docker CLI (apt-get install docker.io)")
