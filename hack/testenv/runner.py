@@ -905,10 +905,10 @@ class Launcher:
                     src.mkdir(parents=True)
                     src.chmod(0o777)
             mp = self._host_real(m["mountPath"])
-            if str(self.r.repo) == mp or str(self.r.repo).startswith(mp.rstrip("/") + "/"):
+            if str(self.r.repo) == mp or mp.startswith(str(self.r.repo).rstrip("/") + "/"):
                 raise Refused(
-                    f"container {c.name!r}: mountPath {m['mountPath']} would hide {self.r.repo}, where the "
-                    "runner runs python from; mount it elsewhere"
+                    f"container {c.name!r}: mountPath {m['mountPath']} is {self.r.repo} or inside it, where "
+                    "the runner runs python from; mount it elsewhere"
                 )
             mounts.append((m["mountPath"], str(src), bool(m.get("readOnly"))))
         groups = [int(g) for g in [psc.get("fsGroup"), *psc.get("supplementalGroups", [])] if g is not None]
@@ -1053,16 +1053,28 @@ class Launcher:
                         a += [bind, e.path, e.path]
         a += ["--ro-bind", "/sys", "/sys", "--proc", "/proc", "--dev", "/dev"]
         a += ["--ro-bind" if ro_root else "--bind", tmp, "/tmp"]
-        repo = str(self.r.repo)
-        if repo.startswith("/tmp/"):  # a checkout under /tmp (CI clones) must stay visible over the fresh /tmp
-            a += ["--dir", repo, "--ro-bind", repo, repo]
         made: set[str] = set()
         for dest, src, ro, _ in [*sorted(targets[:-1], key=lambda t: t[0].count("/")), targets[-1]]:
             self._parents(a, dest, targets, made)
             a += ["--ro-bind" if ro else "--bind", src, dest]
+        self._keep_repo_visible(a, targets[:-1], tmp)
         if ro_root:
             a += ["--remount-ro", "/"]
         return a
+
+    def _keep_repo_visible(self, a: list[str], volumes, tmp: str) -> None:
+        """A checkout under /tmp or under a volume's mountPath (CI clones to /tmp; pods mount /tmp) would be
+        hidden by the fresh filesystem: bind it back read-only on top. Its mountpoint is made in the host
+        directory backing that filesystem, because the mount itself may be read-only."""
+        repo = str(self.r.repo)
+        holders = [(dest, src) for dest, src, _ro, _ in volumes if repo.startswith(dest.rstrip("/") + "/")]
+        if repo.startswith("/tmp/"):
+            holders.append(("/tmp", tmp))
+        if not holders:
+            return
+        dest, src = max(holders, key=lambda h: len(h[0]))
+        os.makedirs(os.path.join(src, os.path.relpath(repo, dest)), exist_ok=True)
+        a += ["--ro-bind", repo, repo]
 
     @staticmethod
     def _parents(a: list[str], dest: str, targets, made: set[str]) -> None:
