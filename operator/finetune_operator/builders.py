@@ -138,18 +138,23 @@ def parsed_spec(ftj: Mapping[str, Any]) -> FineTuneJobSpec:
     return parse_spec(ftj.get("spec"))
 
 
+def child_metadata(ftj: Mapping[str, Any], name: str, annotations: Mapping[str, str] | None = None) -> Obj:
+    """Metadata every child carries: its name, the FineTuneJob's namespace, selection labels, full name."""
+    return {
+        "name": name,
+        "namespace": ftj["metadata"].get("namespace"),
+        "labels": common_labels(ftj),
+        "annotations": {ANNOTATION_NAME: ftj["metadata"]["name"], **(annotations or {})},
+    }
+
+
 def build_configmap(ftj: Mapping[str, Any], settings: Settings) -> Obj:
     """The ConfigMap holding the resolved job file (mounted read-only at /etc/finetune)."""
     spec = parsed_spec(ftj)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": configmap_name(ftj),
-            "namespace": ftj["metadata"].get("namespace"),
-            "labels": common_labels(ftj),
-            "annotations": {ANNOTATION_NAME: ftj["metadata"]["name"]},
-        },
+        "metadata": child_metadata(ftj, configmap_name(ftj)),
         "data": {"job.yaml": resolved_job_file(ftj, spec)},
     }
 
@@ -244,15 +249,9 @@ def build_job(ftj: Mapping[str, Any], settings: Settings) -> Obj:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            "name": job_name(ftj),
-            "namespace": ftj["metadata"].get("namespace"),
-            "labels": labels,
-            "annotations": {
-                ANNOTATION_NAME: ftj["metadata"]["name"],
-                ANNOTATION_DIGEST: json.dumps(spec_digest(spec.to_wire()), sort_keys=True),
-            },
-        },
+        "metadata": child_metadata(
+            ftj, job_name(ftj), {ANNOTATION_DIGEST: json.dumps(spec_digest(spec.to_wire()), sort_keys=True)}
+        ),
         "spec": job_spec,
     }
 
@@ -388,11 +387,6 @@ def build_token_secret(ftj: Mapping[str, Any], token: str) -> Obj:
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": {
-            "name": token_secret_name(ftj),
-            "namespace": ftj["metadata"].get("namespace"),
-            "labels": common_labels(ftj),
-            "annotations": {ANNOTATION_NAME: ftj["metadata"]["name"]},
-        },
+        "metadata": child_metadata(ftj, token_secret_name(ftj)),
         "stringData": {"token": token},
     }

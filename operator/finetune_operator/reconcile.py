@@ -80,6 +80,14 @@ class Runtime:
         for callback in self.on_forget:
             callback(namespace, name)
 
+    def remember_token(self, namespace: str, name: str, digest: str) -> None:
+        with self._guard:
+            self.tokens[(namespace, name)] = digest
+
+    def known_token(self, namespace: str, name: str) -> str | None:
+        with self._guard:
+            return self.tokens.get((namespace, name))
+
     def unfinished(self) -> list[tuple[str, str]]:
         with self._guard:
             return sorted(self._unfinished)
@@ -212,8 +220,7 @@ def _ensure_token(rt: Runtime, kube: Kube, ftj: Obj) -> None:
     existing = _create_or_reuse(kube, secret_path(ftj["metadata"]["namespace"]), secret, ftj, "Secret")
     token = secret["stringData"]["token"] if "data" not in existing else decode_token(existing)
     if token:
-        with rt._guard:
-            rt.tokens[(ftj["metadata"]["namespace"], ftj["metadata"]["name"])] = progress.token_digest(token)
+        rt.remember_token(ftj["metadata"]["namespace"], ftj["metadata"]["name"], progress.token_digest(token))
 
 
 def decode_token(secret: Mapping[str, Any]) -> str | None:
@@ -228,8 +235,7 @@ def decode_token(secret: Mapping[str, Any]) -> str | None:
 
 def token_digest_for(rt: Runtime, namespace: str, name: str) -> str | None:
     """The digest of a job's token: remembered, else read from its Secret (after an operator restart)."""
-    with rt._guard:
-        known = rt.tokens.get((namespace, name))
+    known = rt.known_token(namespace, name)
     if known or rt.kube is None:
         return known
     ftj = rt.kube.get(ftj_path(namespace, name))
@@ -243,8 +249,7 @@ def token_digest_for(rt: Runtime, namespace: str, name: str) -> str | None:
     if not token:
         return None
     digest = progress.token_digest(token)
-    with rt._guard:
-        rt.tokens[(namespace, name)] = digest
+    rt.remember_token(namespace, name, digest)
     return digest
 
 

@@ -7,8 +7,9 @@ cluster with nothing set. Bad values fail at startup with the variable's name, n
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class SettingsError(ValueError):
@@ -108,20 +109,18 @@ class Settings:
 
 
 def _int(value: str, name: str, minimum: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise SettingsError(f"FINETUNE_{name}: expected an integer, got {value!r}") from None
-    if number < minimum:
-        raise SettingsError(f"FINETUNE_{name}: must be >= {minimum}, got {number}")
-    return number
+    return _number(value, name, minimum, int, "an integer")
 
 
 def _float(value: str, name: str, minimum: float) -> float:
+    return _number(value, name, minimum, float, "a number")
+
+
+def _number(value: str, name: str, minimum: Any, parse: Callable[[str], Any], noun: str) -> Any:
     try:
-        number = float(value)
+        number = parse(value)
     except ValueError:
-        raise SettingsError(f"FINETUNE_{name}: expected a number, got {value!r}") from None
+        raise SettingsError(f"FINETUNE_{name}: expected {noun}, got {value!r}") from None
     if number < minimum:
         raise SettingsError(f"FINETUNE_{name}: must be >= {minimum}, got {number}")
     return number

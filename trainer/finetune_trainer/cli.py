@@ -26,7 +26,7 @@ from finetune_trainer.errors import (
     FinetuneError,
     JobFileError,
 )
-from finetune_trainer.spec import parse_job
+from finetune_trainer.spec import parse_job, read_job_document
 
 TERMINATION_LOG = "/dev/termination-log"
 
@@ -71,12 +71,7 @@ def _overrides(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
 
 def load_job_with_overrides(path: str, overrides: dict[tuple[str, ...], Any]):
     """Flags override the file before validation, so their errors read like the file's."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise JobFileError(f"cannot read job file {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise JobFileError(f"job file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    doc = read_job_document(path)
     if isinstance(doc, dict) and overrides:
         spec = doc.setdefault("spec", {}) if ("spec" in doc or "kind" in doc) else doc
         for keys, value in overrides.items():

@@ -102,6 +102,7 @@ class _Run:
     best_epoch: int = 0
     best_state: dict | None = None
     since_best: int = 0
+    frozen_digest: str = ""
     history: list[dict] = field(default_factory=list)
 
     def improved(self, ev: EvalResult) -> bool:
@@ -138,6 +139,7 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if env.precision.needs_scaler else None
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     run = _Run()
+    run.frozen_digest = frozen_digest(model)  # the frozen part never changes: hash it once per run
     resumed = _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run, reporter)
     cache, net = _plan_cache(spec, model, plan)
 
@@ -290,7 +292,7 @@ def _end_epoch(output, spec, epoch, stats, ev, run, model, optimizer, scheduler,
     run.history.append(record)
     run.epoch = epoch
     ckpt.save_checkpoint(output, epoch, {
-        "epoch": epoch, "model": trainable_state(model), "frozenDigest": frozen_digest(model),
+        "epoch": epoch, "model": trainable_state(model), "frozenDigest": run.frozen_digest,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler else None,
@@ -308,7 +310,7 @@ def _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run: _Run, 
     if path is None:
         return None
     state = ckpt.load_for_resume(path, spec)
-    if state.get("frozenDigest") != frozen_digest(model):
+    if state.get("frozenDigest") != run.frozen_digest:
         raise JobFileError(f"the frozen weights differ from those {path.name} was trained on (was the weights "
                            "file replaced?); use a new output path or delete the checkpoints")
     model.load_state_dict(state["model"], strict=False)

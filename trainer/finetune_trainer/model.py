@@ -68,13 +68,16 @@ def replace_head(model: nn.Module, num_classes: int, cfg: Head) -> str:
     return name
 
 
-def _drop_aux_heads(model: nn.Module) -> None:
-    """Inception/GoogLeNet auxiliary classifiers are ImageNet-only training aids."""
+def new_model(arch: str) -> nn.Module:
+    """A randomly initialised `arch` without Inception/GoogLeNet's auxiliary heads (ImageNet-only aids)."""
+    kwargs = {"aux_logits": False, "init_weights": False} if arch in ("inception_v3", "googlenet") else {}
+    model = tvm.get_model(arch, weights=None, **kwargs)
     for attr in ("AuxLogits", "aux1", "aux2"):
         if getattr(model, attr, None) is not None:
             setattr(model, attr, None)
     if hasattr(model, "aux_logits"):
         model.aux_logits = False
+    return model
 
 
 def _torchvision_weights(arch: str, name: str):
@@ -99,14 +102,12 @@ def _preprocessing(weights, image_size: int) -> Preprocessing:
 def build_model(spec: FineTuneJobSpec, num_classes: int) -> BuiltModel:
     arch, wcfg = spec.model.architecture, spec.model.weights
     tv_weights = _torchvision_weights(arch, wcfg.name) if wcfg.source == "torchvision" else None
-    kwargs = {"aux_logits": False, "init_weights": False} if arch in ("inception_v3", "googlenet") else {}
-    model = tvm.get_model(arch, weights=None, **kwargs)
+    model = new_model(arch)
     note = "random initialisation"
     if tv_weights is not None:
         note = _load_torchvision_weights(model, tv_weights)
     elif wcfg.source == "file":
         note = load_weights_file(model, wcfg)
-    _drop_aux_heads(model)
     head = replace_head(model, num_classes, spec.head)
     prep = _preprocessing(tv_weights, spec.dataset.image_size)
     if tv_weights is None and wcfg.source == "file":

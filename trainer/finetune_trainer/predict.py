@@ -9,12 +9,11 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
-from torchvision import models as tvm
 
 from finetune_trainer.data import Preprocessing
 from finetune_trainer.errors import JobFileError
 from finetune_trainer.export import META_FILE, sha256_file
-from finetune_trainer.model import replace_head
+from finetune_trainer.model import new_model, replace_head
 from finetune_trainer.spec import Head
 
 
@@ -34,12 +33,7 @@ class Predictor:
         weights = folder / meta["weightsFile"]
         if verify and sha256_file(weights) != meta["sha256"]:
             raise JobFileError(f"--model: {weights} does not match the sha256 in {META_FILE}")
-        kwargs = {"aux_logits": False, "init_weights": False} if meta["architecture"] in (
-            "inception_v3", "googlenet") else {}
-        model = tvm.get_model(meta["architecture"], weights=None, **kwargs)
-        for attr in ("AuxLogits", "aux1", "aux2"):
-            if getattr(model, attr, None) is not None:
-                setattr(model, attr, None)
+        model = new_model(meta["architecture"])
         replace_head(model, meta["numClasses"], Head.model_validate(meta.get("head", {})))
         model.load_state_dict(load_file(str(weights)))
         model.eval()

@@ -350,14 +350,18 @@ def parse_job(doc: Any) -> JobFile:
     return JobFile(spec=parse_spec(doc))
 
 
-def load_job(path: str | Path) -> JobFile:
-    """Read and validate a job file; every problem becomes a JobFileError."""
+def read_job_document(path: str | Path) -> Any:
+    """The job file's YAML, unvalidated; unreadable files and bad YAML become a JobFileError."""
     try:
         text = Path(path).read_text()
     except OSError as err:
         raise JobFileError(f"cannot read job file {path}: {err.strerror}") from None
     try:
-        doc = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise JobFileError(f"job file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    return parse_job(doc)
+
+
+def load_job(path: str | Path) -> JobFile:
+    """Read and validate a job file; every problem becomes a JobFileError."""
+    return parse_job(read_job_document(path))
