@@ -31,7 +31,8 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/finetune-base.XXXXXX")"
 rootfs="$work/rootfs"
 cleanup() {
   # debootstrap mounts /proc and /sys in the rootfs; an interrupted run can leave them mounted.
-  findmnt -rno TARGET | grep "^$rootfs/" | sort -r | while read -r m; do umount -l "$m" || true; done
+  # (grep finds nothing on a clean run: `|| true`, or set -e/pipefail would end the trap before rm.)
+  { findmnt -rno TARGET | grep "^$rootfs/" || true; } | sort -r | while read -r m; do umount -l "$m" || true; done
   rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT

@@ -21,6 +21,9 @@ What runs (binaries from build.sh, versions in versions.env), each a child proce
     runner.py                node "finetune-runner" (label finetune.dev/runner=true): its pods really run as
                              local processes in bubblewrap sandboxes (see runner.py); kwok plays no pod
                              stage there. Fake nodes are tainted finetune.dev/fake-node:NoSchedule then.
+    containerd + kubelet     only with --kubelet-node / LocalCluster(kubelet_node=True): a real node
+                             "finetune-kubelet" running pods from locally built images (kubelet_node.py),
+                             tainted finetune.dev/kubelet-node:NoSchedule (opt-in per pod)
 
 Everything lives in one work directory: pki/, etcd data, logs/<component>.log, kubeconfig (admin,
 client-certificate auth, system:masters), state.json (PIDs). Use from Python:
@@ -53,6 +56,7 @@ BUILD_SH = HERE / "build.sh"
 VERSIONS_ENV = HERE / "versions.env"
 RUNNER_PY = HERE / "runner.py"
 DEPS_SH = HERE / "deps.sh"
+KUBELET_NODE_PY = HERE / "kubelet_node.py"
 
 # The node whose pods really run (hack/testenv/runner.py): kwok keeps it Ready, plays no pod stage on it.
 RUNNER_NODE = "finetune-runner"
@@ -231,6 +235,19 @@ class PKI:
         return key, pub
 
 
+def _load_kubelet_node():
+    """hack/testenv/kubelet_node.py (imported on demand: only kubelet-node clusters need it)."""
+    import importlib.util
+
+    name = "finetune_testenv_kubelet_node"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, KUBELET_NODE_PY)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
 def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
@@ -262,8 +279,14 @@ class LocalCluster:
         detach: bool = False,
         binaries: dict[str, Path] | None = None,
         runner: bool = True,
+        kubelet_node: bool = False,
+        kubelet_images: list[Path | str] | None = None,
     ):
-        """nodes: kwok-only (fake) nodes, default 0 with the runner, 1 without."""
+        """nodes: kwok-only (fake) nodes, default 0 with the runner, 1 without.
+
+        kubelet_node: also start containerd + the real kubelet as node `finetune-kubelet` (kubelet_node.py);
+        kubelet_images: image archives (`docker save` / OCI) imported into its containerd before it starts.
+        """
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="finetune-testenv-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logs = self.workdir / "logs"
@@ -282,6 +305,10 @@ class LocalCluster:
         self.server = ""
         self._ctx: ssl.SSLContext | None = None
         self.timings: dict[str, float] = {}
+        self.kubelet_node = kubelet_node
+        self.kubelet_images = [Path(p) for p in kubelet_images or []]
+        self.node_dir = self.workdir / "kubelet-node"
+        self._node = None  # kubelet_node.KubeletNode while it runs
 
     # ------------------------------------------------------------------ public
     def __enter__(self) -> LocalCluster:
@@ -310,6 +337,21 @@ class LocalCluster:
         state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         pids = dict(self.pids) or {k: int(v) for k, v in state.get("pids", {}).items()}
         exe = state.get("exe", {})
+        if state.get("kubelet_node"):  # pods, kubelet, containerd, shims, cgroups, bridge: its own order
+            node = self._node or _load_kubelet_node().KubeletNode(self.node_dir, state["kubelet_node"])
+            self.timings.update(
+                node.stop(
+                    pids.pop("kubelet", None),
+                    pids.pop("containerd", None),
+                    lambda pid, exe_path: self._is_ours(pid, exe_path),
+                    log,
+                )
+            )
+            self.pids.pop("kubelet", None)
+            self.pids.pop("containerd", None)
+            self.procs.pop("kubelet", None)
+            self.procs.pop("containerd", None)
+            self._node = None
         for name, pid in reversed(list(pids.items())):
             if not self._is_ours(pid, exe.get(name)):
                 continue
@@ -340,6 +382,8 @@ class LocalCluster:
             for name, (pid, _) in procs.get("procs", {}).items():
                 if self._is_ours(pid, procs.get("bwrap")):
                     stray[f"pod {name}"] = pid
+        if state.get("kubelet_node"):  # containers and runc shims of the kubelet node
+            stray.update(_load_kubelet_node().KubeletNode(self.node_dir, state["kubelet_node"]).stray())
         return stray
 
     def pod_log_tails(self, since: float = 0.0, max_bytes: int = 3000) -> list[tuple[str, str]]:
@@ -437,12 +481,14 @@ class LocalCluster:
         )
         self.state_file.write_text(json.dumps(state, indent=2))
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], argv: list[str] | None = None) -> subprocess.Popen:
+        """Start binaries[name] with `args`; or run `argv` (a wrapper that execs binaries[name])."""
         exe = self.binaries[name]
+        cmd = argv or [str(exe), *args]
         logf = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        (self.logs / f"{name}.cmdline").write_text(" \\\n  ".join([str(exe), *args]) + "\n")
+        (self.logs / f"{name}.cmdline").write_text(" \\\n  ".join(cmd) + "\n")
         proc = subprocess.Popen(
-            [str(exe), *args],
+            cmd,
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -508,8 +554,10 @@ class LocalCluster:
     def _start(self, deadline: float) -> None:
         t = time.monotonic()
         if self.binaries is None:
-            self.binaries = build_binaries(quiet=True, stream=False)
+            self.binaries = build_binaries(with_kubelet=self.kubelet_node, quiet=True, stream=False)
         self.binaries = dict(self.binaries)
+        if self.kubelet_node and "kubelet" not in self.binaries:
+            self.binaries.update(build_binaries(with_kubelet=True, quiet=True, stream=False))
         if self.runner:
             missing = [b for b in ("bwrap", "setpriv") if not shutil.which(b)]
             if missing:
@@ -520,6 +568,8 @@ class LocalCluster:
         w = self.workdir
         for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"):
             self.ports[name] = free_port()
+        if self.kubelet_node:
+            self.ports["kubelet"], self.ports["kubelet-healthz"] = free_port(), free_port()
         self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
 
         # PKI ----------------------------------------------------------------
@@ -537,6 +587,12 @@ class LocalCluster:
         kwok_crt, kwok_key = pki.make_cert("kwok", "kwok-controller", org="system:masters")
         if self.runner:  # the runner acts as the node's kubelet: Node authorizer + NodeRestriction apply
             node_crt, node_key = pki.make_cert("runner-node", f"system:node:{RUNNER_NODE}", org="system:nodes")
+        if self.kubelet_node:
+            knode = _load_kubelet_node()
+            # The API server's client certificate for kubelets (logs, exec, port-forward), as kubeadm makes it.
+            kubelet_client = pki.make_cert(
+                "apiserver-kubelet-client", "kube-apiserver-kubelet-client", org="system:masters"
+            )
         sa_key, sa_pub = pki.make_keypair("sa")
         # Front proxy (aggregation layer), as kubeadm sets it up: its own CA and client certificate.
         front_ca, _ = pki.make_ca("front-proxy-ca", "front-proxy-ca")
@@ -605,6 +661,16 @@ class LocalCluster:
                 "--endpoint-reconciler-type=none",
                 "--event-ttl=1h",
                 "--v=1",
+                *(
+                    [
+                        f"--kubelet-client-certificate={kubelet_client[0]}",
+                        f"--kubelet-client-key={kubelet_client[1]}",
+                        f"--kubelet-certificate-authority={pki.ca_crt}",
+                        "--kubelet-preferred-address-types=InternalIP,Hostname",
+                    ]
+                    if self.kubelet_node
+                    else []
+                ),
             ],
         )
         self._wait("kube-apiserver", lambda: self._https_ok(self.ports["apiserver"], "/readyz"), deadline)
@@ -702,6 +768,49 @@ class LocalCluster:
         self._wait("default service account", self._default_sa, deadline, interval=0.25)
         if self.runner:
             self._wait("runner", lambda: (self.runner_dir / "ready").exists(), deadline, interval=0.05)
+        if self.kubelet_node:
+            self._start_kubelet_node(knode, deadline)
+
+    def _start_kubelet_node(self, knode, deadline: float) -> None:
+        """containerd + kubelet as node finetune-kubelet (see kubelet_node.py); state kept in state.json."""
+        t = time.monotonic()
+        node = self._node = knode.KubeletNode(self.node_dir)
+        self._save_node_state()  # from here on, stop() knows what to tear down
+        try:
+            node.prepare(
+                server=self.server, apiserver_port=self.ports["apiserver"], pki=self.pki,
+                kubelet_port=self.ports["kubelet"], healthz_port=self.ports["kubelet-healthz"],
+                write_kubeconfig=write_kubeconfig,
+            )  # fmt: skip
+        finally:
+            self._save_node_state()
+        self.timings["kubelet node config"] = time.monotonic() - t
+        self.binaries["containerd"] = Path(knode.CONTAINERD)
+        proc = self._spawn("containerd", [], argv=node.containerd_argv())
+        node.wait_namespace(proc.pid)
+        self._save_node_state()
+        self._wait("containerd", node.containerd_ready, deadline, interval=0.1)
+        t = time.monotonic()
+        for name, secs in node.import_images(self.kubelet_images).items():
+            self.timings[f"import {name}"] = secs
+        self.timings["image import"] = time.monotonic() - t
+        t_kubelet = time.monotonic()
+        self._spawn("kubelet", [], argv=node.kubelet_argv(self.binaries["kubelet"], proc.pid))
+        self._wait("kubelet node ready", lambda: self._node_ready(knode.NODE_NAME), deadline, interval=0.2)
+        self.timings["kubelet start -> node Ready"] = time.monotonic() - t_kubelet
+
+    def _save_node_state(self) -> None:
+        state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        state["kubelet_node"] = self._node.state if self._node else {}
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+    def _node_ready(self, name: str) -> bool:
+        status, node = self.api("GET", f"/api/v1/nodes/{name}")
+        if status != 200:
+            return False
+        conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+        taints = [t["key"] for t in node.get("spec", {}).get("taints", [])]
+        return conds.get("Ready") == "True" and not any(k.startswith("node.kubernetes.io/") for k in taints)
 
     def _kwok_stages(self) -> Path:
         """kwok's stages, with the pod stages excluded from the runner's node (the runner owns those pods)."""
@@ -786,6 +895,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=None, help="kwok-only nodes (default: 0 with the runner, 1 without)")
     ap.add_argument("--no-runner", action="store_true", help="no pod runner: every node is a kwok fake")
     ap.add_argument("--with-kubelet", action="store_true", help="build: also build the kubelet")
+    ap.add_argument(
+        "--kubelet-node",
+        action="store_true",
+        help="also run a real node: containerd + kubelet (node finetune-kubelet, see kubelet_node.py)",
+    )
+    ap.add_argument(
+        "--kubelet-image",
+        action="append",
+        default=[],
+        type=Path,
+        help="image archive (docker save / OCI) to import into the kubelet node's containerd (repeatable)",
+    )
     args = ap.parse_args(argv)
 
     if args.command == "build":
@@ -812,7 +933,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if workdir.exists():
         shutil.rmtree(workdir)
-    c = LocalCluster(workdir, nodes=args.nodes, detach=args.command == "start", runner=not args.no_runner)
+    c = LocalCluster(
+        workdir,
+        nodes=args.nodes,
+        detach=args.command == "start",
+        runner=not args.no_runner,
+        kubelet_node=args.kubelet_node,
+        kubelet_images=args.kubelet_image,
+    )
     try:
         c.start()
     except ClusterError as e:

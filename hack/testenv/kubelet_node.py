@@ -1,0 +1,516 @@
+#!/usr/bin/env python3
+"""A real node for the local cluster: the upstream kubelet + Debian's containerd (CRI), pods from local images.
+
+Used by cluster.py (`LocalCluster(kubelet_node=True)`, `cluster.py start --kubelet-node`); Python standard
+library only. What it sets up, all of it under `<cluster workdir>/kubelet-node/` and torn down by PID:
+
+    containerd   /usr/bin/containerd (Debian 1.6), CRI plugin, runc through hack/images/runc-wrapper (drops
+                 CAP_SYS_RESOURCE and negative oom_score_adj, which this VM cannot grant), overlayfs,
+                 sandbox image = the locally built pause image (hack/images/build-pause.sh), CNI from Debian's
+                 containernetworking-plugins (bridge + host-local), everything in the work dir
+    kubelet      the kubelet built by hack/testenv/build.sh --with-kubelet, node `finetune-kubelet`, client
+                 certificate system:node:finetune-kubelet (Node authorizer + NodeRestriction), serving
+                 certificate from the cluster CA, webhook authn/authz (so `kubectl logs` works through the
+                 API server), cgroupfs driver under its own cgroup root, image GC off (no registry to pull
+                 evicted images back from), registered with the taint finetune.dev/kubelet-node:NoSchedule
+
+Both run in a private mount namespace (`unshare --mount --propagation private`; the kubelet joins it with
+`nsenter`): a tmpfs on /run (containerd's shim sockets under /run/containerd/s are a fixed path), the work
+dir's var-log/ on /var/log (the kubelet's /var/log/containers symlinks are a fixed path), and regular files
+bound over the sysctls the kubelet insists on changing (vm.overcommit_memory, kernel.panic,
+kernel.panic_on_oops, ...): it "changes" copies; the host's values are never touched. Pod mounts, rootfs
+overlays and network-namespace files live only in that namespace: when its last process is gone, so are
+they.
+
+Pod network: a bridge (`ftk-<id>`, 10.245.N.0/24) made here, CNI bridge + host-local on it, no masquerade
+(pods reach nothing outside the node). Pods reach the API server as in a real cluster, through the
+`kubernetes` Service (10.96.0.1:443): one DNAT rule in a chain of our own (what kube-proxy would do) sends it
+to the API server on 127.0.0.1 (`route_localnet` on our bridge only). No kube-proxy, no DNS: other Services
+are not reachable from these pods.
+
+Teardown (stop()): kubelet SIGTERM; every process in the node's cgroup tree (the pods) SIGKILL; containerd
+SIGTERM; every process left in the private mount namespace (the runc shims) SIGKILL; cgroups removed;
+iptables chain and bridge deleted. `stray()` lists what is left (cluster.stray_pids includes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+RUNC_WRAPPER = REPO / "hack" / "images" / "runc-wrapper"
+BUILD_PAUSE = REPO / "hack" / "images" / "build-pause.sh"
+
+NODE_NAME = "finetune-kubelet"
+NODE_LABEL = "finetune.dev/kubelet-node"
+# Pods land here only when they ask to (the rest of the e2e suite keeps running on the pod runner).
+NODE_TAINT = {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}
+SERVICE_IP = "10.96.0.1"  # the `kubernetes` Service (first address of cluster.py's service range)
+
+CONTAINERD = "/usr/bin/containerd"
+CNI_BIN_DIRS = ["/usr/lib/cni", "/opt/cni/bin"]
+# What the kubelet sets at start-up (pkg/kubelet/cm: setupKernelTunables); bound over with copies.
+KUBELET_SYSCTLS = [
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+]
+# The CNI bridge plugin turns on forwarding (isGateway); pods here only talk to the node itself.
+CNI_SYSCTLS = ["net/ipv4/ip_forward"]
+CGROUP_V1 = Path("/sys/fs/cgroup")
+
+
+class NodeError(RuntimeError):
+    pass
+
+
+def _run(*cmd: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise NodeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}")
+    return proc
+
+
+def cni_bin_dir() -> str | None:
+    for d in CNI_BIN_DIRS:
+        if all(Path(d, p).exists() for p in ("bridge", "host-local", "loopback")):
+            return d
+    return None
+
+
+def preflight() -> list[str]:
+    """What is missing on this host for a kubelet node (empty: nothing)."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("must run as root (containerd, kubelet, mounts, cgroups)")
+    if not Path(CONTAINERD).exists():
+        problems.append(f"{CONTAINERD} missing (Debian: apt-get install containerd)")
+    for tool in ("runc", "ctr", "unshare", "nsenter", "ip", "iptables", "gcc"):
+        if not shutil.which(tool):
+            problems.append(f"{tool} not found (Debian: runc, containerd, util-linux, iproute2, iptables, gcc)")
+    if not cni_bin_dir():
+        problems.append("CNI plugins missing (Debian: apt-get install containernetworking-plugins)")
+    if not (CGROUP_V1 / "memory").is_dir() and not (CGROUP_V1 / "cgroup.controllers").exists():
+        problems.append("no cgroup hierarchy at /sys/fs/cgroup")
+    return problems
+
+
+def cgroup_v2() -> bool:
+    return (CGROUP_V1 / "cgroup.controllers").exists()
+
+
+def mnt_ns(pid: int | str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/mnt")
+
+
+def _procs_in_ns(ns: str) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(p / "ns" / "mnt") == ns:
+                    out.append(int(p.name))
+    return out
+
+
+def _cgroup_dirs(root: str) -> list[Path]:
+    """Every directory of the cgroup tree `root` in every hierarchy, deepest first."""
+    bases = [CGROUP_V1] if cgroup_v2() else [d for d in CGROUP_V1.iterdir() if d.is_dir() and not d.is_symlink()]
+    out = []
+    for base in bases:
+        top = base / root.strip("/")
+        if top.is_dir():
+            out += sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+            out.append(top)
+    return out
+
+
+def _procs_in_cgroup(root: str) -> list[int]:
+    pids: set[int] = set()
+    for d in _cgroup_dirs(root):
+        with contextlib.suppress(OSError):
+            pids.update(int(x) for x in (d / "cgroup.procs").read_text().split())
+    return sorted(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return ") Z " not in stat
+
+
+def _kill_all(pids_fn, sig: int, wait: float) -> list[int]:
+    """Send `sig` to every PID `pids_fn()` returns until none is left or `wait` s passed; return the rest."""
+    deadline = time.monotonic() + wait
+    while True:
+        pids = [p for p in pids_fn() if p != os.getpid() and _alive(p)]
+        if not pids or time.monotonic() >= deadline:
+            return pids
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, sig)
+        time.sleep(0.1)
+
+
+class KubeletNode:
+    """containerd + kubelet for LocalCluster; `spawn(name, argv, exe)` is the cluster's child launcher."""
+
+    def __init__(self, root: Path, state: dict | None = None):
+        self.root = root
+        self.state: dict = state or {}
+
+    # ------------------------------------------------------------------ set-up
+    def prepare(self, *, server: str, apiserver_port: int, pki, kubelet_port: int, healthz_port: int,
+                write_kubeconfig) -> None:  # fmt: skip
+        """Certificates (from cluster.py's PKI), config files, the bridge, iptables chain and cgroup root.
+
+        The node's address is the bridge's gateway address: the kubelet refuses a loopback node IP, and the
+        API server reaches the kubelet (logs) there.
+        """
+        problems = preflight()
+        if problems:
+            raise NodeError("kubelet node: " + "; ".join(problems))
+        r = self.root
+        for d in ("containerd", "cni/net.d", "cni/ipam", "kubelet", "var-log", "sysctl"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        ident = hashlib.sha256(str(r).encode()).hexdigest()[:6]
+        subnet_n = self._free_subnet()
+        st = self.state
+        st.update(
+            {
+                "root": str(r),
+                "id": ident,
+                "bridge": f"ftk-{ident}",
+                "chain": f"FTK-{ident.upper()}",
+                "subnet": f"10.245.{subnet_n}.0/24",
+                "gateway": f"10.245.{subnet_n}.1",
+                "cgroup_root": f"/finetune-kubelet-{ident}",
+                "socket": str(r / "containerd" / "containerd.sock"),
+                "kubelet_port": kubelet_port,
+                "healthz_port": healthz_port,
+                "apiserver_port": apiserver_port,
+                "host_sysctls": {k: Path("/proc/sys", k).read_text().strip() for k in KUBELET_SYSCTLS + CNI_SYSCTLS},
+            }
+        )
+        pause = self._pause_image()
+        st["pause_image"], st["pause_tar"] = pause
+        # Client certificate: the Node authorizer and NodeRestriction treat it as this node's kubelet.
+        node_crt, node_key = pki.make_cert("kubelet-node", f"system:node:{NODE_NAME}", org="system:nodes")
+        serving = pki.make_cert("kubelet-serving", NODE_NAME, server_names=[st["gateway"], "127.0.0.1", NODE_NAME])
+        ca = pki.ca_crt
+        self._containerd_config()
+        self._cni_config()
+        write_kubeconfig(r / "kubelet.kubeconfig", server, ca, node_crt, node_key, f"system:node:{NODE_NAME}")
+        self._kubelet_config(ca, *serving)
+        self._network()
+        self._cgroup_root()
+
+    def containerd_argv(self) -> list[str]:
+        """containerd in a new private mount namespace, after the binds described in the module doc."""
+        r = self.root
+        binds = [
+            "mount -t tmpfs -o mode=0755 tmpfs /run",
+            "mkdir -p /run/containerd",
+            f"mount --bind {r}/var-log /var/log",
+        ]
+        for k in KUBELET_SYSCTLS + CNI_SYSCTLS:
+            copy = r / "sysctl" / k.replace("/", ".")
+            copy.write_text(self.state["host_sysctls"][k] + "\n")
+            binds.append(f"mount --bind {copy} /proc/sys/{k}")
+        script = " && ".join(binds) + f" && exec {CONTAINERD} --config {r / 'containerd' / 'config.toml'}"
+        return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-ec", script]
+
+    def wait_namespace(self, pid: int, timeout: float = 10.0) -> str:
+        """The private mount namespace of containerd (`pid`), once unshare has made it."""
+        host = mnt_ns("self")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                ns = mnt_ns(pid)
+                if ns != host:
+                    self.state["mnt_ns"] = ns
+                    return ns
+            time.sleep(0.01)
+        raise NodeError("containerd did not enter its own mount namespace")
+
+    def containerd_ready(self) -> bool:
+        sock = self.state["socket"]
+        return Path(sock).exists() and _run("ctr", "--address", sock, "version", check=False, timeout=5).returncode == 0
+
+    def import_images(self, tars: list[Path]) -> dict[str, float]:
+        """`ctr -n k8s.io images import` the pause image and `tars` (docker save / OCI archives)."""
+        times = {}
+        for tar in [Path(self.state["pause_tar"]), *tars]:
+            t = time.monotonic()
+            _run("ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "import", str(tar), timeout=900)
+            times[tar.name] = time.monotonic() - t
+        return times
+
+    def images(self) -> list[str]:
+        out = _run("ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "ls", "-q").stdout
+        return [line for line in out.split() if not line.startswith("sha256:")]
+
+    def kubelet_argv(self, kubelet: Path, containerd_pid: int) -> list[str]:
+        r = self.root
+        return [
+            "nsenter", f"--mount=/proc/{containerd_pid}/ns/mnt", "--",
+            str(kubelet),
+            f"--config={r / 'kubelet' / 'config.json'}",
+            f"--kubeconfig={r / 'kubelet.kubeconfig'}",
+            f"--root-dir={r / 'kubelet' / 'root'}",
+            f"--hostname-override={NODE_NAME}",
+            f"--node-ip={self.state['gateway']}",
+            f"--node-labels={NODE_LABEL}=true",
+            "--v=2",
+        ]  # fmt: skip
+
+    # ------------------------------------------------------------------ teardown
+    def stop(self, kubelet_pid: int | None, containerd_pid: int | None, is_ours, log) -> dict[str, float]:
+        """Stop everything stop() in the module doc lists; `is_ours(pid, exe)` guards against reused PIDs."""
+        st, times = self.state, {}
+        t = time.monotonic()
+        if kubelet_pid and is_ours(kubelet_pid, None):
+            os.kill(kubelet_pid, signal.SIGTERM)
+            if _kill_all(lambda: [kubelet_pid], 0, 10.0):
+                log(f"kubelet (pid {kubelet_pid}) still running 10 s after SIGTERM; killing it")
+                _kill_all(lambda: [kubelet_pid], signal.SIGKILL, 5.0)
+        times["stop kubelet"] = time.monotonic() - t
+        t = time.monotonic()
+        cg = st.get("cgroup_root")
+        if cg:
+            left = _kill_all(lambda: _procs_in_cgroup(cg), signal.SIGKILL, 10.0)
+            if left:
+                log(f"pod processes still alive after SIGKILL: {left}")
+        times["stop pods"] = time.monotonic() - t
+        t = time.monotonic()
+        if containerd_pid and is_ours(containerd_pid, CONTAINERD):
+            os.kill(containerd_pid, signal.SIGTERM)
+            if _kill_all(lambda: [containerd_pid], 0, 10.0):
+                _kill_all(lambda: [containerd_pid], signal.SIGKILL, 5.0)
+        ns = st.get("mnt_ns")
+        if ns and ns != mnt_ns("self"):
+            left = _kill_all(lambda: _procs_in_ns(ns), signal.SIGKILL, 10.0)
+            if left:
+                log(f"processes still in the node's mount namespace: {left}")
+        times["stop containerd"] = time.monotonic() - t
+        self._cleanup_host(log)
+        return times
+
+    def stray(self) -> dict[str, int]:
+        out = {}
+        ns = self.state.get("mnt_ns")
+        if ns and ns != mnt_ns("self"):
+            out.update({f"kubelet-node ns pid {p}": p for p in _procs_in_ns(ns) if _alive(p)})
+        cg = self.state.get("cgroup_root")
+        if cg:
+            out.update({f"kubelet-node pod pid {p}": p for p in _procs_in_cgroup(cg) if _alive(p)})
+        return out
+
+    def _cleanup_host(self, log) -> None:
+        st = self.state
+        cg = st.get("cgroup_root")
+        if cg:
+            for d in _cgroup_dirs(cg):
+                try:
+                    d.rmdir()
+                except OSError as e:
+                    log(f"cannot remove cgroup {d}: {e}")
+        chain, bridge = st.get("chain"), st.get("bridge")
+        if chain:
+            rule = ["-t", "nat", "-D", "PREROUTING", "-i", bridge, "-j", chain]
+            while _run("iptables", "-w", *rule, check=False).returncode == 0:
+                pass
+            _run("iptables", "-w", "-t", "nat", "-F", chain, check=False)
+            _run("iptables", "-w", "-t", "nat", "-X", chain, check=False)
+        if bridge and Path(f"/sys/class/net/{bridge}").exists():
+            _run("ip", "link", "del", bridge, check=False)
+        # The host's sysctls were never exposed to the kubelet; check they are what they were.
+        for k, v in st.get("host_sysctls", {}).items():
+            with contextlib.suppress(OSError):
+                now = Path("/proc/sys", k).read_text().strip()
+                if now != v:
+                    log(f"sysctl {k} changed to {now} while the node ran; restoring {v}")
+                    Path("/proc/sys", k).write_text(v + "\n")
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _free_subnet() -> int:
+        used = (
+            _run("ip", "-4", "-o", "addr", "show", check=False).stdout + _run("ip", "-4", "route", check=False).stdout
+        )
+        for n in range(10, 250):
+            if f"10.245.{n}." not in used:
+                return n
+        raise NodeError("no free 10.245.N.0/24 subnet for the pod bridge")
+
+    @staticmethod
+    def _pause_image() -> tuple[str, str]:
+        proc = _run("bash", str(BUILD_PAUSE), timeout=300)
+        kv = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+        return kv["pause-image"], kv["pause-tar"]
+
+    def _containerd_config(self) -> None:
+        r, st = self.root / "containerd", self.state
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        toml = f"""version = 2
+root = "{r / "root"}"
+state = "{r / "state"}"
+oom_score = 0
+# no /opt/containerd (the opt plugin), no snapshotters this host cannot use
+disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.tracing.processor.v1.otlp"]
+
+[grpc]
+  address = "{st["socket"]}"
+[ttrpc]
+  address = "{st["socket"]}.ttrpc"
+[debug]
+  address = ""
+  level = "info"
+[metrics]
+  address = ""
+
+[{cri}]
+  sandbox_image = "{st["pause_image"]}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  enable_unprivileged_ports = true
+  enable_unprivileged_icmp = true
+  [{cri}.containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [{cri}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [{cri}.containerd.runtimes.runc.options]
+        BinaryName = "{RUNC_WRAPPER}"
+        Root = "{r / "runc"}"
+        SystemdCgroup = false
+  [{cri}.cni]
+    bin_dir = "{cni_bin_dir()}"
+    conf_dir = "{self.root / "cni" / "net.d"}"
+    max_conf_num = 1
+"""
+        (r / "config.toml").write_text(toml)
+
+    def _cni_config(self) -> None:
+        st = self.state
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": "finetune-kubelet",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": st["bridge"],
+                    "isGateway": True,
+                    "ipMasq": False,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": st["subnet"], "gateway": st["gateway"]}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": str(self.root / "cni" / "ipam"),
+                    },
+                }
+            ],
+        }
+        (self.root / "cni" / "net.d" / "10-finetune.conflist").write_text(json.dumps(conf, indent=2))
+
+    def _kubelet_config(self, ca: Path, serving_crt: Path, serving_key: Path) -> None:
+        st = self.state
+        cfg = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": st["gateway"],
+            "port": st["kubelet_port"],
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": st["healthz_port"],
+            "tlsCertFile": str(serving_crt),
+            "tlsPrivateKeyFile": str(serving_key),
+            "rotateCertificates": False,
+            "serverTLSBootstrap": False,
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(ca)},
+            },
+            "authorization": {"mode": "Webhook"},
+            "containerRuntimeEndpoint": f"unix://{st['socket']}",
+            "cgroupDriver": "cgroupfs",
+            "cgroupRoot": st["cgroup_root"],
+            "cgroupsPerQOS": True,
+            "enforceNodeAllocatable": ["pods"],
+            "failSwapOn": False,
+            # cgroup v1 hosts: kubelets from 1.35 refuse to start on v1 without this.
+            **({} if cgroup_v2() else {"failCgroupV1": False}),
+            "oomScoreAdj": 0,  # -999 needs CAP_SYS_RESOURCE, which this VM lacks
+            # Nothing can be pulled again here: never garbage-collect images, evict only when nearly full.
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "2%", "imagefs.available": "2%"},
+            "registerNode": True,
+            "registerWithTaints": [NODE_TAINT],
+            "clusterDomain": "cluster.local",
+            "resolvConf": "/etc/resolv.conf",
+            "syncFrequency": "10s",
+            "fileCheckFrequency": "20s",
+            "nodeStatusUpdateFrequency": "5s",
+            "nodeStatusReportFrequency": "30s",
+            "serializeImagePulls": False,
+            "maxPods": 110,
+            "containerLogMaxSize": "10Mi",
+            "containerLogMaxFiles": 2,
+            "shutdownGracePeriod": "0s",
+        }
+        (self.root / "kubelet" / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    def _network(self) -> None:
+        st = self.state
+        br, gw, chain = st["bridge"], st["gateway"], st["chain"]
+        if not Path(f"/sys/class/net/{br}").exists():
+            _run("ip", "link", "add", br, "type", "bridge")
+        _run("ip", "addr", "replace", f"{gw}/24", "dev", br)
+        _run("ip", "link", "set", br, "up")
+        # Let pods reach the API server on 127.0.0.1 through a DNAT on this bridge only.
+        Path(f"/proc/sys/net/ipv4/conf/{br}/route_localnet").write_text("1\n")
+        _run("iptables", "-w", "-t", "nat", "-N", chain, check=False)
+        _run("iptables", "-w", "-t", "nat", "-F", chain)
+        _run(
+            "iptables", "-w", "-t", "nat", "-A", chain, "-d", f"{SERVICE_IP}/32", "-p", "tcp", "--dport", "443",
+            "-j", "DNAT", "--to-destination", f"127.0.0.1:{st['apiserver_port']}",
+        )  # fmt: skip
+        _run("iptables", "-w", "-t", "nat", "-I", "PREROUTING", "-i", br, "-j", chain)
+
+    def _cgroup_root(self) -> None:
+        """Create the kubelet's cgroup root in every v1 hierarchy (the kubelet checks it exists)."""
+        root = self.state["cgroup_root"].strip("/")
+        if cgroup_v2():
+            (CGROUP_V1 / root).mkdir(exist_ok=True)
+            return
+        for base in CGROUP_V1.iterdir():
+            if not base.is_dir() or base.is_symlink() or base.name == "unified":
+                continue
+            d = base / root
+            d.mkdir(exist_ok=True)
+            if base.name.startswith("cpuset") or (base / "cpuset.cpus").exists():
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    if (d / f).exists() and not (d / f).read_text().strip():
+                        (d / f).write_text((base / f).read_text())
