@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 TESTENV := hack/testenv
 
-.PHONY: demo test venv lint fmt crd deploy chart-test images image-test unit integration e2e testenv cluster-up kind-e2e bench clean
+.PHONY: demo test venv lint fmt crd deploy chart-test images image-test unit integration e2e e2e-kubelet testenv cluster-up kind-e2e bench clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,18 @@ integration: $(STAMP)
 # (real apiserver, controller-manager, scheduler + a test kubelet), started and stopped by the fixture.
 e2e: $(STAMP)
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# Opt-in, not part of `make test`: the local control plane plus a REAL node (Debian containerd + the upstream
+# kubelet, hack/testenv/kubelet_node.py) running pods from locally built images. Needs root, containerd, runc,
+# containernetworking-plugins, debootstrap + docker.io (image build). Cold: kubelet build + base and operator
+# images; warm: ~1 min. See hack/testenv/README.md "Real kubelet node". KUBELET_IMAGES=operator trainer adds
+# the 5.9 GB trainer image.
+KUBELET_IMAGES ?= operator
+e2e-kubelet: $(STAMP)
+	$(TESTENV)/build.sh --with-kubelet
+	hack/images/build-pause.sh >/dev/null
+	$(TESTENV)/kubelet-images.sh $(KUBELET_IMAGES)
+	FINETUNE_E2E_NODE=kubelet FINETUNE_E2E_LOCAL=1 $(PY) -m pytest tests/e2e/test_kubelet_node.py $(PYTEST_ARGS)
 
 # Build/cache the local control plane binaries (cold ~20 min on 2 cores, warm < 1 s).
 testenv:

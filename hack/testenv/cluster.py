@@ -235,6 +235,20 @@ class PKI:
         return key, pub
 
 
+def kubelet_image_dir() -> Path:
+    """Where `make e2e-kubelet` leaves `docker save` archives for the kubelet node (hack/testenv/kubelet-images.sh)."""
+    cache = os.environ.get("FINETUNE_TESTENV_CACHE") or Path.home() / ".cache" / "finetune-operator" / "testenv"
+    return Path(cache) / "images"
+
+
+def default_kubelet_images() -> list[Path]:
+    env = os.environ.get("FINETUNE_KUBELET_IMAGES")
+    if env is not None:
+        return [Path(p) for p in env.split(os.pathsep) if p]
+    d = kubelet_image_dir()
+    return sorted(d.glob("*.tar")) if d.is_dir() else []
+
+
 def _load_kubelet_node():
     """hack/testenv/kubelet_node.py (imported on demand: only kubelet-node clusters need it)."""
     import importlib.util
@@ -285,7 +299,8 @@ class LocalCluster:
         """nodes: kwok-only (fake) nodes, default 0 with the runner, 1 without.
 
         kubelet_node: also start containerd + the real kubelet as node `finetune-kubelet` (kubelet_node.py);
-        kubelet_images: image archives (`docker save` / OCI) imported into its containerd before it starts.
+        kubelet_images: image archives (`docker save` / OCI) imported into its containerd before it starts;
+        None: $FINETUNE_KUBELET_IMAGES (os.pathsep-separated) or else every *.tar in kubelet_image_dir().
         """
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="finetune-testenv-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -306,7 +321,7 @@ class LocalCluster:
         self._ctx: ssl.SSLContext | None = None
         self.timings: dict[str, float] = {}
         self.kubelet_node = kubelet_node
-        self.kubelet_images = [Path(p) for p in kubelet_images or []]
+        self.kubelet_images = default_kubelet_images() if kubelet_images is None else [Path(p) for p in kubelet_images]
         self.node_dir = self.workdir / "kubelet-node"
         self._node = None  # kubelet_node.KubeletNode while it runs
 
@@ -794,6 +809,7 @@ class LocalCluster:
         for name, secs in node.import_images(self.kubelet_images).items():
             self.timings[f"import {name}"] = secs
         self.timings["image import"] = time.monotonic() - t
+        deadline += self.timings["image import"]  # bounded by its own timeout; not part of the start budget
         t_kubelet = time.monotonic()
         self._spawn("kubelet", [], argv=node.kubelet_argv(self.binaries["kubelet"], proc.pid))
         self._wait("kubelet node ready", lambda: self._node_ready(knode.NODE_NAME), deadline, interval=0.2)
@@ -903,9 +919,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--kubelet-image",
         action="append",
-        default=[],
+        default=None,
         type=Path,
-        help="image archive (docker save / OCI) to import into the kubelet node's containerd (repeatable)",
+        help="image archive (docker save / OCI) to import into the kubelet node's containerd (repeatable; "
+        "default: $FINETUNE_KUBELET_IMAGES or every *.tar in ~/.cache/finetune-operator/testenv/images)",
     )
     args = ap.parse_args(argv)
 

@@ -10,6 +10,11 @@ Which cluster:
     ``hack/testenv/build.sh``; the cluster is started once per session and stopped by PID at the end
     (a leftover process — a component or a pod's process — fails the session).
 
+``FINETUNE_E2E_NODE=kubelet`` (``make e2e-kubelet``) adds a real node to the local control plane: Debian's
+containerd + the upstream kubelet, pods from locally built images (``hack/testenv/kubelet_node.py``; the
+image archives in ``~/.cache/finetune-operator/testenv/images/`` are imported). Opt-in: it needs root,
+containerd, runc and the CNI plugins; ``tests/e2e/test_kubelet_node.py`` skips without it.
+
 A failed e2e test gets the tails of the pod logs written during it (``<logs>/pods/<ns>_<pod>_<container>.log``)
 as a report section.
 
@@ -66,6 +71,11 @@ def _is_e2e(item) -> bool:
     return E2E_DIR in Path(str(item.fspath)).parents
 
 
+def _kubelet_node() -> bool:
+    """FINETUNE_E2E_NODE=kubelet: the local cluster also runs a real kubelet + containerd node."""
+    return os.environ.get("FINETUNE_E2E_NODE", "").strip().lower() == "kubelet"
+
+
 def _given_kubeconfig() -> str | None:
     return os.environ.get("FINETUNE_E2E_KUBECONFIG") or (
         None if _truthy("FINETUNE_E2E_LOCAL") else os.environ.get("KUBECONFIG")
@@ -92,7 +102,7 @@ def pytest_collection_finish(session):
     ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
     with ctx:  # a cold build shows its progress live
         try:
-            config.stash[_build_key] = testenv.build_binaries(quiet=True, stream=True)
+            config.stash[_build_key] = testenv.build_binaries(with_kubelet=_kubelet_node(), quiet=True, stream=True)
         except testenv.ClusterError as e:
             config.stash[_build_key] = e
             return
@@ -165,7 +175,7 @@ def local_cluster(request) -> Iterator[object | None]:
         problem = _install_deps(testenv)
         if problem:
             _unavailable(problem)
-    cluster = testenv.LocalCluster(binaries=binaries)
+    cluster = testenv.LocalCluster(binaries=binaries, kubelet_node=_kubelet_node())
     try:
         cluster.start()
     except testenv.ClusterError as e:
