@@ -177,10 +177,21 @@ def cluster_problems(spec: FineTuneJobSpec, settings: Settings) -> list[str]:
         mounts.append(mount)
         if vol.host_path is not None and not settings.allow_host_path:
             problems.append(f"{where}.hostPath: hostPath volumes are disabled by the operator's settings")
+    return problems + _output_problems(spec)
+
+
+def _output_problems(spec: FineTuneJobSpec) -> list[str]:
+    """The output path becomes a mount of its own unless a user volume holds it."""
+    out = spec.output.path
+    if not out.startswith("/"):
+        return [f"spec.output.path: {out!r} must be absolute in a cluster (relative paths are for local runs)"]
     holder = output_volume(spec)
     if holder is not None and holder.read_only:
-        problems.append(f"spec.output.path: {spec.output.path} is on read-only volume {holder.name!r}")
-    return problems
+        return [f"spec.output.path: {out} is on read-only volume {holder.name!r}"]
+    mount = posixpath.normpath(out)
+    if holder is None and any(_within(mount, r) or _within(r, mount) for r in RESERVED_MOUNTS):
+        return [f"spec.output.path: {out} overlaps {', '.join(RESERVED_MOUNTS)}"]
+    return []
 
 
 def _within(path: str, parent: str) -> bool:

@@ -33,6 +33,28 @@ CRD_NAME = f"{PLURAL}.{API_GROUP}"
 
 Schema = dict[str, Any]
 
+# The model's path rule (spec._no_parent_segments): no '..' segment between either kind of slash and no
+# control characters. Raw strings: Python keeps the backslashes, the CEL literal halves them for RE2.
+PARENT_SEGMENT = r"(^|[/\\\\])\\.\\.([/\\\\]|$)"
+CONTROL_CHARACTER = r"[\\x00-\\x1f]"
+
+
+def _path_rules(field: str, where: str, optional: bool = True) -> list[Schema]:
+    guard = f"!has(self.{field}) || " if optional else ""
+    return [
+        {
+            "rule": f"{guard}!self.{field}.matches('{PARENT_SEGMENT}')",
+            "message": f"{where} must not contain '..' segments",
+            "fieldPath": f".{field}",
+        },
+        {
+            "rule": f"{guard}!self.{field}.matches('{CONTROL_CHARACTER}')",
+            "message": f"{where} must not contain control characters",
+            "fieldPath": f".{field}",
+        },
+    ]
+
+
 # Cross-field rules the model enforces in Python, keyed by the schema path (dotted,
 # `[]` for list items) they attach to. Messages name the field, as the model's do.
 CEL_RULES: dict[str, list[Schema]] = {
@@ -42,22 +64,14 @@ CEL_RULES: dict[str, list[Schema]] = {
             "message": "spec.model.weights.path is required when weights.source is 'file'",
             "fieldPath": ".path",
         },
-        {
-            "rule": "!has(self.path) || !self.path.matches('(^|/)\\\\.\\\\.(/|$)')",
-            "message": "spec.model.weights.path must not contain '..' segments",
-            "fieldPath": ".path",
-        },
+        *_path_rules("path", "spec.model.weights.path"),
     ],
     "dataset": [
         {
             "rule": "has(self.builtin) != has(self.path)",
             "message": "spec.dataset: set exactly one of dataset.builtin or dataset.path",
         },
-        {
-            "rule": "!has(self.path) || !self.path.matches('(^|/)\\\\.\\\\.(/|$)')",
-            "message": "spec.dataset.path must not contain '..' segments",
-            "fieldPath": ".path",
-        },
+        *_path_rules("path", "spec.dataset.path"),
     ],
     "freeze": [
         {
@@ -67,11 +81,7 @@ CEL_RULES: dict[str, list[Schema]] = {
         },
     ],
     "output": [
-        {
-            "rule": "!has(self.path) || !self.path.matches('(^|/)\\\\.\\\\.(/|$)')",
-            "message": "spec.output.path must not contain '..' segments",
-            "fieldPath": ".path",
-        },
+        *_path_rules("path", "spec.output.path"),
     ],
     "volumes[]": [
         {
@@ -98,11 +108,7 @@ CEL_RULES: dict[str, list[Schema]] = {
             "message": "spec.volumes[].mountPath must be an absolute path",
             "fieldPath": ".mountPath",
         },
-        {
-            "rule": "!self.mountPath.matches('(^|/)\\\\.\\\\.(/|$)')",
-            "message": "spec.volumes[].mountPath must not contain '..' segments",
-            "fieldPath": ".mountPath",
-        },
+        *_path_rules("mountPath", "spec.volumes[].mountPath", optional=False),
     ],
 }
 
@@ -267,6 +273,7 @@ PRINTER_COLUMNS: list[Schema] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
+    {"name": "Resumes", "type": "integer", "jsonPath": ".status.resumeCount", "priority": 1},
 ]
 
 

@@ -167,10 +167,9 @@ def progress_service(rt: Runtime) -> ProgressService:
     async def lookup(namespace: str, name: str) -> str | None:
         return await asyncio.get_running_loop().run_in_executor(None, token_digest_for, rt, namespace, name)
 
-    async def write(namespace: str, name: str, progress: dict[str, Any]) -> None:
+    async def write(namespace: str, name: str, fields: dict[str, Any]) -> None:
         assert rt.kube is not None
         path = ftj_path(namespace, name, "status")
-        await asyncio.get_running_loop().run_in_executor(
-            None, rt.kube.merge_patch, path, {"status": {"progress": progress}})
+        await asyncio.get_running_loop().run_in_executor(None, rt.kube.merge_patch, path, {"status": fields})
 
     return ProgressService(rt.metrics, lookup, write)

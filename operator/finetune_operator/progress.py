@@ -22,6 +22,17 @@ TOKEN_BYTES = 32
 TOKEN_KEY = "token"  # key inside the per-job Secret
 
 
+class CheckpointNote(BaseModel):
+    """The trainer's latest checkpoint, as status.lastCheckpoint shows it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    epoch: int = Field(..., ge=0, le=1_000_000)
+    step: int | None = Field(None, ge=0, le=100_000_000)
+    time: str | None = Field(None, max_length=40, pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+    file: str | None = Field(None, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
+
+
 class ProgressPush(BaseModel):
     """What a trainer may send. Unknown keys are ignored (newer trainers), wrong types are not."""
 
@@ -37,6 +48,8 @@ class ProgressPush(BaseModel):
     valAccuracy: float | None = Field(None, ge=0, le=1)
     bestValAccuracy: float | None = Field(None, ge=0, le=1)
     samplesPerSecond: float | None = Field(None, ge=0)
+    resumeCount: int | None = Field(None, ge=0, le=1_000_000)
+    lastCheckpoint: CheckpointNote | None = None
 
     @field_validator("trainLoss", "valLoss", "samplesPerSecond")
     @classmethod
@@ -55,6 +68,16 @@ def parse_push(raw: bytes) -> ProgressPush:
     except ValidationError as err:
         first = err.errors(include_url=False)[0]
         raise ValueError(f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from None
+
+
+def status_fields(push: ProgressPush, progress: dict[str, Any]) -> dict[str, Any]:
+    """The status fields one push sets: progress, and the resume bookkeeping when the trainer sent it."""
+    out: dict[str, Any] = {"progress": progress}
+    if push.resumeCount is not None:
+        out["resumeCount"] = push.resumeCount
+    if push.lastCheckpoint is not None:
+        out["lastCheckpoint"] = push.lastCheckpoint.model_dump()  # nulls: a merge patch drops an old step
+    return out
 
 
 def new_token() -> str:
@@ -115,6 +138,7 @@ class JobProgress:
     first_fraction: float = 0.0
     best: float | None = None
     last: dict[str, Any] = field(default_factory=dict)
+    checkpoint: CheckpointNote | None = None
 
     def update(self, p: ProgressPush, now: float) -> dict[str, Any]:
         """The new status.progress for this push (numbers, not strings, except the column texts)."""

@@ -24,6 +24,7 @@ from finetune_operator.progress import (
     TokenBucket,
     bearer,
     parse_push,
+    status_fields,
     token_matches,
 )
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # (namespace, name) -> sha256 digest of the job's token, or None when there is no such job.
 DigestLookup = Callable[[str, str], Awaitable[str | None]]
-# (namespace, name, status.progress) -> None: writes status.progress of that FineTuneJob.
+# (namespace, name, {"progress": ..., "resumeCount": ..., ...}) -> None: merges them into that job's status.
 ProgressWriter = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 
 
@@ -68,31 +69,34 @@ class ProgressService:
             push = parse_push(raw)
         except ValueError as err:
             return self._reject(400 if "larger" not in str(err) else 413, "bad_body")
-        progress = self.jobs.setdefault(key, JobProgress()).update(push, self.clock())
+        state = self.jobs.setdefault(key, JobProgress())
+        new_checkpoint = push.lastCheckpoint is not None and push.lastCheckpoint != state.checkpoint
+        state.checkpoint = push.lastCheckpoint or state.checkpoint
+        progress = state.update(push, self.clock())
         self.metrics.observe_progress(ns, name, progress)
         self.metrics.pushes.labels("accepted", "").inc()
-        await self._maybe_write(key, progress, urgent=push.event != "step")
+        await self._maybe_write(key, status_fields(push, progress), urgent=push.event != "step" or new_checkpoint)
         return web.Response(status=204)
 
-    async def _maybe_write(self, key: tuple[str, str], progress: dict[str, Any], urgent: bool) -> None:
-        """Status writes are throttled per job; epoch ends and the final push always go through."""
+    async def _maybe_write(self, key: tuple[str, str], fields: dict[str, Any], urgent: bool) -> None:
+        """Status writes are throttled per job; epoch ends, checkpoints and the final push always go through."""
         now = self.clock()
         if not urgent and now - self.last_write.get(key, 0.0) < self.min_write_interval:
-            self.pending[key] = progress
+            self.pending[key] = fields
             return
         self.pending.pop(key, None)
         self.last_write[key] = now
         try:
-            await self.write(*key, progress)
+            await self.write(*key, fields)
         except Exception as err:  # the push was valid; a failed write must not fail the trainer
             log.warning("writing progress of %s/%s failed: %s", *key, err)
 
     async def flush_pending(self) -> None:
         """Write throttled updates whose interval has passed (called periodically)."""
         now = self.clock()
-        for key, progress in list(self.pending.items()):
+        for key, fields in list(self.pending.items()):
             if now - self.last_write.get(key, 0.0) >= self.min_write_interval:
-                await self._maybe_write(key, progress, urgent=True)
+                await self._maybe_write(key, fields, urgent=True)
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)

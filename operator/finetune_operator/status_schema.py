@@ -85,6 +85,17 @@ OUTPUT_SCHEMA: dict[str, Any] = {
     },
 }
 
+CHECKPOINT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "the latest checkpoint the trainer saved (a restarted pod resumes from it)",
+    "properties": {
+        "epoch": _int("the epoch it belongs to (1-based)"),
+        "step": _int("set when saved mid-epoch (on SIGTERM): the steps of that epoch it covers"),
+        "time": _s("when it was written", **_TIME),
+        "file": _s("file name under <output>/checkpoints"),
+    },
+}
+
 STATUS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -103,7 +114,7 @@ STATUS_SCHEMA: dict[str, Any] = {
         "jobName": _s("the batch/v1 Job running the trainer"),
         "attempts": _int("trainer pods started so far (failed + active + succeeded)"),
         "resumeCount": _int("times training resumed from a checkpoint"),
-        "lastCheckpoint": _s("the latest checkpoint file the trainer reported"),
+        "lastCheckpoint": CHECKPOINT_SCHEMA,
         "progress": PROGRESS_SCHEMA,
         "output": OUTPUT_SCHEMA,
     },

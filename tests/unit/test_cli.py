@@ -132,3 +132,42 @@ def test_termination_message_summarises_the_result(tmp_path, capsys, monkeypatch
     write_job(tmp_path / "bad.yaml", {"dataset": {"builtin": "digits"}, "bogus": 1})
     assert run(["-f", tmp_path / "bad.yaml"], capsys)[0] == EXIT_INVALID_JOB
     assert log.read_text().startswith("JobFileError: spec.bogus")
+
+
+def test_sigterm_in_a_real_process_checkpoints_mid_epoch_exits_75_and_the_rerun_resumes(tmp_path):
+    """The pod contract: SIGTERM → finish the step, save, exit 75 (preempted) with the reason in the
+    termination log; the next run of the same command resumes from that checkpoint and finishes."""
+    import os
+    import signal
+    import time
+
+    from finetune_trainer.errors import EXIT_PREEMPTED
+
+    path = job(tmp_path, dataset={"builtin": "digits", "imageSize": 16, "classes": ["0", "1"], "maxImagesPerClass": 40},
+               training={**TINY["training"], "epochs": 4, "logEverySteps": 1, "batchSize": 8,
+                         "featureCache": "off"})
+    env = {**os.environ, "FINETUNE_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    cmd = [sys.executable, "-m", "finetune_trainer", "-f", str(path), "--report", "jsonl"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    steps = 0
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "step" and event["epoch"] == 2:
+            steps += 1
+            if steps == 3:
+                proc.send_signal(signal.SIGTERM)
+                break
+    deadline = time.monotonic() + 120
+    code = proc.wait(timeout=max(1, deadline - time.monotonic()))
+    err = proc.stderr.read()
+    assert code == EXIT_PREEMPTED, err[-2000:]
+    saved = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert any("epoch-0002-step-" in name for name in saved), saved
+    assert "Preempted" in (tmp_path / "termination-log").read_text()
+    assert not (tmp_path / "out" / "model.json").exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == EXIT_OK, again.stderr[-2000:]
+    start = next(json.loads(ln) for ln in again.stdout.splitlines() if '"start"' in ln)
+    assert start["resumeCount"] == 1 and start["startEpoch"] == 2, start
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["resumedFromEpoch"] == 1

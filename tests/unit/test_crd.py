@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import copy
 import re
 from pathlib import Path
@@ -173,14 +174,20 @@ CEL_MIRRORS = {
         "model": {"weights": {"source": "file"}},
         "dataset": {"builtin": "digits"},
     },
-    "spec.model.weights.path must not": {
+    "spec.model.weights.path must not contain '..'": {
         "model": {"weights": {"path": "/a/../b"}},
         "dataset": {"builtin": "digits"},
     },
+    "spec.model.weights.path must not contain control": {
+        "model": {"weights": {"path": "/a/\tb"}},
+        "dataset": {"builtin": "digits"},
+    },
     "spec.dataset: set exactly one": {"dataset": {"builtin": "digits", "path": "/data"}},
-    "spec.dataset.path must not": {"dataset": {"path": "/data/../etc"}},
+    "spec.dataset.path must not contain '..'": {"dataset": {"path": "/data\\..\\etc"}},
+    "spec.dataset.path must not contain control": {"dataset": {"path": "/data\n"}},
     "spec.freeze.trainableStages": {"dataset": {"builtin": "digits"}, "freeze": {"trainableStages": 2}},
-    "spec.output.path must not": {"dataset": {"builtin": "digits"}, "output": {"path": "../x"}},
+    "spec.output.path must not contain '..'": {"dataset": {"builtin": "digits"}, "output": {"path": "../x"}},
+    "spec.output.path must not contain control": {"dataset": {"builtin": "digits"}, "output": {"path": "/o\x1bx"}},
     "spec.volumes[]: each volume": {
         "dataset": {"builtin": "digits"},
         "volumes": [{"name": "a", "mountPath": "/a"}],
@@ -189,9 +196,13 @@ CEL_MIRRORS = {
         "dataset": {"builtin": "digits"},
         "volumes": [{"name": "a", "mountPath": "rel", "emptyDir": {}}],
     },
-    "spec.volumes[].mountPath must not": {
+    "spec.volumes[].mountPath must not contain '..'": {
         "dataset": {"builtin": "digits"},
         "volumes": [{"name": "a", "mountPath": "/a/..", "emptyDir": {}}],
+    },
+    "spec.volumes[].mountPath must not contain control": {
+        "dataset": {"builtin": "digits"},
+        "volumes": [{"name": "a", "mountPath": "/a\x00", "emptyDir": {}}],
     },
 }
 
@@ -206,6 +217,22 @@ def test_every_cel_rule_has_a_python_mirror() -> None:
 def test_python_model_rejects_what_the_cel_rule_rejects(prefix: str) -> None:
     with pytest.raises(JobFileError):
         parse_spec(CEL_MIRRORS[prefix])
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/data", "/a/../b", "..", "../x", "/a/..", "a\\..\\b", "/a..b/..c", "/x\ty", "/x\x1fy", "/ok/.../y", "/é/中"],
+)
+def test_cel_path_regexes_reject_exactly_what_the_model_rejects(path: str) -> None:
+    """The RE2 patterns behave as Python's re here (plain classes and escapes): both sides agree per path."""
+    patterns = [codecs.decode(p, "unicode_escape") for p in (crd.PARENT_SEGMENT, crd.CONTROL_CHARACTER)]
+    cel_rejects = any(re.search(p, path) for p in patterns)
+    try:
+        parse_spec({"dataset": {"path": path}})
+        model_rejects = False
+    except JobFileError:
+        model_rejects = True
+    assert cel_rejects == model_rejects, (path, patterns)
 
 
 def test_cel_field_paths_point_at_declared_fields() -> None:

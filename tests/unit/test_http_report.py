@@ -97,3 +97,21 @@ def test_from_environment_needs_url_and_readable_token(tmp_path, monkeypatch):
     rep = HttpReporter.from_environment()
     assert rep is not None and rep.token == "abc"
     rep.close(wait=0.1)
+
+
+def test_a_sigterm_checkpoint_is_pushed_at_once_as_a_step_the_operator_accepts(server):
+    """The operator knows four event kinds: the checkpoint note rides on an urgent step push."""
+    from finetune_operator.progress import parse_push
+
+    url = f"http://127.0.0.1:{server.server_port}/v1/progress/ns/job"
+    rep = HttpReporter(url, "s3cret", interval=3600)
+    rep.event("start", totalEpochs=3, startEpoch=2, resumeCount=1,
+              lastCheckpoint={"epoch": 1, "time": "2026-11-23T10:00:00Z", "file": "epoch-0001.pt"})
+    note = {"epoch": 2, "step": 7, "time": "2026-11-23T10:01:00Z", "file": "epoch-0002-step-000007.pt"}
+    rep.event("checkpoint", epoch=2, totalEpochs=3, step=7, lastCheckpoint=note)
+    assert wait_for(lambda: any(b.get("lastCheckpoint") == note for _, _, b in Recorder.received))
+    rep.close()
+    body = next(b for _, _, b in Recorder.received if b.get("lastCheckpoint") == note)
+    assert body["event"] == "step" and body["resumeCount"] == 1
+    push = parse_push(json.dumps(body).encode())
+    assert push.lastCheckpoint.step == 7 and push.resumeCount == 1

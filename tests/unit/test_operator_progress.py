@@ -41,10 +41,12 @@ async def env():
         token = TOKENS.get((ns, name))
         return token_digest(token) if token else None
 
-    async def write(ns, name, progress):
-        written.append((ns, name, progress))
+    async def write(ns, name, fields):
+        written.append((ns, name, fields["progress"]))
+        service.fields_written.append(fields)
 
     service = ProgressService(Metrics(), lookup, write, min_write_interval=5.0, clock=clock)
+    service.fields_written = []
     client = TestClient(TestServer(make_app(service)))
     await client.start_server()
     yield client, service, written, clock
@@ -186,3 +188,32 @@ def test_phase_and_stall_series_follow_the_job_and_vanish_on_delete():
     assert 'finetune_job_duration_seconds_count{phase="Failed"} 1.0' in text
     m.forget("ns", "a")
     assert 'finetune_jobs{phase="Failed"} 0.0' in m.exposition().decode()
+
+
+async def test_resume_count_and_checkpoint_go_to_status_at_once_even_between_throttled_steps(env):
+    client, service, written, clock = env
+    step = {**PUSH, "event": "step", "step": 3, "totalSteps": 10}
+    assert (await client.post("/v1/progress/team-a/cats", json=step, headers=auth("tok-cats"))).status == 204
+    clock.now += 1  # inside the write interval: a plain step push is held back ...
+    assert (await client.post("/v1/progress/team-a/cats", json={**step, "step": 4},
+                              headers=auth("tok-cats"))).status == 204
+    assert len(written) == 1
+    clock.now += 1  # ... but one that reports a new checkpoint (the trainer saving on SIGTERM) is not
+    note = {"epoch": 2, "step": 4, "time": "2026-11-23T10:00:00Z", "file": "epoch-0002-step-000004.pt"}
+    resp = await client.post("/v1/progress/team-a/cats", json={**step, "step": 4, "resumeCount": 1,
+                                                              "lastCheckpoint": note}, headers=auth("tok-cats"))
+    assert resp.status == 204 and len(written) == 2
+    fields = service.fields_written[-1]
+    assert fields["resumeCount"] == 1 and fields["lastCheckpoint"] == note
+
+
+@pytest.mark.parametrize("bad", [
+    {"resumeCount": -1},
+    {"lastCheckpoint": {"epoch": 1, "file": "../../etc/passwd"}},
+    {"lastCheckpoint": {"epoch": 1, "time": "yesterday"}},
+    {"lastCheckpoint": {"step": 3}},
+])
+async def test_malformed_resume_fields_are_rejected(env, bad):
+    client, _service, written, _ = env
+    resp = await client.post("/v1/progress/team-a/cats", json={**PUSH, **bad}, headers=auth("tok-cats"))
+    assert resp.status == 400 and not written

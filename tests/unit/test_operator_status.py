@@ -517,7 +517,7 @@ def test_every_status_field_written_is_declared_with_its_type() -> None:
     prev = {
         "phase": "Running",
         "resumeCount": 1,
-        "lastCheckpoint": "/output/checkpoints/e3.pt",
+        "lastCheckpoint": {"epoch": 3, "step": 5, "time": CREATED, "file": "epoch-0003-step-000005.pt"},
         "progress": {
             "epoch": 3,
             "totalEpochs": 10,

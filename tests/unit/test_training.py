@@ -82,33 +82,74 @@ def test_rerun_after_success_does_not_retrain(trained):
 
 
 class StopAfter(Reporter):
-    """Asks the loop to stop once `epochs` epochs are done (a stand-in for SIGTERM)."""
+    """Asks the loop to stop during epoch `epochs + 1`, after its step `step` (a stand-in for SIGTERM)."""
 
-    def __init__(self, epochs: int):
-        self.epochs, self.stop = epochs, False
+    def __init__(self, epochs: int, step: int = 1):
+        self.epochs, self.step, self.stop = epochs, step, False
+        self.events: list[tuple[str, dict]] = []
 
     def event(self, kind, **f):
-        if kind == "step" and f["epoch"] > self.epochs:
+        self.events.append((kind, f))
+        if kind == "step" and (f["epoch"], f["step"]) >= (self.epochs + 1, self.step):
             self.stop = True
 
 
-@pytest.mark.parametrize("policy", ["head", "partial", "head-cached", "partial-cached"])
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, policy):
+class Recorder(Reporter):
+    def __init__(self):
+        self.events: list[tuple[str, dict]] = []
+
+    def event(self, kind, **f):
+        self.events.append((kind, f))
+
+
+@pytest.mark.parametrize("policy,step", [("head", 1), ("partial", 3), ("head-cached", 2), ("partial-cached", 1)])
+def test_sigterm_mid_epoch_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, policy, step):
+    """Stopped after a step of epoch 2: the checkpoint holds that step; the resumed run skips the steps
+    already trained, restores the random states, and ends bit-identical to a run never stopped."""
     extra = {"training.epochs": 3, "freeze.policy": policy.removesuffix("-cached"), "training.logEverySteps": 1,
              "dataset.augment.horizontalFlip": not policy.endswith("cached"), "head.dropout": 0.2}
     straight = fit(tiny_spec(tmp_path / "a", **extra), Reporter(), tmp_path / "a")
-    interrupted = StopAfter(1)
+    interrupted = StopAfter(1, step)
     spec_b = tiny_spec(tmp_path / "b", **extra)
-    with pytest.raises(Preempted):
+    with pytest.raises(Preempted, match=f"epoch 2 after step {step}"):
         fit(spec_b, interrupted, tmp_path / "b", should_stop=lambda: interrupted.stop)
-    assert latest_checkpoint(tmp_path / "b").name == "epoch-0001.pt"
+    assert latest_checkpoint(tmp_path / "b").name == f"epoch-0002-step-{step:06d}.pt"
+    saved = [f for k, f in interrupted.events if k == "checkpoint"]
+    assert saved and saved[-1]["lastCheckpoint"]["step"] == step and saved[-1]["lastCheckpoint"]["epoch"] == 2
     assert not (tmp_path / "b" / "model.json").exists()
-    resumed = fit(spec_b, Reporter(), tmp_path / "b")
+    seen = Recorder()
+    resumed = fit(spec_b, seen, tmp_path / "b")
     assert resumed.resumed_from == 1
+    start = next(f for k, f in seen.events if k == "start")
+    assert start["resumeCount"] == 1 and start["lastCheckpoint"]["file"] == f"epoch-0002-step-{step:06d}.pt"
+    first_step = next(f for k, f in seen.events if k == "step")
+    assert (first_step["epoch"], first_step["step"]) == (2, step + 1), "the resumed epoch did not skip done steps"
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert straight.history == resumed.history or [h["valAccuracy"] for h in straight.history] == [
-        h["valAccuracy"] for h in resumed.history]
+    assert [h["valAccuracy"] for h in straight.history] == [h["valAccuracy"] for h in resumed.history]
+    assert [h["trainLoss"] for h in straight.history] == pytest.approx([h["trainLoss"] for h in resumed.history])
+
+
+def test_sigterm_at_an_epoch_end_resumes_from_that_epoch_and_counts_resumes(tmp_path):
+    spec = tiny_spec(tmp_path, **{"training.epochs": 3, "training.logEverySteps": 1})
+
+    class AtLastStep(StopAfter):
+        def event(self, kind, **f):
+            self.events.append((kind, f))
+            if kind == "step" and f["epoch"] == 2 and f["step"] == f["totalSteps"]:
+                self.stop = True
+
+    stopper = AtLastStep(1)  # the request comes during epoch 2's last step: that epoch ends normally
+    with pytest.raises(Preempted, match="after epoch 2"):
+        fit(spec, stopper, tmp_path, should_stop=lambda: stopper.stop)
+    assert latest_checkpoint(tmp_path).name == "epoch-0002.pt"
+    again = StopAfter(2, step=1)
+    with pytest.raises(Preempted):
+        fit(spec, again, tmp_path, should_stop=lambda: again.stop)
+    seen = Recorder()
+    result = fit(spec, seen, tmp_path)
+    assert result.epochs_run == 3
+    assert next(f for k, f in seen.events if k == "start")["resumeCount"] == 2
 
 
 def test_changed_spec_refuses_to_resume(tmp_path):

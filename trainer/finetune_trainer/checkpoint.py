@@ -18,7 +18,8 @@ from finetune_trainer.errors import JobFileError
 from finetune_trainer.spec import FineTuneJobSpec
 
 CHECKPOINT_DIR = "checkpoints"
-_NAME = re.compile(r"^epoch-(\d{4,})\.pt$")
+# epoch-0003.pt: epoch 3 finished. epoch-0004-step-000012.pt: epoch 4 stopped after its step 12 (SIGTERM).
+_NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{6,}))?\.pt$")
 KEEP_LAST = 2
 
 
@@ -38,28 +39,40 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def checkpoint_path(output: Path, epoch: int) -> Path:
-    return output / CHECKPOINT_DIR / f"epoch-{epoch:04d}.pt"
+def checkpoint_path(output: Path, epoch: int, step: int | None = None) -> Path:
+    """`epoch` finished, or — with `step` — `epoch` in progress, stopped after `step`."""
+    suffix = f"-step-{step:06d}" if step is not None else ""
+    return output / CHECKPOINT_DIR / f"epoch-{epoch:04d}{suffix}.pt"
 
 
-def save_checkpoint(output: Path, epoch: int, state: dict[str, Any]) -> Path:
-    path = checkpoint_path(output, epoch)
+def save_checkpoint(output: Path, epoch: int, state: dict[str, Any], step: int | None = None) -> Path:
+    path = checkpoint_path(output, epoch, step)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     _prune(output / CHECKPOINT_DIR)
     return path
 
 
+def position(path: Path) -> tuple[int, int, int]:
+    """Training order: epoch 4 stopped at any step comes after epoch 3 finished, before epoch 4 finished."""
+    m = _NAME.match(path.name)
+    assert m is not None
+    epoch, step = int(m[1]), m[2]
+    return (epoch, 0, int(step)) if step is not None else (epoch, 1, 0)
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=position)
+
+
 def _prune(folder: Path) -> None:
-    found = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
-    for old in found[:-KEEP_LAST]:
+    for old in _checkpoints(folder)[:-KEEP_LAST]:
         old.unlink(missing_ok=True)
 
 
 def latest_checkpoint(output: Path) -> Path | None:
-    folder = output / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return None
-    found = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    found = _checkpoints(output / CHECKPOINT_DIR)
     return found[-1] if found else None
 
 

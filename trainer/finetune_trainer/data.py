@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from finetune_trainer.errors import JobFileError
+from finetune_trainer.sampling import EpochSampler
 from finetune_trainer.spec import Dataset as DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -264,9 +265,10 @@ def load_splits(spec: DatasetSpec, seed: int) -> Splits:
 
 
 def build_dataloaders(
-    splits: Splits, prep: Preprocessing, spec: DatasetSpec, batch_size: int, pin_memory: bool = False
+    splits: Splits, prep: Preprocessing, spec: DatasetSpec, batch_size: int, pin_memory: bool = False,
+    num_replicas: int = 1, rank: int = 0,
 ) -> tuple[DataLoader, DataLoader]:
-    """Train loader shuffles with a generator the caller reseeds per epoch (resume = same order)."""
+    """The train loader's EpochSampler is reseeded by the caller per epoch (resume = same order)."""
     fixed = not spec.augment.any_random
     train_ds = ImageDataset(splits.train, prep.train_transform(spec.augment), fixed, prep.crop)
     val_ds = ImageDataset(splits.val, prep.eval_transform(), True, prep.crop)
@@ -277,7 +279,8 @@ def build_dataloaders(
         "pin_memory": pin_memory,
         "persistent_workers": spec.num_workers > 0,
     }
-    train = DataLoader(train_ds, shuffle=True, generator=torch.Generator(), **common)
+    train = DataLoader(train_ds, sampler=EpochSampler(len(train_ds), num_replicas, rank), generator=torch.Generator(),
+                       **common)
     val = DataLoader(val_ds, shuffle=False, **common)
     return train, val
 

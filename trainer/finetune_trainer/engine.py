@@ -39,10 +39,25 @@ class EpochStats:
     samples: int
     seconds: float
     skipped_batches: int
+    steps: int = 0  # steps done in this epoch, including those before a mid-epoch resume
+    stopped: bool = False  # should_stop() ended the epoch early
+    loss_sum: float = 0.0  # sum of per-sample losses so far: what a mid-epoch checkpoint carries
+    timed_samples: int | None = None  # samples trained in `seconds` (fewer than `samples` after a resume)
 
     @property
     def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
+        n = self.samples if self.timed_samples is None else self.timed_samples
+        return n / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class EpochStart:
+    """Where an epoch begins: step 0, or the step a mid-epoch checkpoint recorded (and its sums)."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    samples: int = 0
+    skipped_batches: int = 0
 
 
 @dataclass
@@ -66,11 +81,16 @@ def train_one_epoch(
     log_every: int = 10,
     should_stop: Callable[[], bool] = lambda: False,
     channels_last: bool = False,
+    begin: EpochStart | None = None,
 ) -> EpochStats:
-    total_loss = torch.zeros((), device=device)
-    samples, skipped, start = 0, 0, time.perf_counter()
-    total_steps = len(loader)
-    for step, batch in enumerate(loader, start=1):
+    """Train over `loader` (which already skips what `begin` says was done). Stops after the step
+    during which should_stop() became true; the returned stats then say where it stopped."""
+    begin = begin or EpochStart()
+    total_loss = torch.full((), begin.loss_sum, device=device)
+    samples, skipped, start = begin.samples, begin.skipped_batches, time.perf_counter()
+    total_steps = begin.step + len(loader)
+    step, stopped = begin.step, False
+    for step, batch in enumerate(loader, start=begin.step + 1):
         if batch is None:  # every image of this batch was unreadable
             skipped += 1
             continue
@@ -91,11 +111,14 @@ def train_one_epoch(
         samples += targets.shape[0]
         if on_log and (step % log_every == 0 or step == total_steps):
             elapsed = time.perf_counter() - start
-            on_log(step, total_steps, (total_loss / samples).item(), samples / max(elapsed, 1e-9))
-        if should_stop():
+            on_log(step, total_steps, (total_loss / samples).item(), (samples - begin.samples) / max(elapsed, 1e-9))
+        if should_stop() and step < total_steps:
+            stopped = True
             break
     seconds = time.perf_counter() - start
-    return EpochStats((total_loss / max(samples, 1)).item(), samples, seconds, skipped)
+    loss_sum = total_loss.item()
+    return EpochStats(loss_sum / max(samples, 1), samples, seconds, skipped, step, stopped, loss_sum,
+                      samples - begin.samples)
 
 
 @torch.inference_mode()

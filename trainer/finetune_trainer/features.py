@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from finetune_trainer.engine import Precision
 from finetune_trainer.freeze import FreezePlan
+from finetune_trainer.sampling import EpochSampler
 from finetune_trainer.spec import FineTuneJobSpec
 
 MAX_CACHE_BYTES = 4 << 30
@@ -114,8 +115,11 @@ def build_tail(model: nn.Module, boundary: str) -> nn.Module | None:
     return fx.GraphModule(gm, graph)
 
 
-def cached_loaders(train: tuple, val: tuple, batch_size: int) -> tuple[DataLoader, DataLoader]:
+def cached_loaders(train: tuple, val: tuple, batch_size: int, num_replicas: int = 1,
+                   rank: int = 0) -> tuple[DataLoader, DataLoader]:
     """Loaders over cached tensors with the same shuffling contract as the image loaders."""
-    train_loader = DataLoader(TensorDataset(*train), batch_size=batch_size, shuffle=True, generator=torch.Generator())
+    sampler = EpochSampler(len(train[1]), num_replicas, rank)
+    train_loader = DataLoader(TensorDataset(*train), batch_size=batch_size, sampler=sampler,
+                              generator=torch.Generator())
     val_loader = DataLoader(TensorDataset(*val), batch_size=batch_size, shuffle=False)
     return train_loader, val_loader

@@ -8,6 +8,7 @@ exact shuffles, augmentations and dropout masks of an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import hashlib
 import logging
 import random
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader
 from finetune_trainer import checkpoint as ckpt
 from finetune_trainer import features
 from finetune_trainer.data import build_dataloaders, load_splits
-from finetune_trainer.engine import EvalResult, Precision, evaluate, train_one_epoch
+from finetune_trainer.engine import EpochStart, EvalResult, Precision, evaluate, train_one_epoch
 from finetune_trainer.errors import JobFileError, Preempted, TrainingError
 from finetune_trainer.export import read_export, write_export
 from finetune_trainer.freeze import apply_freeze, param_groups, plan_freeze, set_train_mode
@@ -104,6 +105,9 @@ class _Run:
     since_best: int = 0
     frozen_digest: str = ""
     history: list[dict] = field(default_factory=list)
+    resume_count: int = 0  # how many times this run was resumed from a checkpoint (status.resumeCount)
+    begin: EpochStart | None = None  # the next epoch starts mid-way (a checkpoint taken on SIGTERM)
+    rng: dict | None = None  # random states at that point, so the rest of the epoch replays exactly
 
     def improved(self, ev: EvalResult) -> bool:
         return ev.accuracy > self.best_accuracy or (ev.accuracy == self.best_accuracy and ev.loss < self.best_loss)
@@ -125,8 +129,10 @@ def fit(
     plan = plan_freeze(model, built.head_name, spec.freeze)
     apply_freeze(model, plan)
     previous = read_export(output)
-    if previous and previous.get("fingerprint") == spec.resume_fingerprint() and \
-            previous.get("epochs", 0) >= t.epochs:
+    if previous and previous.get("fingerprint") != spec.resume_fingerprint():
+        raise JobFileError(f"{output} already holds a model exported from a different spec; it is kept — "
+                           "use a new output path or remove that model")
+    if previous and previous.get("epochs", 0) >= t.epochs:
         reporter.event("message", level="info", text=f"{output} already holds a finished export of this spec")
         return _result_from_export(output, previous, reused=True)
 
@@ -148,6 +154,7 @@ def fit(
         classes=splits.classes, trainSize=len(splits.train), valSize=len(splits.val), freeze=plan.describe(),
         device=str(env.device), precision=env.precision.name, weights=built.weights_note, totalEpochs=t.epochs,
         startEpoch=run.epoch + 1, skippedImages=splits.skipped, featureCache=cache.enabled, cacheReason=cache.reason,
+        resumeCount=run.resume_count, lastCheckpoint=_checkpoint_note(ckpt.latest_checkpoint(output)),
     )
     if cache.enabled and run.epoch < t.epochs:
         train_loader, val_loader = _feature_loaders(model, cache.boundary, train_loader, val_loader, env,
@@ -155,8 +162,7 @@ def fit(
     run_start = time.perf_counter()
     while run.epoch < t.epochs and not _early_stop(run, t):
         epoch = run.epoch + 1
-        seed_everything(t.seed + epoch)
-        train_loader.generator.manual_seed(t.seed + epoch)
+        begin = _begin_epoch(run, train_loader, t.seed + epoch)
         set_train_mode(model, plan)
 
         def on_log(step, total, loss, sps, _e=epoch):
@@ -167,13 +173,18 @@ def fit(
                            trainLoss=loss, samplesPerSecond=sps, etaSeconds=eta)
 
         stats = train_one_epoch(net, train_loader, optimizer, criterion, env.device, env.precision, scaler,
-                                on_log, t.log_every_steps, should_stop, env.channels_last)
-        if should_stop():
-            raise Preempted(f"stopped during epoch {epoch}; resume restarts it from the epoch {run.epoch} checkpoint")
+                                on_log, t.log_every_steps, should_stop, env.channels_last, begin)
+        state = (spec, run, model, optimizer, scheduler, scaler)
+        if stats.stopped:
+            path = _save_mid_epoch(output, epoch, stats, state, reporter)
+            raise Preempted(f"stopped in epoch {epoch} after step {stats.steps}; {path.name} saved, a restart "
+                            "resumes there")
         if scheduler is not None:
             scheduler.step()
         ev = evaluate(net, val_loader, criterion, env.device, env.precision, len(splits.classes), env.channels_last)
-        _end_epoch(output, spec, epoch, stats, ev, run, model, optimizer, scheduler, scaler, reporter)
+        _end_epoch(output, epoch, stats, ev, state, reporter)
+        if should_stop() and run.epoch < t.epochs:
+            raise Preempted(f"stopped after epoch {epoch}; its checkpoint is saved, a restart resumes there")
 
     extra = {"featureCache": {"enabled": cache.enabled, "reason": cache.reason, "boundary": cache.boundary},
              **env.describe()}
@@ -279,7 +290,8 @@ def _early_stop(run: _Run, t: Training) -> bool:
     return bool(es.patience) and run.since_best >= es.patience
 
 
-def _end_epoch(output, spec, epoch, stats, ev, run, model, optimizer, scheduler, scaler, reporter) -> None:
+def _end_epoch(output, epoch, stats, ev, state, reporter) -> None:
+    spec, run, model = state[:3]
     is_best = run.improved(ev)
     if is_best:
         run.best_accuracy, run.best_loss, run.best_epoch, run.since_best = ev.accuracy, ev.loss, epoch, 0
@@ -291,18 +303,72 @@ def _end_epoch(output, spec, epoch, stats, ev, run, model, optimizer, scheduler,
               "perClassAccuracy": ev.per_class}
     run.history.append(record)
     run.epoch = epoch
-    ckpt.save_checkpoint(output, epoch, {
-        "epoch": epoch, "model": trainable_state(model), "frozenDigest": run.frozen_digest,
+    path = ckpt.save_checkpoint(output, epoch, _checkpoint_state(*state))
+    reporter.event("epoch", totalEpochs=spec.training.epochs, isBest=is_best,
+                   bestValAccuracy=run.best_accuracy, skippedBatches=stats.skipped_batches,
+                   lastCheckpoint=_checkpoint_note(path),
+                   **{k: v for k, v in record.items() if k != "perClassAccuracy"})
+
+
+def _checkpoint_state(spec, run: _Run, model, optimizer, scheduler, scaler) -> dict:
+    """Everything resuming needs except the frozen weights (rebuilt from the weights source)."""
+    return {
+        "epoch": run.epoch, "model": trainable_state(model), "frozenDigest": run.frozen_digest,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler else None,
         "best": {k: getattr(run, k) for k in ("best_accuracy", "best_loss", "best_epoch", "since_best")},
-        "best_state": run.best_state, "history": run.history,
+        "best_state": run.best_state, "history": run.history, "resumeCount": run.resume_count,
         "spec": spec.to_wire(), "fingerprint": spec.resume_fingerprint(),
-    })
-    reporter.event("epoch", totalEpochs=spec.training.epochs, isBest=is_best,
-                   bestValAccuracy=run.best_accuracy, skippedBatches=stats.skipped_batches,
-                   **{k: v for k, v in record.items() if k != "perClassAccuracy"})
+    }
+
+
+def _save_mid_epoch(output, epoch, stats, state, reporter) -> Path:
+    """SIGTERM mid-epoch: save where the epoch stopped, with its loss sums and random states."""
+    spec = state[0]
+    data = _checkpoint_state(*state)
+    data["inEpoch"] = {"epoch": epoch, "step": stats.steps, "lossSum": stats.loss_sum, "samples": stats.samples,
+                       "skippedBatches": stats.skipped_batches, "rng": _rng_state()}
+    path = ckpt.save_checkpoint(output, epoch, data, step=stats.steps)
+    reporter.event("checkpoint", epoch=epoch, totalEpochs=spec.training.epochs, step=stats.steps,
+                   lastCheckpoint=_checkpoint_note(path))
+    return path
+
+
+def _checkpoint_note(path: Path | None) -> dict | None:
+    """status.lastCheckpoint: which epoch (and step, when mid-epoch) and when."""
+    if path is None:
+        return None
+    epoch, kind, step = ckpt.position(path)
+    when = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"epoch": epoch, **({"step": step} if kind == 0 else {}), "time": when, "file": path.name}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _begin_epoch(run: _Run, train_loader, seed: int) -> EpochStart | None:
+    """Seed the epoch (same shuffle and augmentations on every run); after a mid-epoch checkpoint,
+    skip the steps it covered and restore its random states."""
+    seed_everything(seed)
+    train_loader.generator.manual_seed(seed)  # the loader's worker seeds
+    begin, run.begin = run.begin, None
+    train_loader.sampler.reseed(seed, skip=begin.step * train_loader.batch_size if begin else 0)
+    if begin and run.rng:
+        _set_rng_state(run.rng)
+    return begin
 
 
 def _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run: _Run, reporter) -> int | None:
@@ -322,7 +388,13 @@ def _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run: _Run, 
     for k, v in state["best"].items():
         setattr(run, k, v)
     run.best_state, run.history, run.epoch = state["best_state"], state["history"], state["epoch"]
-    reporter.event("message", level="info", text=f"resuming from {path.name} (epoch {run.epoch} done)")
+    run.resume_count = state.get("resumeCount", 0) + 1
+    where = f"epoch {run.epoch} done"
+    if mid := state.get("inEpoch"):
+        run.begin = EpochStart(mid["step"], mid["lossSum"], mid["samples"], mid["skippedBatches"])
+        run.rng = mid["rng"]
+        where = f"epoch {mid['epoch']} stopped after step {mid['step']}"
+    reporter.event("message", level="info", text=f"resuming from {path.name} ({where}; resume #{run.resume_count})")
     return run.epoch
 
 

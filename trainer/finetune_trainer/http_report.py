@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 URL_ENV = "FINETUNE_PROGRESS_URL"
 TOKEN_FILE_ENV = "FINETUNE_PROGRESS_TOKEN_FILE"
 FIELDS = ("epoch", "totalEpochs", "step", "totalSteps", "trainLoss", "valLoss", "valAccuracy",
-          "bestValAccuracy", "samplesPerSecond")
+          "bestValAccuracy", "samplesPerSecond", "resumeCount", "lastCheckpoint")
 
 
 class HttpReporter(Reporter):
@@ -56,7 +56,7 @@ class HttpReporter(Reporter):
         return cls(url, token)
 
     def event(self, kind: str, **fields: Any) -> None:
-        if kind not in ("start", "step", "epoch", "end"):
+        if kind not in ("start", "step", "epoch", "end", "checkpoint"):
             return
         if kind == "end":  # the final report describes the exported (best) epoch, not the last one
             fields = {"bestValAccuracy": fields.get("valAccuracy"), "epoch": fields.get("epoch"),
@@ -64,8 +64,9 @@ class HttpReporter(Reporter):
         self._known.update({k: fields[k] for k in FIELDS if fields.get(k) is not None})
         if kind == "start":
             self._known.update(epoch=fields.get("startEpoch", 1) - 1, totalEpochs=fields["totalEpochs"])
-        payload = {"event": kind, "sentAt": time.time(), **self._known}
-        urgent = kind in ("epoch", "end", "start")
+        # A checkpoint taken on SIGTERM goes out as a step push (the operator knows four kinds), at once.
+        payload = {"event": "step" if kind == "checkpoint" else kind, "sentAt": time.time(), **self._known}
+        urgent = kind in ("epoch", "end", "start", "checkpoint")
         with self._cond:
             self._pending = payload
             if urgent or time.monotonic() - self._last_sent >= self.interval:

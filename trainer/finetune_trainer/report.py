@@ -105,5 +105,8 @@ class ConsoleReporter(Reporter):
                 worst = sorted(per_class.items(), key=lambda kv: kv[1])[:10]
                 self._write("per-class val accuracy (lowest first): "
                             + ", ".join(f"{c} {a:.2f}" for c, a in worst))
+        elif kind == "checkpoint":
+            note = f.get("lastCheckpoint") or {}
+            self._write(f"checkpoint {note.get('file')} saved (epoch {f['epoch']}, step {f.get('step')})")
         elif kind == "message":
             self._write(f"{f.get('level', 'info')}: {f['text']}")
