@@ -1,4 +1,5 @@
-"""Pure builders: a FineTuneJob (as the API returns it) → the ConfigMap and batch/v1 Job for it.
+"""Pure builders: a FineTuneJob (as the API returns it) → the ConfigMap and batch/v1 Job for it
+(plus, for spec.workers > 1, the headless Service its worker pods find each other through).
 
 No API calls here; handlers add the ownerReference and create what is missing. The same
 FineTuneJob always yields the same objects (names, labels, args), so a restarted
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +51,11 @@ PASSTHROUGH_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-clas
 # Spec fields that may change after the Job exists (propagated, not refused).
 MUTABLE_FIELDS = {"runPolicy": ("suspend",)}
 MAX_JOB_NAME = 63  # the Job controller copies the name into a label value
+# Multi-worker jobs: torchrun's static rendezvous on worker 0, reached as <job>-0.<service>.
+RENDEZVOUS_PORT = 29500
+MAX_HOSTNAME = 63  # the Job controller names each pod's host <job>-<index>: a DNS label
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # Service names
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 def _short_hash(text: str, n: int = 8) -> str:
@@ -69,6 +76,18 @@ def job_name(ftj: Mapping[str, Any]) -> str:
 
 def configmap_name(ftj: Mapping[str, Any]) -> str:
     return f"{job_name(ftj)}-spec"
+
+
+def service_name(ftj: Mapping[str, Any]) -> str:
+    """The headless Service of a multi-worker job, also its pods' subdomain: the Job's name when that
+    is a valid Service name (DNS-1035: starts with a letter), else prefixed."""
+    name = job_name(ftj)
+    return name if DNS_1035.match(name) else _fit(f"ftj-{name}", MAX_JOB_NAME)
+
+
+def master_address(ftj: Mapping[str, Any]) -> str:
+    """Worker 0's stable DNS name (resolved through the pod's namespace search path)."""
+    return f"{job_name(ftj)}-0.{service_name(ftj)}"
 
 
 def selector_labels(ftj: Mapping[str, Any]) -> dict[str, str]:
@@ -159,11 +178,12 @@ def build_configmap(ftj: Mapping[str, Any], settings: Settings) -> Obj:
     }
 
 
-def cluster_problems(spec: FineTuneJobSpec, settings: Settings) -> list[str]:
-    """What the model accepts but this operator cannot run; each names the field."""
-    problems = []
-    if spec.workers > 1:
-        problems.append("spec.workers: more than 1 worker (data parallel) is not supported yet; use 1")
+def cluster_problems(spec: FineTuneJobSpec, settings: Settings, name: str | None = None) -> list[str]:
+    """What the model accepts but this operator cannot run; each names the field.
+
+    `name`: the FineTuneJob's metadata.name, which multi-worker jobs turn into pod hostnames.
+    """
+    problems = _worker_problems(spec, name)
     mounts = []
     for i, vol in enumerate(spec.volumes):
         where = f"spec.volumes[{i}]"
@@ -178,6 +198,19 @@ def cluster_problems(spec: FineTuneJobSpec, settings: Settings) -> list[str]:
         if vol.host_path is not None and not settings.allow_host_path:
             problems.append(f"{where}.hostPath: hostPath volumes are disabled by the operator's settings")
     return problems + _output_problems(spec)
+
+
+def _worker_problems(spec: FineTuneJobSpec, name: str | None) -> list[str]:
+    """Multi-worker pods are named <job>-<index> by the Job controller and found as <job>-0.<service>:
+    the name must make valid hostnames (a DNS label) for every index."""
+    if spec.workers == 1 or name is None:
+        return []
+    job = _fit(name, MAX_JOB_NAME)
+    longest = MAX_HOSTNAME - len(f"-{spec.workers - 1}")
+    if DNS_LABEL.match(job) and len(job) <= longest:
+        return []
+    return [f"spec.workers: a FineTuneJob with {spec.workers} workers needs a name without dots of at most "
+            f"{longest} characters (its pods' hostnames are <name>-<index>); got {name!r}"]
 
 
 def _output_problems(spec: FineTuneJobSpec) -> list[str]:
@@ -253,6 +286,8 @@ def build_job(ftj: Mapping[str, Any], settings: Settings) -> Obj:
             "spec": pod_spec(ftj, spec, settings),
         },
     }
+    if spec.workers > 1:
+        _make_indexed(job_spec, spec)
     if run.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = run.active_deadline_seconds
     if run.ttl_seconds_after_finished is not None:
@@ -264,6 +299,48 @@ def build_job(ftj: Mapping[str, Any], settings: Settings) -> Obj:
             ftj, job_name(ftj), {ANNOTATION_DIGEST: json.dumps(spec_digest(spec.to_wire()), sort_keys=True)}
         ),
         "spec": job_spec,
+    }
+
+
+def _make_indexed(job_spec: Obj, spec: FineTuneJobSpec) -> None:
+    """One Job, N indexed pods that fail and succeed as a group.
+
+    - completions = parallelism = N: every worker runs at once (torchrun waits for all of them); the
+      Job controller gives pod i the hostname <job>-i and JOB_COMPLETION_INDEX=i (its node rank).
+    - backoffLimitPerIndex with maxFailedIndexes 0, not a Job-wide backoffLimit: when one worker
+      fails, its peers' collectives fail too, so every index fails once per group restart. Counted
+      per index, runPolicy.backoffLimit keeps meaning "restarts of the training" whatever N is; once
+      one index is out of retries the whole Job fails and its other pods are stopped (never a
+      half-alive group). The podFailurePolicy rules (exit 2 fails the Job, 75 and disruptions don't
+      count) apply unchanged.
+    - successPolicy on index 0: rank 0 exits 0 only after the export is written and every rank has
+      seen it, so the Job is done then; a peer that trips while shutting down is not retried (a lone
+      retried worker would wait for a rank 0 that is gone).
+    """
+    n = spec.workers
+    job_spec.pop("backoffLimit")
+    job_spec.update(completions=n, parallelism=n, completionMode="Indexed",
+                    backoffLimitPerIndex=spec.run_policy.backoff_limit, maxFailedIndexes=0,
+                    successPolicy={"rules": [{"succeededIndexes": "0"}]})
+
+
+def build_service(ftj: Mapping[str, Any]) -> Obj:
+    """The headless Service behind worker 0's stable name <job>-0.<service> (multi-worker jobs).
+
+    Not-ready addresses are published: the pods have no readiness probe, and workers must find
+    worker 0 while it is starting — that is when torchrun's rendezvous happens.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_metadata(ftj, service_name(ftj)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(ftj),
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT,
+                       "protocol": "TCP"}],
+        },
     }
 
 
@@ -285,6 +362,8 @@ def pod_spec(ftj: Mapping[str, Any], spec: FineTuneJobSpec, settings: Settings) 
         "containers": [_container(ftj, spec, settings, mounts)],
         "volumes": volumes,
     }
+    if spec.workers > 1:
+        pod["subdomain"] = service_name(ftj)  # with the Job's hostnames: DNS names <job>-<index>.<service>
     if settings.trainer_service_account:
         pod["serviceAccountName"] = settings.trainer_service_account
     if spec.scheduling.node_selector:
@@ -303,6 +382,12 @@ def _container(ftj: Mapping[str, Any], spec: FineTuneJobSpec, settings: Settings
         {"name": "HOME", "value": TMP_DIR},
         {"name": "XDG_CACHE_HOME", "value": f"{TMP_DIR}/.cache"},
         {"name": "TORCH_HOME", "value": f"{TMP_DIR}/torch"},
+        # torch sizes its thread pool by the node's cores, not the pod's CPU limit: on a shared node that
+        # oversubscribes the cores and crawls. The limit (rounded up; the node's cores when unset) is the pool.
+        {
+            "name": "OMP_NUM_THREADS",
+            "valueFrom": {"resourceFieldRef": {"containerName": CONTAINER, "resource": "limits.cpu", "divisor": "1"}},
+        },
         {"name": "FINETUNE_JOB_NAME", "value": ftj["metadata"]["name"]},
         {"name": "FINETUNE_JOB_NAMESPACE", "value": ftj["metadata"].get("namespace") or ""},
     ]
@@ -311,13 +396,14 @@ def _container(ftj: Mapping[str, Any], spec: FineTuneJobSpec, settings: Settings
             {"name": "FINETUNE_PROGRESS_URL", "value": progress_endpoint(ftj, settings)},
             {"name": "FINETUNE_PROGRESS_TOKEN_FILE", "value": PROGRESS_TOKEN_FILE},
         ]
-    return {
+    trainer_args = ["-f", JOB_FILE, "--report", "jsonl"]
+    container: Obj = {
         "name": CONTAINER,
         "image": spec.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["finetune-train"],
         # A list, never a shell string: nothing from the spec reaches a shell.
-        "args": ["-f", JOB_FILE, "--report", "jsonl"],
+        "args": torchrun_args(ftj, spec, settings) + trainer_args if spec.workers > 1 else trainer_args,
         "env": env,
         "resources": _resources(spec),
         "volumeMounts": mounts,
@@ -331,6 +417,34 @@ def _container(ftj: Mapping[str, Any], spec: FineTuneJobSpec, settings: Settings
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+    if spec.workers > 1:
+        container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    return container
+
+
+def torchrun_args(ftj: Mapping[str, Any], spec: FineTuneJobSpec, settings: Settings) -> list[str]:
+    """`finetune-train torchrun …` (torchrun keeping the trainer's exit codes) for one worker pod.
+
+    Static rendezvous: node rank = the pod's completion index (the kubelet expands
+    $(JOB_COMPLETION_INDEX) from the env var the Job controller sets), master = worker 0's stable
+    DNS name. Deterministic, and no elastic membership to get wrong: a failed worker fails the
+    group and the Job restarts it (--max-restarts=0). Worker 0 waits for the others, and they retry
+    reaching it, for as long as a pod may take to start (the startup deadline); on SIGTERM the agent
+    gives the trainer the pod's grace period to checkpoint.
+    """
+    startup = spec.run_policy.startup_deadline_seconds or settings.startup_deadline_seconds
+    return [
+        "torchrun",
+        f"--nnodes={spec.workers}",
+        f"--nproc-per-node={max(1, spec.resources.gpus)}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        f"--master-addr={master_address(ftj)}",
+        f"--master-port={RENDEZVOUS_PORT}",
+        f"--rdzv-conf=timeout={startup}",
+        "--max-restarts=0",
+        f"--shutdown-timeout={settings.termination_grace_seconds}",
+        "-m", "finetune_trainer",
+    ]
 
 
 def _resources(spec: FineTuneJobSpec) -> Obj:

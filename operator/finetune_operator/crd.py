@@ -58,6 +58,16 @@ def _path_rules(field: str, where: str, optional: bool = True) -> list[Schema]:
 # Cross-field rules the model enforces in Python, keyed by the schema path (dotted,
 # `[]` for list items) they attach to. Messages name the field, as the model's do.
 CEL_RULES: dict[str, list[Schema]] = {
+    "": [
+        {
+            "rule": "!has(self.workers) || self.workers <= 1 || !has(self.training) || !has(self.training.batchSize)"
+            " || self.training.batchSize % (self.workers * (has(self.resources) && has(self.resources.gpus)"
+            " && self.resources.gpus > 1 ? self.resources.gpus : 1)) == 0",
+            "message": "spec.training.batchSize is the global batch and must be a multiple of the training "
+            "processes (workers times max(1, resources.gpus))",
+            "fieldPath": ".training",
+        },
+    ],
     "model.weights": [
         {
             "rule": "!has(self.source) || self.source != 'file' || has(self.path)",
@@ -129,9 +139,9 @@ def spec_schema() -> Schema:
 
 
 def _at(schema: Schema, path: str) -> Schema:
-    """The sub-schema at a dotted path; `name[]` steps into a list's items."""
+    """The sub-schema at a dotted path ("" is the root); `name[]` steps into a list's items."""
     node = schema
-    for part in path.split("."):
+    for part in filter(None, path.split(".")):
         is_list = part.endswith("[]")
         node = node["properties"][part.removesuffix("[]")]
         if is_list:

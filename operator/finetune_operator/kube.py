@@ -45,6 +45,10 @@ def secret_path(namespace: str, name: str = "") -> str:
     return _path("/api/v1", namespace, "secrets", name)
 
 
+def service_path(namespace: str, name: str = "") -> str:
+    return _path("/api/v1", namespace, "services", name)
+
+
 def pod_path(namespace: str) -> str:
     return _path("/api/v1", namespace, "pods")
 

@@ -34,6 +34,11 @@ IMMEDIATE_FAILURES = frozenset(HOPELESS_WAITING.values())
 
 PREEMPTION_REASONS = {"PreemptionByScheduler", "PreemptionByKubeScheduler"}
 MESSAGE_TAIL = 400
+# Job reasons for "out of retries": Job-wide, or per index (multi-worker jobs use backoffLimitPerIndex).
+RETRIES_EXHAUSTED = ("BackoffLimitExceeded", "MaxFailedIndexesExceeded", "FailedIndexes")
+# What the Job controller puts on the pods of an Indexed Job.
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+INDEX_FAILURES_KEY = "batch.kubernetes.io/job-index-failure-count"
 
 
 def parse_time(value: Any) -> dt.datetime | None:
@@ -181,7 +186,7 @@ def job_failure(job: Obj, pods: Sequence[Obj]) -> Problem:
     pod_says = last_failure(pods)
     if reason == "PodFailurePolicy":
         return pod_says if pod_says and pod_says[0] == "InvalidJobFile" else ("InvalidJobFile", tail(message))
-    if reason == "BackoffLimitExceeded":
+    if reason in RETRIES_EXHAUSTED:
         if pod_says is None:
             return reason, tail(message)
         failed = (job.get("status") or {}).get("failed", 0)
@@ -220,3 +225,55 @@ def result_summary(pods: Sequence[Obj]) -> dict[str, Any]:
                 return {}
             return {k: doc[k] for k in keys if isinstance(doc, dict) and k in doc}
     return {}
+
+
+def _annotation_int(pod: Obj, key: str) -> int | None:
+    meta = pod.get("metadata") or {}
+    raw = (meta.get("annotations") or {}).get(key) or (meta.get("labels") or {}).get(key)
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+def workers(job: Obj, pods: Sequence[Obj]) -> list[dict[str, Any]] | None:
+    """One entry per worker of a multi-worker (Indexed) Job: its newest pod, phase and restarts.
+
+    None for a single-worker Job. Pods are matched to workers by their completion index.
+    """
+    spec = job.get("spec") or {}
+    if spec.get("completionMode") != "Indexed":
+        return None
+    history: dict[int, list[Obj]] = {}
+    for pod in _by_age(pods):
+        index = _annotation_int(pod, INDEX_KEY)
+        if index is not None:
+            history.setdefault(index, []).append(pod)
+    return [_worker(i, history.get(i, [])) for i in range(int(spec.get("completions") or 1))]
+
+
+def _worker(index: int, pods: Sequence[Obj]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"index": index, "phase": "Missing", "restarts": 0}
+    if not pods:
+        return entry
+    latest = pods[-1]
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    # Failed pods may already be garbage-collected; the Job controller counts them on the newest pod.
+    counted = (_annotation_int(latest, INDEX_FAILURES_KEY) or 0) + (1 if failed and failed[-1] is latest else 0)
+    entry.update(pod=latest["metadata"]["name"], phase=_pod_phase(latest), restarts=max(len(failed), counted))
+    problem = next((found for p in reversed(failed) if (found := pod_failure(p))), None)
+    if problem:
+        entry["lastFailure"] = problem[0]
+    return entry
+
+
+def _pod_phase(pod: Obj) -> str:
+    phase = (pod.get("status") or {}).get("phase") or "Pending"
+    if pod["metadata"].get("deletionTimestamp") and phase not in ("Succeeded", "Failed"):
+        return "Terminating"
+    return phase
+
+
+def group_running(states: Sequence[Mapping[str, Any]] | None) -> bool:
+    """Every worker is running (or already done): a multi-worker job trains only as a whole."""
+    return states is None or all(w["phase"] in ("Running", "Succeeded") for w in states)

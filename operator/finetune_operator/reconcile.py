@@ -31,6 +31,7 @@ from finetune_operator.kube import (
     merge_patch_for,
     pod_path,
     secret_path,
+    service_path,
 )
 from finetune_operator.metrics import Metrics
 from finetune_operator.settings import Settings
@@ -179,7 +180,7 @@ def _spec_problem(ftj: Mapping[str, Any], settings: Settings) -> str | None:
         spec = builders.parsed_spec(ftj)
     except JobFileError as err:
         return str(err)
-    problems = builders.cluster_problems(spec, settings)
+    problems = builders.cluster_problems(spec, settings, ftj["metadata"]["name"])
     return "; ".join(problems) if problems else None
 
 
@@ -197,15 +198,19 @@ def _check_owner(child: Mapping[str, Any] | None, ftj: Mapping[str, Any], kind: 
 
 
 def _create_children(rt: Runtime, kube: Kube, ftj: Obj, logger: Any) -> Obj:
-    """ConfigMap and token Secret first (the pod mounts them), then the Job; ours are reused."""
+    """ConfigMap, token Secret and (multi-worker) headless Service first — the pods mount the first two
+    and find worker 0 through the third — then the Job; ours are reused."""
     settings = rt.settings
     namespace = ftj["metadata"]["namespace"]
     configmap = builders.build_configmap(ftj, settings)
     job = builders.build_job(ftj, settings)
+    service = builders.build_service(ftj) if builders.parsed_spec(ftj).workers > 1 else None
     # Owner references only: kopf.adopt would also copy the FineTuneJob's labels onto the
     # children, and labels such as Argo CD's app.kubernetes.io/instance must stay off them.
-    kopf.append_owner_reference([configmap, job], owner=ftj)
+    kopf.append_owner_reference([c for c in (configmap, service, job) if c is not None], owner=ftj)
     _create_or_reuse(kube, configmap_path(namespace), configmap, ftj, "ConfigMap")
+    if service is not None:
+        _create_or_reuse(kube, service_path(namespace), service, ftj, "Service")
     if settings.progress_url:
         _ensure_token(rt, kube, ftj)
     created = _create_or_reuse(kube, job_path(namespace), job, ftj, "Job")

@@ -55,6 +55,7 @@ def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: dt.dateti
         if verdict.phase in TERMINAL
         else None,
         "progress": _progress(ftj, prev),
+        "workers": _workers(prev, job, pods),
     }
     for key in ("resumeCount", "lastCheckpoint"):  # written by the progress endpoint
         if key in prev:
@@ -106,9 +107,10 @@ def _judge(
             "(spec.runPolicy.suspend, or a queue such as Kueue has not admitted it); no pods run",
         )
     running = observe.running_pod(pods)
-    if running is not None:
-        return _running(running, pods, now)
-    return _pending(ftj, job, pods, now, settings)
+    workers = observe.workers(job, pods)
+    if running is not None and observe.group_running(workers):
+        return _running(running, pods, now, workers)
+    return _pending(ftj, job, pods, now, settings, workers)
 
 
 def _succeeded(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings: Settings) -> Verdict:
@@ -123,15 +125,18 @@ def _succeeded(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settin
     return Verdict("Succeeded", "Succeeded", message, completion_time=done, extra={"output": output})
 
 
-def _running(pod: Obj, pods: Sequence[Obj], now: dt.datetime) -> Verdict:
+def _running(pod: Obj, pods: Sequence[Obj], now: dt.datetime, workers: list[dict] | None = None) -> Verdict:
     message = f"training in pod {pod['metadata']['name']}"
+    if workers:
+        message = f"training with {len(workers)} workers; worker 0 is pod {workers[0].get('pod')}"
     earlier = observe.last_failure(pods)
     if earlier:
         message += f" (after a failed attempt: {earlier[0]})"
     return Verdict("Running", "Running", message, start_time=observe.running_since(pod) or observe.format_time(now))
 
 
-def _pending(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings: Settings) -> Verdict:
+def _pending(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings: Settings,
+             workers: list[dict] | None = None) -> Verdict:
     deadline = _startup_deadline(ftj, settings)
     since = observe.startup_clock(job) or now
     waited = max(0, int((now - since).total_seconds()))
@@ -147,6 +152,9 @@ def _pending(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings
                 "`kubectl describe job` shows why (quota, admission policy, service account)",
             )
     if problem is None:
+        if workers:
+            running = sum(w["phase"] == "Running" for w in workers)
+            return Verdict("Pending", "Starting", f"waiting for all {len(workers)} workers to run ({running} running)")
         return Verdict("Pending", "Starting", "waiting for the trainer pod to start")
     reason, message = problem
     if reason in observe.IMMEDIATE_FAILURES:
@@ -159,6 +167,13 @@ def _pending(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings
             completion_time=observe.format_time(now),
         )
     return Verdict("Pending", reason, f"{message} (pending for {waited}s; fails after {deadline}s)")
+
+
+def _workers(prev: Mapping[str, Any], job: Obj | None, pods: Sequence[Obj]) -> list[dict] | None:
+    """Per-worker state of a multi-worker job; the last one seen once the Job or its pods are gone."""
+    if job is None or (not pods and observe.job_finished(job)):
+        return prev.get("workers")
+    return observe.workers(job, pods)
 
 
 def _startup_deadline(ftj: Obj, settings: Settings) -> int:

@@ -96,6 +96,18 @@ CHECKPOINT_SCHEMA: dict[str, Any] = {
     },
 }
 
+WORKER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["index"],
+    "properties": {
+        "index": _int("the worker's completion index (its torchrun node rank)"),
+        "pod": _s("its newest pod"),
+        "phase": _s("that pod's phase: Pending | Running | Succeeded | Failed | Terminating, or Missing"),
+        "restarts": _int("failed pods of this worker so far (each replaced by the Job)"),
+        "lastFailure": _s("reason of its latest failed pod, e.g. OOMKilled or TrainerError"),
+    },
+}
+
 STATUS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -117,5 +129,12 @@ STATUS_SCHEMA: dict[str, Any] = {
         "lastCheckpoint": CHECKPOINT_SCHEMA,
         "progress": PROGRESS_SCHEMA,
         "output": OUTPUT_SCHEMA,
+        "workers": {
+            "type": "array",
+            "description": "multi-worker jobs (spec.workers > 1): one entry per worker pod",
+            "items": WORKER_SCHEMA,
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["index"],
+        },
     },
 }

@@ -244,6 +244,7 @@ NAMESPACED_RULES = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "configmaps"): {"get", "create"},
+    ("", "services"): {"get", "create"},
     ("", "events"): {"create"},
     ("", "secrets"): {"get", "create"},
 }

@@ -170,6 +170,7 @@ def test_api_server_defaults_agree_with_pydantic_defaults(spec: dict[str, Any]) 
 # Each CEL rule mirrors a Python rule: a manifest the rule rejects is rejected by the model too,
 # and both messages name the same field. (The CEL itself runs on a real API server in tests/e2e.)
 CEL_MIRRORS = {
+    "spec.training.batchSize is the global batch": {"dataset": {"builtin": "digits"}, "workers": 3},
     "spec.model.weights.path is required": {
         "model": {"weights": {"source": "file"}},
         "dataset": {"builtin": "digits"},

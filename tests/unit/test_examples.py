@@ -23,7 +23,8 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 CRD = ROOT / "charts/finetune-operator/crds/finetunejobs.finetune.dev.yaml"
-EXPECTED = {"cpu-demo.yaml", "gpu-resnet50.yaml", "partial-unfreeze.yaml", "suspended-kueue.yaml"}
+EXPECTED = {"cpu-demo.yaml", "gpu-resnet50.yaml", "multi-worker-cpu.yaml", "partial-unfreeze.yaml",
+            "suspended-kueue.yaml"}
 
 
 def _load(path: Path) -> dict[str, Any]:

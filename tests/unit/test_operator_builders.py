@@ -234,7 +234,6 @@ def test_invalid_spec_raises_a_field_naming_error() -> None:
 @pytest.mark.parametrize(
     ("spec_extra", "field"),
     [
-        ({"workers": 2}, "spec.workers"),
         ({"volumes": [{"name": "finetune-tmp", "mountPath": "/x", "emptyDir": {}}]}, "spec.volumes[0].name"),
         ({"volumes": [{"name": "a", "mountPath": "/tmp/a", "emptyDir": {}}]}, "spec.volumes[0].mountPath"),
         ({"volumes": [{"name": "a", "mountPath": "/etc", "emptyDir": {}}]}, "spec.volumes[0].mountPath"),
@@ -304,7 +303,7 @@ def test_progress_wiring_mounts_only_this_jobs_token() -> None:
     obj = ftj(namespace="team")
     job = builders.build_job(obj, settings)
     pod = job["spec"]["template"]["spec"]
-    env = {e["name"]: e["value"] for e in container(job)["env"]}
+    env = {e["name"]: e.get("value") for e in container(job)["env"]}
     assert env["FINETUNE_PROGRESS_URL"] == "http://finetune-operator.ops.svc:8081/v1/progress/team/demo"
     assert env["FINETUNE_PROGRESS_TOKEN_FILE"] == builders.PROGRESS_TOKEN_FILE
     vol = next(v for v in pod["volumes"] if v["name"] == builders.VOL_PROGRESS)
@@ -315,6 +314,14 @@ def test_progress_wiring_mounts_only_this_jobs_token() -> None:
     secret = builders.build_token_secret(obj, "abc")
     assert secret["stringData"] == {"token": "abc"} and secret["metadata"]["namespace"] == "team"
     assert builders.LABEL_UID in secret["metadata"]["labels"]
+
+
+def test_torch_threads_follow_the_cpu_limit_not_the_node() -> None:
+    job = builders.build_job(ftj({"dataset": {"builtin": "digits"}, "resources": {"cpu": "1500m"}}), SETTINGS)
+    (omp,) = [e for e in container(job)["env"] if e["name"] == "OMP_NUM_THREADS"]
+    assert omp["valueFrom"]["resourceFieldRef"] == {"containerName": "trainer", "resource": "limits.cpu",
+                                                     "divisor": "1"}
+    assert container(job)["resources"]["limits"]["cpu"] == "1500m"  # the kubelet rounds it up: 2 threads
 
 
 def test_no_progress_url_means_no_token_and_no_push_env() -> None:
@@ -328,3 +335,86 @@ def test_trainer_service_account_from_settings() -> None:
     pod = builders.build_job(ftj(), Settings(trainer_service_account="finetune-trainer"))["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "finetune-trainer" and pod["automountServiceAccountToken"] is False
     assert "serviceAccountName" not in builders.build_job(ftj(), Settings())["spec"]["template"]["spec"]
+
+
+# ------------------------------------------------------------------ multi-worker (spec.workers > 1)
+
+WORKERS = {"dataset": {"builtin": "digits"}, "workers": 3, "training": {"batchSize": 30}}
+
+
+def test_single_worker_job_stays_a_plain_job() -> None:
+    job = builders.build_job(ftj(), SETTINGS)
+    assert "completionMode" not in job["spec"] and "backoffLimitPerIndex" not in job["spec"]
+    assert "subdomain" not in job["spec"]["template"]["spec"] and "ports" not in container(job)
+
+
+def test_workers_make_an_indexed_job_that_fails_and_succeeds_as_a_group() -> None:
+    spec = {**WORKERS, "runPolicy": {"backoffLimit": 4}}
+    job = builders.build_job(ftj(spec), SETTINGS)["spec"]
+    assert (job["completionMode"], job["completions"], job["parallelism"]) == ("Indexed", 3, 3)
+    # Retries are counted per worker (each group restart fails every index once) and one worker out of
+    # retries fails the whole Job: no half-alive group.
+    assert job["backoffLimitPerIndex"] == 4 and job["maxFailedIndexes"] == 0 and "backoffLimit" not in job
+    assert job["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    # The exit-code rules are the single-worker ones: exit 2 fails the Job, 75 and disruptions don't count.
+    assert job["podFailurePolicy"] == builders.pod_failure_policy()
+
+
+def test_workers_find_worker_0_through_a_headless_service() -> None:
+    body = ftj(WORKERS, name="resnet-dp")
+    svc = builders.build_service(body)
+    assert svc["metadata"]["name"] == "resnet-dp" and svc["metadata"]["namespace"] == "ml"
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == builders.selector_labels(body)
+    assert svc["spec"]["ports"][0]["port"] == builders.RENDEZVOUS_PORT
+    job = builders.build_job(body, SETTINGS)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == "resnet-dp"
+    # The Job controller names pod i's host resnet-dp-i: worker 0 is resnet-dp-0.resnet-dp in the namespace.
+    assert builders.master_address(body) == "resnet-dp-0.resnet-dp"
+    assert builders.selector_labels(body).items() <= job["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_workers_run_the_trainer_under_torchrun_with_static_rendezvous_on_worker_0() -> None:
+    settings = Settings(trainer_image="t:1", termination_grace_seconds=90, startup_deadline_seconds=300)
+    c = container(builders.build_job(ftj(WORKERS, name="dp"), settings))
+    assert c["command"] == ["finetune-train"]
+    assert c["args"] == [
+        "torchrun", "--nnodes=3", "--nproc-per-node=1", "--node-rank=$(JOB_COMPLETION_INDEX)",
+        "--master-addr=dp-0.dp", "--master-port=29500", "--rdzv-conf=timeout=300", "--max-restarts=0",
+        "--shutdown-timeout=90", "-m", "finetune_trainer", "-f", "/etc/finetune/job.yaml", "--report", "jsonl",
+    ]
+    assert c["ports"] == [{"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"}]
+    assert "JOB_COMPLETION_INDEX" not in {e["name"] for e in c["env"]}  # the Job controller sets it
+
+
+def test_gpu_workers_run_one_process_per_gpu_and_resources_are_per_pod() -> None:
+    spec = {**WORKERS, "workers": 2, "resources": {"gpus": 4, "cpu": "8", "memory": "32Gi"},
+            "training": {"batchSize": 64}}
+    c = container(builders.build_job(ftj(spec), SETTINGS))
+    assert "--nproc-per-node=4" in c["args"]
+    assert c["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 4}
+
+
+def test_global_batch_must_split_evenly_over_the_training_processes() -> None:
+    with pytest.raises(JobFileError, match=r"batchSize .*multiple of the 3 training processes"):
+        builders.parsed_spec(ftj({**WORKERS, "training": {"batchSize": 32}}))
+    with pytest.raises(JobFileError, match="multiple of the 8 training processes"):
+        builders.parsed_spec(ftj({**WORKERS, "workers": 2, "resources": {"gpus": 4}, "training": {"batchSize": 36}}))
+    builders.parsed_spec(ftj({"dataset": {"builtin": "digits"}, "resources": {"gpus": 3}}))  # one worker: as before
+
+
+@pytest.mark.parametrize("name", ["my.job", "a" * 62, "b" * 100])
+def test_worker_hostnames_need_a_short_dotless_name(name: str) -> None:
+    spec = builders.parsed_spec(ftj(WORKERS, name=name))
+    (problem,) = builders.cluster_problems(spec, SETTINGS, name)
+    assert problem.startswith("spec.workers: a FineTuneJob with 3 workers needs a name without dots of at most 61")
+    assert builders.cluster_problems(builders.parsed_spec(ftj({"dataset": {"builtin": "digits"}})), SETTINGS, name) \
+        == []  # one worker: any name
+
+
+def test_a_name_starting_with_a_digit_gets_a_valid_service_name() -> None:
+    body = ftj(WORKERS, name="1st-run")
+    assert builders.service_name(body) == "ftj-1st-run"
+    assert builders.master_address(body) == "1st-run-0.ftj-1st-run"
+    assert builders.build_job(body, SETTINGS)["spec"]["template"]["spec"]["subdomain"] == "ftj-1st-run"

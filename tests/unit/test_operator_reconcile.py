@@ -174,3 +174,26 @@ def test_events_name_the_object_and_have_unique_names() -> None:
     assert a["metadata"]["name"] != b["metadata"]["name"]
     assert a["involvedObject"]["uid"] == "u" and a["type"] == "Warning"
     assert len(a["message"]) == 1024
+
+
+def test_workers_get_an_owned_headless_service_before_the_job_and_single_workers_none() -> None:
+    rt, kube = setup({"dataset": {"builtin": "digits"}, "workers": 2})
+    reconcile(rt, "ml", "demo", LOG)
+    svc = kube.objects["/api/v1/namespaces/ml/services/demo"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    posts = [path for verb, path in kube.calls if verb == "POST" and "events" not in path]
+    assert posts.index("/api/v1/namespaces/ml/services") < posts.index("/apis/batch/v1/namespaces/ml/jobs")
+    reconcile(rt, "ml", "demo", LOG)  # reused, not created twice
+    assert [p for v, p in kube.calls if v == "POST" and p.endswith("/services")] == ["/api/v1/namespaces/ml/services"]
+    rt, kube = setup()
+    reconcile(rt, "ml", "demo", LOG)
+    assert not any("/services" in path for _, path in kube.calls)
+
+
+def test_a_multi_worker_name_that_cannot_be_a_hostname_is_an_invalid_spec() -> None:
+    rt, kube = setup({"dataset": {"builtin": "digits"}, "workers": 2})
+    kube.objects[FTJ_PATH]["metadata"]["name"] = "demo.v2"
+    kube.objects["/apis/finetune.dev/v1alpha1/namespaces/ml/finetunejobs/demo.v2"] = kube.objects.pop(FTJ_PATH)
+    outcome = reconcile(rt, "ml", "demo.v2", LOG)
+    assert outcome.invalid and outcome.invalid.startswith("spec.workers: a FineTuneJob with 2 workers")
+    assert not any(v == "POST" and ("jobs" in p or "services" in p) for v, p in kube.calls)

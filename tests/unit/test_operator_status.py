@@ -547,3 +547,65 @@ def test_every_status_field_written_is_declared_with_its_type() -> None:
     ]
     for status in samples:
         assert_declared(copy.deepcopy(status), STATUS_SCHEMA)
+
+
+# --- multi-worker (Indexed Job) ------------------------------------------------------------------
+
+WORKERS_SPEC = {"dataset": {"builtin": "digits"}, "training": {"epochs": 10}, "workers": 2}
+
+
+def worker(index: int, phase: str = "Running", name: str | None = None, created: str = CREATED,
+           failures: int | None = None, **status: Any) -> dict:
+    p = pod(name or f"demo-{index}-abcde", phase=phase, created=created, **status)
+    p["metadata"]["annotations"] = {observe.INDEX_KEY: str(index)}
+    if failures is not None:
+        p["metadata"]["annotations"][observe.INDEX_FAILURES_KEY] = str(failures)
+    if phase == "Running":
+        p["status"]["containerStatuses"] = RUNNING_POD["status"]["containerStatuses"]
+    return p
+
+
+def test_multi_worker_job_runs_only_when_every_worker_runs_and_shows_each_worker() -> None:
+    body, j = ftj(WORKERS_SPEC), job(spec=WORKERS_SPEC, active=2)
+    half = derive(body, j, [worker(0), worker(1, "Pending")])
+    assert (half["phase"], half["reason"]) == ("Pending", "Starting")
+    assert half["message"] == "waiting for all 2 workers to run (1 running)"
+    assert half["workers"] == [{"index": 0, "phase": "Running", "restarts": 0, "pod": "demo-0-abcde"},
+                               {"index": 1, "phase": "Pending", "restarts": 0, "pod": "demo-1-abcde"}]
+    full = derive(body, j, [worker(0), worker(1)])
+    assert full["phase"] == "Running" and full["message"] == "training with 2 workers; worker 0 is pod demo-0-abcde"
+    assert derive(ftj(WORKERS_SPEC), j, [])["workers"] == [
+        {"index": 0, "phase": "Missing", "restarts": 0}, {"index": 1, "phase": "Missing", "restarts": 0}]
+
+
+def test_a_failed_worker_shows_its_restarts_and_reason_while_the_group_restarts() -> None:
+    body, j = ftj(WORKERS_SPEC), job(spec=WORKERS_SPEC, active=2, failed=2)
+    crashed = worker(1, "Failed", name="demo-1-old", **terminated(1, "Error", "RuntimeError: boom"))
+    peer = worker(0, "Failed", name="demo-0-old", **terminated(1, "Error", "DistBackendError: closed by peer"))
+    later = "2025-03-01T12:05:00Z"
+    status = derive(body, j, [peer, crashed, worker(0, "Pending", "demo-0-new", later, failures=1),
+                              worker(1, "Pending", "demo-1-new", later, failures=1)])
+    assert status["phase"] == "Pending"
+    assert [(w["index"], w["pod"], w["restarts"], w["lastFailure"]) for w in status["workers"]] == [
+        (0, "demo-0-new", 1, "TrainerError"), (1, "demo-1-new", 1, "TrainerError")]
+    assert_declared(copy.deepcopy(status), STATUS_SCHEMA)
+
+
+def test_one_worker_out_of_retries_fails_the_job_with_the_pods_reason() -> None:
+    j = job(spec=WORKERS_SPEC, failed=3,
+            conditions=[job_condition("Failed", "MaxFailedIndexesExceeded", "Job has exceeded maxFailedIndexes")])
+    oom = worker(1, "Failed", **terminated(137, "OOMKilled"))
+    status = derive(ftj(WORKERS_SPEC), j, [worker(0, "Failed", **terminated(1)), oom])
+    assert (status["phase"], status["reason"]) == ("Failed", "OOMKilled")
+    assert "retries exhausted" in status["message"]
+
+
+def test_success_policy_on_worker_0_succeeds_and_worker_state_survives_ttl() -> None:
+    summary = '{"weightsFile": "model.safetensors", "sha256": "ab", "bestEpoch": 3, "valAccuracy": 0.9}'
+    j = job(spec=WORKERS_SPEC, succeeded=1, conditions=[job_condition("SuccessCriteriaMet", "SuccessPolicy")])
+    done = derive(ftj(WORKERS_SPEC), j, [worker(0, "Succeeded", **terminated(0, "Completed", summary)),
+                                         worker(1, "Running")])
+    assert done["phase"] == "Succeeded" and done["output"]["valAccuracy"] == 0.9
+    after_ttl = derive(ftj(WORKERS_SPEC, status=done), None, [])
+    assert after_ttl["phase"] == "Succeeded" and after_ttl["workers"] == done["workers"]
+    assert_declared(copy.deepcopy(done), STATUS_SCHEMA)

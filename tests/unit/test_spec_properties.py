@@ -5,7 +5,8 @@ names, reserved volume names and mount paths, duplicate mounts). Each generated 
 to parse with a one-line JobFileError, is refused by `cluster_problems` naming a field, or yields
 a ConfigMap, Secret and Job that satisfy what the API server would check — names and labels, one
 mount per path, restricted security context, args as a list — and a job file that parses back to
-the same spec.
+the same spec. Multi-worker specs (workers 1..4) also yield a headless Service, and every worker's
+hostname and worker 0's DNS name are valid DNS names.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ SPEC = st.fixed_dictionaries(
         freeze=optional(policy=st.sampled_from(["head", "partial", "full"]), trainableStages=st.integers(0, 40)),
         training=optional(
             epochs=st.integers(-1, 20000),
-            batchSize=st.integers(0, 100000),
+            batchSize=st.one_of(st.integers(0, 100000), st.sampled_from([24, 48, 240])),  # splittable ones too
             learningRate=st.floats(allow_nan=True, allow_infinity=True),
             precision=st.sampled_from(["auto", "bf16", "fp64"]),
         ),
@@ -102,11 +103,13 @@ SPEC = st.fixed_dictionaries(
             priorityClassName=st.sampled_from(["", "high"]),
         ),
         runPolicy=optional(backoffLimit=st.integers(-1, 200), suspend=st.booleans()),
+        workers=st.integers(1, 4),
     ),
 )
 NAMES = st.one_of(
     st.sampled_from(["demo", "a" * 63, "a" * 64, "x" * 253, "my.job.v2", "a-" * 60 + "b"]),
     st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,100}[a-z0-9])?", fullmatch=True),
+    st.from_regex(r"[a-z0-9]([-a-z0-9]{0,60}[a-z0-9])?", fullmatch=True),  # hostname-sized: multi-worker jobs
 )
 
 
@@ -130,7 +133,7 @@ def test_every_accepted_spec_builds_a_valid_job(name: str, spec: dict[str, Any],
         assert "\n" not in str(err) and str(err).startswith("spec")
         event("refused by the spec model")
         return
-    problems = builders.cluster_problems(parsed, operator_settings)
+    problems = builders.cluster_problems(parsed, operator_settings, name)
     if problems:
         assert all(p.startswith("spec.") for p in problems)
         event("refused by cluster_problems")
@@ -143,6 +146,11 @@ def test_every_accepted_spec_builds_a_valid_job(name: str, spec: dict[str, Any],
     assert_valid_object(config, max_name=253)
     assert_valid_object(builders.build_token_secret(ftj, "t0ken"), max_name=253)
     assert_valid_pod(job["spec"]["template"]["spec"], job["spec"]["template"]["metadata"])
+    if parsed.workers > 1:
+        event("built with several workers")
+        assert_valid_workers(ftj, job, parsed.workers)
+    else:
+        assert "completionMode" not in job["spec"] and "subdomain" not in job["spec"]["template"]["spec"]
     # The trainer reads back exactly the spec the operator validated.
     (text,) = config["data"].values()
     assert parse_job(yaml.safe_load(text)).spec == parsed
@@ -190,3 +198,48 @@ def assert_restricted(pod: dict[str, Any], container: dict[str, Any]) -> None:
     assert pod["automountServiceAccountToken"] is False
     assert "hostNetwork" not in pod and "hostPID" not in pod
     assert all("hostPath" not in v for v in pod["volumes"])
+
+
+def assert_valid_workers(ftj: dict[str, Any], job: dict[str, Any], workers: int) -> None:
+    """What the API server and cluster DNS need for N pods that find worker 0 by name."""
+    service = builders.build_service(ftj)
+    assert_valid_object(service, max_name=63)
+    assert re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", service["metadata"]["name"])  # DNS-1035: a Service name
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completions"] == spec["parallelism"] == workers and spec["completionMode"] == "Indexed"
+    assert pod["subdomain"] == service["metadata"]["name"]
+    # The Job controller sets each pod's hostname to <job>-<index>; it must be a DNS label.
+    for index in range(workers):
+        host = f"{job['metadata']['name']}-{index}"
+        assert len(host) <= 63 and DNS_LABEL.match(host), host
+    (container,) = pod["containers"]
+    master = f"--master-addr={job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert master in container["args"] and f"--nnodes={workers}" in container["args"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=NAMES, workers=st.integers(1, 4), gpus=st.integers(0, 4), batch=st.integers(1, 512),
+       which=st.sampled_from(range(len(SETTINGS))))
+def test_every_accepted_worker_layout_builds_a_valid_group(name: str, workers: int, gpus: int, batch: int,
+                                                           which: int) -> None:
+    """Plain specs varying only the data-parallel layout: refused for a named reason, or a valid group."""
+    spec = {"dataset": {"builtin": "digits"}, "workers": workers, "resources": {"gpus": gpus},
+            "training": {"batchSize": batch}}
+    try:
+        parsed = parse_spec(spec)
+    except JobFileError as err:
+        assert str(err).startswith("spec: training.batchSize") and workers > 1
+        assert batch % (workers * max(1, gpus))
+        return
+    problems = builders.cluster_problems(parsed, SETTINGS[which], name)
+    if problems:
+        assert workers > 1 and problems[0].startswith("spec.workers:")
+        return
+    ftj = manifest(name, spec)
+    job = builders.build_job(ftj, SETTINGS[which])
+    assert_valid_object(job, max_name=63)
+    assert_valid_pod(job["spec"]["template"]["spec"], job["spec"]["template"]["metadata"])
+    if workers > 1:
+        assert_valid_workers(ftj, job, workers)
+        assert f"--nproc-per-node={max(1, gpus)}" in job["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -3,6 +3,9 @@
 Exit codes (errors.py): 0 ok, 2 invalid job file or input data, 1 runtime failure, 75 preempted.
 The last error line also goes to the container termination log, where Kubernetes (and so the
 operator's status message) picks it up.
+
+`finetune-train torchrun …` is torchrun with those exit codes kept (launch.py); the workers it
+starts run this same CLI, each knowing its rank from torchrun's environment.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     _train_parser(sub)
+    sub.add_parser("torchrun", add_help=False,
+                   help="torchrun with its usual arguments, exiting with the trainer's exit codes (multi-worker)")
     v = sub.add_parser("validate", help="check a job file and print the resolved spec")
     v.add_argument("-f", "--file", required=True)
     pr = sub.add_parser("predict", help="classify images with an export")
@@ -94,7 +100,11 @@ def _reporter(kind: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     job = load_job_with_overrides(args.file, _overrides(args))
-    from finetune_trainer.fit import fit  # torch import only once the job file is known good
+    from finetune_trainer.distributed import Dist  # torch import only once the job file is known good
+    from finetune_trainer.fit import fit
+    from finetune_trainer.report import Reporter
+
+    dist = Dist.from_environment()  # one process, or a torchrun worker
 
     stop = {"requested": False}
 
@@ -103,14 +113,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         logging.getLogger("finetune").warning("SIGTERM: stopping after the current step")
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    reporter = _reporter(args.report)
+    # Rank 0 speaks for the group (console, JSON lines, pushes); the others stay quiet except for errors.
+    reporter = _reporter(args.report) if dist.main else Reporter()
     try:
         result = fit(job.spec, reporter, Path(job.spec.output.path), name=job.name,
-                     should_stop=lambda: stop["requested"])
+                     should_stop=lambda: stop["requested"], dist=dist)
     finally:
         reporter.close()
-    print(f"val accuracy {result.val_accuracy:.4f} (best epoch {result.best_epoch}) -> "
-          f"{result.output / result.weights_file}", file=sys.stderr)
+    if dist.main:
+        print(f"val accuracy {result.val_accuracy:.4f} (best epoch {result.best_epoch}) -> "
+              f"{result.output / result.weights_file}", file=sys.stderr)
     # Kubernetes copies this into the pod status; the operator lifts it into status.output.
     _termination_message(json.dumps({"weightsFile": result.weights_file, "sha256": result.sha256,
                                      "bestEpoch": result.best_epoch, "valAccuracy": result.val_accuracy}))
@@ -152,6 +164,11 @@ def _termination_message(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["torchrun"]:  # torchrun parses its own arguments (and the trainer's after them)
+        from finetune_trainer import launch
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        return _guarded(lambda: launch.main(argv[1:]))
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
@@ -160,8 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return EXIT_INVALID_JOB
+    return _guarded(lambda: handlers[args.command](args))
+
+
+def _guarded(command: Callable[[], int]) -> int:
+    """Run a command; errors become one line on stderr, the termination message and an exit code."""
     try:
-        return handlers[args.command](args)
+        return command()
     except FinetuneError as err:
         kind = "invalid job" if isinstance(err, JobFileError) else "failed"
         print(f"error: {kind}: {err}", file=sys.stderr)

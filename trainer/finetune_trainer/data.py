@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from finetune_trainer.errors import JobFileError
+from finetune_trainer.errors import JobFileError, TrainingError
 from finetune_trainer.sampling import EpochSampler
 from finetune_trainer.spec import Dataset as DatasetSpec
 
@@ -268,21 +268,37 @@ def build_dataloaders(
     splits: Splits, prep: Preprocessing, spec: DatasetSpec, batch_size: int, pin_memory: bool = False,
     num_replicas: int = 1, rank: int = 0,
 ) -> tuple[DataLoader, DataLoader]:
-    """The train loader's EpochSampler is reseeded by the caller per epoch (resume = same order)."""
+    """The train loader's EpochSampler is reseeded by the caller per epoch (resume = same order).
+
+    With several replicas, `batch_size` is the per-rank share; each rank evaluates every
+    num_replicas-th val image (no padding, so the summed counts equal a single-process pass).
+    """
     fixed = not spec.augment.any_random
     train_ds = ImageDataset(splits.train, prep.train_transform(spec.augment), fixed, prep.crop)
     val_ds = ImageDataset(splits.val, prep.eval_transform(), True, prep.crop)
     common = {
         "batch_size": batch_size,
         "num_workers": spec.num_workers,
-        "collate_fn": skip_broken,
+        "collate_fn": skip_broken if num_replicas == 1 else collate_all,
         "pin_memory": pin_memory,
         "persistent_workers": spec.num_workers > 0,
     }
     train = DataLoader(train_ds, sampler=EpochSampler(len(train_ds), num_replicas, rank), generator=torch.Generator(),
                        **common)
-    val = DataLoader(val_ds, shuffle=False, **common)
+    if num_replicas == 1:
+        val = DataLoader(val_ds, shuffle=False, **common)
+    else:
+        val = DataLoader(val_ds, sampler=range(rank, len(val_ds), num_replicas), **common)
     return train, val
+
+
+def collate_all(batch: list):
+    """collate_fn for data-parallel runs: a rank cannot skip a step (the others would wait for its
+    gradients), so a batch with no readable image is an error that restarts the group."""
+    good = skip_broken(batch)
+    if good is None:
+        raise TrainingError("every image of a batch failed to load (was the dataset changed mid-run?)")
+    return good
 
 
 def default_num_workers() -> int:

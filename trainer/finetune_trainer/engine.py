@@ -123,7 +123,10 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, precision: Precision,
-             num_classes: int, channels_last: bool = False) -> EvalResult:
+             num_classes: int, channels_last: bool = False,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
+    """Loss, accuracy, top-5 and per-class accuracy over `loader`. With `reduce` (data parallel: each
+    rank holds a shard of the val set), the raw sums are combined across ranks before dividing."""
     model.eval()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -150,7 +153,19 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
             top5 = logits.topk(5, dim=1).indices
             correct5 += (top5 == targets[:, None]).any(dim=1).float().sum()
         n += targets.shape[0]
+    if reduce is not None:
+        total_loss, correct, correct5, hits, counts, n = _reduced(reduce, total_loss, correct, correct5, hits,
+                                                                  counts, n)
     n = max(n, 1)
     per_class = (hits / counts.clamp(min=1)).tolist()
     top5_acc = (correct5 / n).item() if num_classes > 5 else None
     return EvalResult((total_loss / n).item(), (correct / n).item(), top5_acc, per_class, n)
+
+
+def _reduced(reduce: Callable[[torch.Tensor], torch.Tensor], total_loss, correct, correct5, hits, counts, n: int):
+    """One collective for all of evaluate's sums: packed, reduced, unpacked."""
+    k = hits.numel()
+    packed = torch.cat([torch.stack([total_loss, correct, correct5]), hits, counts,
+                        torch.tensor([float(n)], device=hits.device)])
+    out = reduce(packed)
+    return out[0], out[1], out[2], out[3:3 + k], out[3 + k:3 + 2 * k], int(out[-1].item())

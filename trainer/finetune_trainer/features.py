@@ -55,8 +55,11 @@ class _Stop(Exception):
 
 @torch.inference_mode()
 def extract(model: nn.Module, boundary: str, loader, device: torch.device, precision: Precision,
-            channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs of `boundary`, labels) for every image, frozen prefix in eval mode, kept on the CPU."""
+            channels_last: bool = False, limit: int = MAX_CACHE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs of `boundary`, labels) for every image, frozen prefix in eval mode, kept on the CPU.
+
+    `limit` is this process's share of the budget (a data-parallel rank extracts a shard that is
+    then gathered, so every rank ends up holding the whole cache)."""
     captured: list[torch.Tensor] = []
 
     def grab(module, args):
@@ -78,7 +81,7 @@ def extract(model: nn.Module, boundary: str, loader, device: torch.device, preci
                 model(images)
             labels.append(targets)
             total += captured[-1].numel() * 4
-            if total > MAX_CACHE_BYTES:
+            if total > limit:
                 raise MemoryError("boundary activations exceed the in-memory cache budget")
     finally:
         handle.remove()

@@ -3,11 +3,15 @@
 Everything that can be wrong with the input is checked before the output folder is touched, so
 a bad job leaves nothing behind. Each epoch reseeds from (seed, epoch): a resumed run replays the
 exact shuffles, augmentations and dropout masks of an uninterrupted one.
+
+Under torchrun every rank runs fit() with a `Dist` (distributed.py): same model and data, a share
+of every global batch, DistributedDataParallel over what trains, and rank 0 alone on the output.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -25,7 +29,8 @@ from torch.utils.data import DataLoader
 from finetune_trainer import checkpoint as ckpt
 from finetune_trainer import features
 from finetune_trainer.data import build_dataloaders, load_splits
-from finetune_trainer.engine import EpochStart, EvalResult, Precision, evaluate, train_one_epoch
+from finetune_trainer.distributed import Dist, shard
+from finetune_trainer.engine import EpochStart, EpochStats, EvalResult, Precision, evaluate, train_one_epoch
 from finetune_trainer.errors import JobFileError, Preempted, TrainingError
 from finetune_trainer.export import read_export, write_export
 from finetune_trainer.freeze import apply_freeze, param_groups, plan_freeze, set_train_mode
@@ -119,50 +124,66 @@ def fit(
     output: Path,
     name: str = "finetune",
     should_stop: Callable[[], bool] = lambda: False,
+    dist: Dist | None = None,
 ) -> Result:
-    """Fine-tune per spec; returns the exported result. Raises JobFileError / TrainingError."""
+    """Fine-tune per spec; returns the exported result. Raises JobFileError / TrainingError.
+
+    `dist`: this process's place in a torchrun group (default: the only process). Every rank calls
+    fit(); a stop requested on any rank stops all of them after the same step.
+    """
+    dist = dist or Dist()
+    device = _device_for(spec.training.device, dist)
+    with dist.session(device):
+        return _fit(spec, reporter, output, name, dist.agreed(should_stop), dist, device)
+
+
+def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, should_stop: Callable[[], bool],
+         dist: Dist, device: torch.device) -> Result:
     t = spec.training
-    seed_everything(t.seed)
+    batch = dist.per_rank_batch(t.batch_size)
+    seed_everything(t.seed)  # the same on every rank: identical model initialisation everywhere
     splits = load_splits(spec.dataset, t.seed)
     built = build_model(spec, len(splits.classes))
     model = built.model
     plan = plan_freeze(model, built.head_name, spec.freeze)
     apply_freeze(model, plan)
-    previous = read_export(output)
-    if previous and previous.get("fingerprint") != spec.resume_fingerprint():
-        raise JobFileError(f"{output} already holds a model exported from a different spec; it is kept — "
-                           "use a new output path or remove that model")
-    if previous and previous.get("epochs", 0) >= t.epochs:
+    previous = dist.from_main(lambda: _finished_export(output, spec))
+    if previous is not None:
         reporter.event("message", level="info", text=f"{output} already holds a finished export of this spec")
         return _result_from_export(output, previous, reused=True)
 
-    env = _Env.create(spec, model, device=resolve_device(t.device))
+    env = _Env.create(spec, model, device=device)
     train_loader, val_loader = build_dataloaders(
-        splits, built.preprocessing, spec.dataset, t.batch_size, pin_memory=env.device.type == "cuda"
+        splits, built.preprocessing, spec.dataset, batch, pin_memory=env.device.type == "cuda",
+        num_replicas=dist.world, rank=dist.rank,
     )
     optimizer = build_optimizer(param_groups(model, plan, t, spec.freeze.backbone_lr_scale), t)
     scheduler = build_scheduler(optimizer, t)
     scaler = torch.amp.GradScaler("cuda") if env.precision.needs_scaler else None
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     run = _Run()
-    run.frozen_digest = frozen_digest(model)  # the frozen part never changes: hash it once per run
-    resumed = _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run, reporter)
+    run.frozen_digest = _frozen_digest_everywhere(model, dist)  # the frozen part never changes: hash it once
+    resumed = _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run, reporter, dist)
     cache, net = _plan_cache(spec, model, plan)
+    parallel = {"workers": dist.world, "batchPerWorker": batch} if dist.active else {}
 
     reporter.event(
         "start", name=name, architecture=spec.model.architecture, numClasses=len(splits.classes),
         classes=splits.classes, trainSize=len(splits.train), valSize=len(splits.val), freeze=plan.describe(),
         device=str(env.device), precision=env.precision.name, weights=built.weights_note, totalEpochs=t.epochs,
         startEpoch=run.epoch + 1, skippedImages=splits.skipped, featureCache=cache.enabled, cacheReason=cache.reason,
-        resumeCount=run.resume_count, lastCheckpoint=_checkpoint_note(ckpt.latest_checkpoint(output)),
+        resumeCount=run.resume_count, lastCheckpoint=_checkpoint_note(ckpt.latest_checkpoint(output)
+                                                                      if dist.main else None),
+        **parallel,
     )
     if cache.enabled and run.epoch < t.epochs:
         train_loader, val_loader = _feature_loaders(model, cache.boundary, train_loader, val_loader, env,
-                                                    t.batch_size, reporter)
+                                                    batch, reporter, dist)
+    trained = dist.wrap(net, env.device)  # DDP syncs gradients of what trains; `net` stays for evaluation
     run_start = time.perf_counter()
     while run.epoch < t.epochs and not _early_stop(run, t):
         epoch = run.epoch + 1
-        begin = _begin_epoch(run, train_loader, t.seed + epoch)
+        begin = _begin_epoch(run, train_loader, t.seed + epoch, dist)
         set_train_mode(model, plan)
 
         def on_log(step, total, loss, sps, _e=epoch):
@@ -170,25 +191,72 @@ def fit(
             elapsed = time.perf_counter() - run_start
             eta = elapsed / max(done - (resumed or 0) / t.epochs, 1e-9) * (1 - done) if done else None
             reporter.event("step", epoch=_e, totalEpochs=t.epochs, step=step, totalSteps=total,
-                           trainLoss=loss, samplesPerSecond=sps, etaSeconds=eta)
+                           trainLoss=loss, samplesPerSecond=sps * dist.world, etaSeconds=eta)
 
-        stats = train_one_epoch(net, train_loader, optimizer, criterion, env.device, env.precision, scaler,
+        stats = train_one_epoch(trained, train_loader, optimizer, criterion, env.device, env.precision, scaler,
                                 on_log, t.log_every_steps, should_stop, env.channels_last, begin)
+        stats = _global_stats(stats, dist)
         state = (spec, run, model, optimizer, scheduler, scaler)
         if stats.stopped:
-            path = _save_mid_epoch(output, epoch, stats, state, reporter)
-            raise Preempted(f"stopped in epoch {epoch} after step {stats.steps}; {path.name} saved, a restart "
+            path = _save_mid_epoch(output, epoch, stats, state, reporter, dist)
+            saved = path.name if path else "rank 0's checkpoint"
+            raise Preempted(f"stopped in epoch {epoch} after step {stats.steps}; {saved} saved, a restart "
                             "resumes there")
         if scheduler is not None:
             scheduler.step()
-        ev = evaluate(net, val_loader, criterion, env.device, env.precision, len(splits.classes), env.channels_last)
-        _end_epoch(output, epoch, stats, ev, state, reporter)
+        dist.sync_buffers(net)  # BatchNorm statistics of training layers: rank 0's everywhere
+        ev = evaluate(net, val_loader, criterion, env.device, env.precision, len(splits.classes), env.channels_last,
+                      reduce=dist.sum if dist.active else None)
+        _end_epoch(output, epoch, stats, ev, state, reporter, save=dist.main)
         if should_stop() and run.epoch < t.epochs:
             raise Preempted(f"stopped after epoch {epoch}; its checkpoint is saved, a restart resumes there")
 
     extra = {"featureCache": {"enabled": cache.enabled, "reason": cache.reason, "boundary": cache.boundary},
-             **env.describe()}
-    return _export(output, spec, name, model, built, splits, run, env, resumed, reporter, extra)
+             **env.describe(), **({"distributed": parallel} if parallel else {})}
+    return _export(output, spec, name, model, built, splits, run, env, resumed, reporter, extra, dist)
+
+
+def _device_for(choice: str, dist: Dist) -> torch.device:
+    """The training device; each rank of a GPU group takes the GPU of its local rank."""
+    device = resolve_device(choice)
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _finished_export(output: Path, spec: FineTuneJobSpec) -> dict | None:
+    """The export already in `output` when it is this spec's and complete; refuses another spec's."""
+    previous = read_export(output)
+    if previous and previous.get("fingerprint") != spec.resume_fingerprint():
+        raise JobFileError(f"{output} already holds a model exported from a different spec; it is kept — "
+                           "use a new output path or remove that model")
+    if previous and previous.get("epochs", 0) >= spec.training.epochs:
+        return previous
+    return None
+
+
+def _frozen_digest_everywhere(model: nn.Module, dist: Dist) -> str:
+    """This rank's frozen-weights digest, checked equal on every rank: a worker whose weights file
+    differs would silently train on different features."""
+    digest = frozen_digest(model)
+    digests = dist.gather_objects(digest)  # the same list on every rank, so all raise or none
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        raise JobFileError(f"the frozen weights of rank(s) {odd} differ from rank 0's (model.weights must be the "
+                           "same file on every worker)")
+    return digest
+
+
+def _global_stats(stats: EpochStats, dist: Dist) -> EpochStats:
+    """Epoch totals over all ranks, timed by this rank's clock: what the epoch record and checkpoints hold."""
+    if not dist.active:
+        return stats
+    timed = stats.samples if stats.timed_samples is None else stats.timed_samples
+    sums = dist.sum(torch.tensor([stats.loss_sum, stats.samples, stats.skipped_batches, timed], dtype=torch.float64))
+    loss_sum, samples, skipped, timed = sums.tolist()
+    return dataclasses.replace(stats, loss=loss_sum / max(samples, 1), samples=int(samples),
+                               skipped_batches=int(skipped), loss_sum=loss_sum, timed_samples=int(timed))
 
 
 @dataclass
@@ -238,20 +306,33 @@ def _plan_cache(spec: FineTuneJobSpec, model: nn.Module, plan) -> tuple[features
     return cache, tail
 
 
-def _feature_loaders(model, boundary, train_loader, val_loader, env: _Env, batch_size, reporter):
-    """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val."""
+def _feature_loaders(model, boundary, train_loader, val_loader, env: _Env, batch_size, reporter, dist: Dist):
+    """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
+
+    Data parallel: each rank computes a contiguous slice of train, and the slices are gathered in rank
+    order (= dataset order), so every rank holds the whole train cache and samples it exactly as one
+    process would; each rank keeps only the features of its own val shard.
+    """
     start = time.perf_counter()
-    in_order = DataLoader(train_loader.dataset, batch_size=batch_size, shuffle=False,
-                          collate_fn=train_loader.collate_fn, num_workers=train_loader.num_workers)
+    dataset = train_loader.dataset
+    order = {"sampler": shard(len(dataset), dist.world, dist.rank)} if dist.active else {"shuffle": False}
+    in_order = DataLoader(dataset, batch_size=batch_size, collate_fn=train_loader.collate_fn,
+                          num_workers=train_loader.num_workers, **order)
+    limit = features.MAX_CACHE_BYTES // dist.world
     try:
-        train = features.extract(model, boundary, in_order, env.device, env.frozen_precision, env.channels_last)
-        val = features.extract(model, boundary, val_loader, env.device, env.frozen_precision, env.channels_last)
+        train = features.extract(model, boundary, in_order, env.device, env.frozen_precision, env.channels_last,
+                                 limit)
+        val = features.extract(model, boundary, val_loader, env.device, env.frozen_precision, env.channels_last,
+                               limit)
     except MemoryError as err:
         raise TrainingError(f"feature cache: {err}; set training.featureCache: off") from None
-    reporter.event("message", level="info", text=f"frozen-part outputs for {len(train[1]) + len(val[1])} images "
+    if dist.active:
+        train = (dist.concat_rows(train[0]), dist.concat_rows(train[1]))
+    n_val = len(val_loader.dataset) if dist.active else len(val[1])
+    reporter.event("message", level="info", text=f"frozen-part outputs for {len(train[1]) + n_val} images "
                    f"computed once in {time.perf_counter() - start:.1f}s ({env.frozen_precision.name}); "
                    f"training continues from {boundary}")
-    return features.cached_loaders(train, val, batch_size)
+    return features.cached_loaders(train, val, batch_size, dist.world, dist.rank)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -290,12 +371,14 @@ def _early_stop(run: _Run, t: Training) -> bool:
     return bool(es.patience) and run.since_best >= es.patience
 
 
-def _end_epoch(output, epoch, stats, ev, state, reporter) -> None:
+def _end_epoch(output, epoch, stats, ev, state, reporter, save: bool = True) -> None:
+    """Record the epoch; `save`: this process writes the checkpoint (rank 0 of a group)."""
     spec, run, model = state[:3]
     is_best = run.improved(ev)
     if is_best:
         run.best_accuracy, run.best_loss, run.best_epoch, run.since_best = ev.accuracy, ev.loss, epoch, 0
-        run.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainable_state(model).items()})
+        if save:  # only the saving rank checkpoints and exports the best weights
+            run.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainable_state(model).items()})
     else:
         run.since_best += 1
     record = {"epoch": epoch, "trainLoss": stats.loss, "valLoss": ev.loss, "valAccuracy": ev.accuracy,
@@ -303,7 +386,7 @@ def _end_epoch(output, epoch, stats, ev, state, reporter) -> None:
               "perClassAccuracy": ev.per_class}
     run.history.append(record)
     run.epoch = epoch
-    path = ckpt.save_checkpoint(output, epoch, _checkpoint_state(*state))
+    path = ckpt.save_checkpoint(output, epoch, _checkpoint_state(*state)) if save else None
     reporter.event("epoch", totalEpochs=spec.training.epochs, isBest=is_best,
                    bestValAccuracy=run.best_accuracy, skippedBatches=stats.skipped_batches,
                    lastCheckpoint=_checkpoint_note(path),
@@ -323,12 +406,20 @@ def _checkpoint_state(spec, run: _Run, model, optimizer, scheduler, scaler) -> d
     }
 
 
-def _save_mid_epoch(output, epoch, stats, state, reporter) -> Path:
-    """SIGTERM mid-epoch: save where the epoch stopped, with its loss sums and random states."""
+def _save_mid_epoch(output, epoch, stats, state, reporter, dist: Dist) -> Path | None:
+    """SIGTERM mid-epoch: save where the epoch stopped, with its loss sums and random states.
+
+    Data parallel: `stats` are already group totals; rank 0 saves every rank's random state (each
+    resumes its own stream) and is the only one writing — the others return None."""
+    rng = dist.gather_objects(_rng_state())
+    if not dist.main:
+        return None
     spec = state[0]
     data = _checkpoint_state(*state)
     data["inEpoch"] = {"epoch": epoch, "step": stats.steps, "lossSum": stats.loss_sum, "samples": stats.samples,
-                       "skippedBatches": stats.skipped_batches, "rng": _rng_state()}
+                       "skippedBatches": stats.skipped_batches, "rng": rng[0]}
+    if dist.active:
+        data["inEpoch"]["rngByRank"] = rng
     path = ckpt.save_checkpoint(output, epoch, data, step=stats.steps)
     reporter.event("checkpoint", epoch=epoch, totalEpochs=spec.training.epochs, step=stats.steps,
                    lastCheckpoint=_checkpoint_note(path))
@@ -359,26 +450,29 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _begin_epoch(run: _Run, train_loader, seed: int) -> EpochStart | None:
+def _begin_epoch(run: _Run, train_loader, seed: int, dist: Dist) -> EpochStart | None:
     """Seed the epoch (same shuffle and augmentations on every run); after a mid-epoch checkpoint,
-    skip the steps it covered and restore its random states."""
-    seed_everything(seed)
-    train_loader.generator.manual_seed(seed)  # the loader's worker seeds
+    skip the steps it covered and restore its random states.
+
+    The permutation comes from `seed` on every rank (each takes its slice of the same order); the
+    augmentation and dropout streams are per rank (rank 0's is the single-process one)."""
+    seed_everything(dist.epoch_seed(seed))
+    train_loader.generator.manual_seed(dist.epoch_seed(seed))  # the loader's worker seeds
     begin, run.begin = run.begin, None
+    # Global step k covers the same images whatever the number of ranks, so steps × per-rank batch
+    # is where this rank resumes even when the group size changed.
     train_loader.sampler.reseed(seed, skip=begin.step * train_loader.batch_size if begin else 0)
     if begin and run.rng:
         _set_rng_state(run.rng)
     return begin
 
 
-def _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run: _Run, reporter) -> int | None:
-    path = ckpt.latest_checkpoint(output)
-    if path is None:
+def _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run: _Run, reporter, dist: Dist) -> int | None:
+    """Load the latest checkpoint (rank 0 reads it and hands it to the other ranks)."""
+    found = dist.from_main(lambda: _load_latest(output, spec, run.frozen_digest))
+    if found is None:
         return None
-    state = ckpt.load_for_resume(path, spec)
-    if state.get("frozenDigest") != run.frozen_digest:
-        raise JobFileError(f"the frozen weights differ from those {path.name} was trained on (was the weights "
-                           "file replaced?); use a new output path or delete the checkpoints")
+    name, state = found
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler"):
@@ -391,14 +485,42 @@ def _maybe_resume(output, spec, model, optimizer, scheduler, scaler, run: _Run, 
     run.resume_count = state.get("resumeCount", 0) + 1
     where = f"epoch {run.epoch} done"
     if mid := state.get("inEpoch"):
-        run.begin = EpochStart(mid["step"], mid["lossSum"], mid["samples"], mid["skippedBatches"])
-        run.rng = mid["rng"]
+        # The saved sums are group totals: rank 0 carries them on, the others start from zero.
+        sums = (mid["lossSum"], mid["samples"], mid["skippedBatches"]) if dist.main else (0.0, 0, 0)
+        run.begin = EpochStart(mid["step"], *sums)
+        run.rng = _rank_rng(mid, dist)
         where = f"epoch {mid['epoch']} stopped after step {mid['step']}"
-    reporter.event("message", level="info", text=f"resuming from {path.name} ({where}; resume #{run.resume_count})")
+    reporter.event("message", level="info", text=f"resuming from {name} ({where}; resume #{run.resume_count})")
     return run.epoch
 
 
-def _export(output, spec, name, model, built, splits, run, env: _Env, resumed, reporter, extra) -> Result:
+def _load_latest(output: Path, spec: FineTuneJobSpec, digest: str) -> tuple[str, dict] | None:
+    path = ckpt.latest_checkpoint(output)
+    if path is None:
+        return None
+    state = ckpt.load_for_resume(path, spec)
+    if state.get("frozenDigest") != digest:
+        raise JobFileError(f"the frozen weights differ from those {path.name} was trained on (was the weights "
+                           "file replaced?); use a new output path or delete the checkpoints")
+    return path.name, state
+
+
+def _rank_rng(mid: dict, dist: Dist) -> dict | None:
+    """This rank's saved random state; None (keep the epoch's seeded one) when the group size changed."""
+    if not dist.active:
+        return mid["rng"]
+    by_rank = mid.get("rngByRank")
+    return by_rank[dist.rank] if by_rank and len(by_rank) == dist.world else None
+
+
+def _export(output, spec, name, model, built, splits, run, env: _Env, resumed, reporter, extra, dist: Dist) -> Result:
+    """Rank 0 writes the export; the other ranks wait for it and return the same result."""
+    meta = dist.from_main(lambda: _write_export(output, spec, name, model, built, splits, run, reporter, resumed,
+                                                extra))
+    return _result_from_export(output, meta, resumed)
+
+
+def _write_export(output, spec, name, model, built, splits, run, reporter, resumed, extra) -> dict:
     if run.best_state is not None:
         model.load_state_dict(run.best_state, strict=False)
     best = next(h for h in run.history if h["epoch"] == run.best_epoch)
@@ -417,7 +539,7 @@ def _export(output, spec, name, model, built, splits, run, env: _Env, resumed, r
                    trainLoss=best["trainLoss"], perClassAccuracy=per_class, totalEpochs=spec.training.epochs,
                    epoch=run.epoch,
                    weightsFile=meta["weightsFile"], sha256=meta["sha256"], output=str(output))
-    return _result_from_export(output, meta, resumed)
+    return meta
 
 
 def _result_from_export(output: Path, meta: dict, resumed: int | None = None, reused: bool = False) -> Result:

@@ -161,7 +161,11 @@ class EarlyStopping(_Model):
 
 class Training(_Model):
     epochs: int = Field(10, ge=1, le=10000)
-    batch_size: int = Field(32, ge=1, le=65536)
+    batch_size: int = Field(
+        32, ge=1, le=65536,
+        description="images per optimizer step over all workers (the global batch); with several training "
+        "processes each takes an equal share, so it must be a multiple of their number",
+    )
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = Field(0.001, gt=0.0, le=10.0)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
@@ -266,7 +270,11 @@ class FineTuneJobSpec(_Model):
     volumes: list[Volume] = Field(default_factory=list, max_length=32)
     scheduling: Scheduling = Field(default_factory=Scheduling)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
-    workers: int = Field(1, ge=1, le=64, description="trainer pods (data parallel)")
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="trainer pods (data parallel with torchrun); with more than one, each pod runs one "
+        "training process per GPU (one on CPU) and resources apply per pod",
+    )
 
     @model_validator(mode="after")
     def _unique_volumes(self) -> FineTuneJobSpec:
@@ -274,6 +282,24 @@ class FineTuneJobSpec(_Model):
         if len(set(names)) != len(names):
             raise ValueError("volumes[].name must be unique")
         return self
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> FineTuneJobSpec:
+        # Refused rather than rounded: the global batch (and so the learning-rate schedule) stays what
+        # the user wrote, whatever the number of workers.
+        if self.training.batch_size % self.processes:
+            raise ValueError(f"training.batchSize ({self.training.batch_size}) is the global batch and must be a "
+                             f"multiple of the {self.processes} training processes "
+                             "(workers times max(1, resources.gpus))")
+        return self
+
+    @property
+    def processes(self) -> int:
+        """Training processes in a cluster run: one per GPU (or one) in each of `workers` pods.
+
+        A single worker keeps running one process (on one GPU) without torchrun.
+        """
+        return self.workers * max(1, self.resources.gpus) if self.workers > 1 else 1
 
     def resume_fingerprint(self) -> str:
         """Hash of everything that makes a checkpoint incompatible if changed.
