@@ -40,6 +40,9 @@ from pathlib import Path
 
 import pytest
 
+# The operator installed once per session, shared by test_operator.py and test_reliability.py.
+from operator_env import jobs, operator_env, restricted_namespace  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(__file__).resolve().parent
 

@@ -71,12 +71,18 @@ def tiny_job(name: str, spec: dict | None = None) -> dict:
 
 @dataclass
 class BadManifest:
-    """A manifest of tests/e2e/bad_manifests/: `# expect: <field>` names the field the error must name."""
+    """A manifest of tests/e2e/bad_manifests/.
+
+    `# expect: <field>`: the field the schema error names, or (runtime outcomes) text that status.message holds.
+    `# outcome: Failed <Reason>`: the schema accepts it and the FineTuneJob ends Failed with that reason;
+    without the line the API server rejects it (`# status: <code>`, 422 by default).
+    """
 
     path: Path
     body: dict
     field: str
     status: int = 422
+    reason: str | None = None  # the status.reason of a runtime failure; None: rejected by the schema
 
     @property
     def id(self) -> str:
@@ -87,10 +93,12 @@ def bad_manifests() -> list[BadManifest]:
     out = []
     for path in sorted(BAD_MANIFESTS.glob("*.yaml")):
         text = path.read_text()
-        fields = re.findall(r"^# expect: *(\S+) *$", text, re.M)
+        fields = re.findall(r"^# expect: *(.+?) *$", text, re.M)
         status = re.findall(r"^# status: *(\d+) *$", text, re.M)
+        outcome = re.findall(r"^# outcome: *Failed +(\w+) *$", text, re.M)
         assert len(fields) == 1, f"{path.name}: needs exactly one `# expect: <field>` line"
-        out.append(BadManifest(path, yaml.safe_load(text), fields[0], int(status[0]) if status else 422))
+        out.append(BadManifest(path, yaml.safe_load(text), fields[0], int(status[0]) if status else 422,
+                               outcome[0] if outcome else None))
     return out
 
 

@@ -23,14 +23,9 @@ trainer's `import torch`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import re
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,288 +35,26 @@ pytestmark = pytest.mark.e2e
 
 kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client  # noqa: E402
+from operator_env import TRAIN_TIMEOUT, wait_until  # noqa: E402
 from operator_util import (  # noqa: E402
-    CHART,
-    OWNER_UID_LABEL,
     TERMINAL,
     Jobs,
     TableWatch,
-    apply_crds,
     bad_manifests,
-    free_port,
-    helm,
-    http_get,
     metric_samples,
-    raw,
     tiny_job,
-    wait_phase,
 )
-
-OPERATOR_SELECTOR = "app.kubernetes.io/name=finetune-operator,app.kubernetes.io/component=operator"
-OUTPUT_PVC = "finetune-outputs"
-RESTRICTED = {
-    "pod-security.kubernetes.io/enforce": "restricted",
-    "pod-security.kubernetes.io/enforce-version": "latest",
-    "pod-security.kubernetes.io/warn": "restricted",
-}
-TRAIN_TIMEOUT = 240  # one tiny job start to finish; ~40-70 s on 2 busy cores (mostly `import torch`)
-
-
-@dataclass
-class OperatorEnv:
-    """The installed operator and the namespace the tests' FineTuneJobs go to."""
-
-    api: client.ApiClient
-    namespace: str  # FineTuneJobs
-    operator_namespace: str
-    installed_here: bool  # False: installed by someone else (hack/kind-e2e.sh)
-    local_cluster: Any
-    output_pvc: str | None = None
-    http_port: int | None = None  # the operator's server port (Service targetPort) — what trainers push to
-    http_problem: str | None = None  # why the operator's HTTP server is not where the chart says, if it is not
-    values: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def core(self) -> client.CoreV1Api:
-        return client.CoreV1Api(self.api)
-
-    def operator_pods(self) -> list:
-        return self.core.list_namespaced_pod(self.operator_namespace, label_selector=OPERATOR_SELECTOR).items
-
-    def operator_log(self, max_bytes: int = 4000) -> str:
-        """The operator's log tail (files of the local runner, else the API)."""
-        out = []
-        for pod in self.operator_pods():
-            name = pod.metadata.name
-            if self.local_cluster is not None:
-                f = Path(self.local_cluster.pod_logs) / f"{self.operator_namespace}_{name}_operator.log"
-                text = f.read_bytes()[-max_bytes:].decode(errors="replace") if f.exists() else "(no log file)"
-            else:
-                try:
-                    text = self.core.read_namespaced_pod_log(name, self.operator_namespace, tail_lines=40)
-                except client.ApiException as e:
-                    text = f"(log unavailable: {e.status})"
-            out.append(f"--- {name}\n{text}")
-        return "\n".join(out) or "(no operator pod)"
-
-    def forbidden(self) -> str | None:
-        """The operator's log lines about 403 Forbidden answers (a permission the chart's RBAC lacks), if any."""
-        texts = []
-        if self.local_cluster is not None:  # every operator pod of this run, restarted ones included
-            for f in sorted(Path(self.local_cluster.pod_logs).glob(f"{self.operator_namespace}_*_operator.log")):
-                texts.append(f.read_text(errors="replace"))
-        else:
-            for pod in self.operator_pods():
-                with contextlib.suppress(client.ApiException):
-                    texts.append(self.core.read_namespaced_pod_log(pod.metadata.name, self.operator_namespace,
-                                                                   tail_lines=2000))
-        hits = [line.strip()[:400] for text in texts for line in text.splitlines()
-                if re.search(r"\b403\b", line) and "forbidden" in line.lower()]
-        if not hits:
-            return None
-        return (f"the operator was refused by the API server ({len(hits)} log lines with 403 Forbidden) — the "
-                "chart's RBAC (charts/finetune-operator/templates/rbac.yaml) lacks a permission it uses:\n"
-                + "\n".join(hits[:5]))
-
-    def wait_phase(self, jobs: Jobs, name: str, phases: tuple[str, ...], timeout: float) -> dict:
-        return wait_phase(jobs, name, phases, timeout, lambda: self.diagnose(jobs, name), give_up=self.forbidden)
-
-    def metrics(self) -> str:
-        """GET /metrics of the operator: the host's loopback under the runner, else the API's service proxy."""
-        if self.local_cluster is not None:
-            status, text = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
-        else:
-            svc = self.core.list_namespaced_service(self.operator_namespace,
-                                                    label_selector=OPERATOR_SELECTOR.split(",")[0]).items
-            assert svc, f"no operator Service in {self.operator_namespace}"
-            resp = raw(self.api, "GET", f"/api/v1/namespaces/{self.operator_namespace}/services/"
-                                        f"{svc[0].metadata.name}:http/proxy/metrics", headers={"Accept": "*/*"})
-            status, text = resp.status, resp.read().decode(errors="replace")
-        assert status == 200, f"/metrics answered {status}: {text[:300]}"
-        return text
-
-    def diagnose(self, jobs: Jobs, name: str) -> str:
-        """Operator log tail plus the Job's events (pod creation refused by Pod Security, quota …)."""
-        lines = []
-        try:
-            for ev in client.CoreV1Api(self.api).list_namespaced_event(
-                    jobs.ns, field_selector=f"involvedObject.name={name}").items:
-                lines.append(f"event {ev.involved_object.kind} {ev.type} {ev.reason}: {ev.message}")
-        except client.ApiException:
-            pass
-        return "\n".join(lines) + "\noperator log tail:\n" + self.operator_log()
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.3, give_up=None):
-    """Poll until `predicate()` is truthy; `give_up()` (checked every 3 s) names a reason to stop early."""
-    deadline = time.monotonic() + timeout
-    last, next_check = None, time.monotonic() + 2
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        if give_up is not None and time.monotonic() >= next_check:
-            reason = give_up()
-            if reason:
-                raise AssertionError(f"stopped waiting for {what}: {reason}")
-            next_check = time.monotonic() + 3
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
-
-
-def _create_namespace(core: client.CoreV1Api, prefix: str) -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
-        name=name, labels={"e2e": "true", **RESTRICTED})))
-    return name
-
-
-def _deployment_available(apps: client.AppsV1Api, ns: str) -> bool:
-    for dep in apps.list_namespaced_deployment(ns, label_selector=OPERATOR_SELECTOR).items:
-        conds = dep.status.conditions or []
-        if any(c.type == "Available" and c.status == "True" for c in conds) and (dep.status.ready_replicas or 0) >= 1:
-            return True
-    return False
-
-
-def _check_http(env: OperatorEnv, deployment: client.V1Deployment) -> str | None:
-    """None when the operator serves /metrics on the port the chart gives trainers; else why not."""
-    if env.local_cluster is None:
-        try:
-            env.metrics()
-        except AssertionError as e:
-            return f"the operator's /metrics is not reachable through its Service: {e}"
-        return None
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            status, _ = http_get(f"http://127.0.0.1:{env.http_port}/metrics", timeout=2)
-            if status == 200:
-                return None
-        except OSError:
-            pass
-        time.sleep(0.5)
-    container = next(c for c in deployment.spec.template.spec.containers if c.name == "operator")
-    env_vars = {e.name: e.value for e in container.env or [] if e.name.startswith("FINETUNE_")}
-    return (
-        f"the operator does not serve /metrics and /v1/progress on port {env.http_port}, the chart's server.port — "
-        "the port of its Service (targetPort http) and of FINETUNE_PROGRESS_URL, where trainers push progress. "
-        "The chart sets " + ", ".join(f"{k}={v}" for k, v in env_vars.items() if "HTTP" in k or "PROGRESS" in k)
-        + "; the operator's listen address must follow server.port (operator/finetune_operator/settings.py reads "
-        "FINETUNE_HTTP_LISTEN, default 0.0.0.0:8081, and no FINETUNE_HTTP_PORT): set FINETUNE_HTTP_LISTEN "
-        "in charts/finetune-operator/templates/deployment.yaml or read FINETUNE_HTTP_PORT in the operator."
-    )
-
-
-@pytest.fixture(scope="module")
-def restricted_namespace(k8s) -> str:
-    """The CRDs applied and a namespace enforcing Pod Security "restricted" (deleted, not awaited, at the end)."""
-    core = client.CoreV1Api(k8s)
-    apply_crds(k8s)
-    namespace = _create_namespace(core, "ftop")
-    yield namespace
-    try:
-        core.delete_namespace(namespace)
-    except client.ApiException as e:
-        if e.status != 404:
-            raise
-
-
-@pytest.fixture(scope="module")
-def operator_env(k8s, kubeconfig, local_cluster, e2e_report, restricted_namespace) -> OperatorEnv:
-    """The CRD applied, the chart installed into a restricted namespace, the Deployment Available."""
-    core, apps = client.CoreV1Api(k8s), client.AppsV1Api(k8s)
-    t0 = time.monotonic()
-    installed = os.environ.get("FINETUNE_E2E_OPERATOR", "").strip().lower() == "installed"
-    namespace = restricted_namespace
-    release = f"fte-{uuid.uuid4().hex[:6]}"  # cluster-scoped RBAC names include it: unique per run
-    env = OperatorEnv(api=k8s, namespace=namespace, operator_namespace=namespace, installed_here=not installed,
-                      local_cluster=local_cluster)
-    try:
-        if installed:
-            env.operator_namespace = os.environ.get("FINETUNE_E2E_OPERATOR_NAMESPACE", "finetune-system")
-        else:
-            binaries = getattr(local_cluster, "binaries", None) or {}
-            helm_bin = str(binaries.get("helm") or _helm_from_tools())
-            core.create_namespaced_persistent_volume_claim(namespace, client.V1PersistentVolumeClaim(
-                metadata=client.V1ObjectMeta(name=OUTPUT_PVC),
-                spec=client.V1PersistentVolumeClaimSpec(
-                    access_modes=["ReadWriteOnce"],
-                    resources=client.V1VolumeResourceRequirements(requests={"storage": "1Gi"}))))
-            env.output_pvc = OUTPUT_PVC
-            env.values = {
-                "trainer.outputPVC": OUTPUT_PVC,  # outputs persist (and the test reads model.json there)
-                "operator.resyncSeconds": "5",
-            }
-            if local_cluster is not None:
-                # Every pod of the runner listens on the host's loopback: ports nobody else uses.
-                env.values["health.port"] = str(free_port())
-                env.values["server.port"] = str(free_port())
-            # FINETUNE_E2E_CHART: install another copy of the chart (e.g. one with an RBAC rule removed).
-            chart = os.environ.get("FINETUNE_E2E_CHART") or str(CHART)
-            args = ["install", release, chart, "--namespace", namespace, "--skip-crds"]
-            for k, v in env.values.items():
-                args += ["--set", f"{k}={v}"]
-            helm(helm_bin, kubeconfig, *args)
-        try:
-            _wait(lambda: _deployment_available(apps, env.operator_namespace), 120,
-                  f"the operator Deployment in {env.operator_namespace} to become Available")
-        except AssertionError as e:
-            events = [f"{ev.involved_object.kind}/{ev.involved_object.name} {ev.reason}: {ev.message}"
-                      for ev in core.list_namespaced_event(env.operator_namespace).items if ev.type == "Warning"]
-            raise AssertionError(f"{e}\nwarnings: {events}\n{env.operator_log()}") from None
-        dep = apps.list_namespaced_deployment(env.operator_namespace, label_selector=OPERATOR_SELECTOR).items[0]
-        container = next(c for c in dep.spec.template.spec.containers if c.name == "operator")
-        env.http_port = next((p.container_port for p in container.ports or [] if p.name == "http"), None)
-        env.http_problem = (_check_http(env, dep) if env.http_port
-                            else "the chart's operator container has no `http` port (server.enabled off?)")
-        e2e_report(f"operator: chart {'installed' if not installed else 'found'} in "
-                   f"{env.operator_namespace}, Available after {time.monotonic() - t0:.1f} s"
-                   + (f"; HTTP PROBLEM: {env.http_problem}" if env.http_problem else ""))
-        yield env
-    finally:
-        if not installed:
-            try:
-                helm(str((getattr(local_cluster, "binaries", None) or {}).get("helm") or _helm_from_tools()),
-                     kubeconfig, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s")
-            except AssertionError as e:
-                print(f"helm uninstall failed: {e}")
-
-
-def _helm_from_tools() -> str:
-    import subprocess
-
-    out = subprocess.run([str(CHART.parents[1] / "hack" / "tools.sh"), "helm"], capture_output=True, text=True,
-                         check=True, timeout=1800)
-    return out.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture
-def jobs(operator_env) -> Jobs:
-    """FineTuneJobs in the test namespace; each test's jobs are deleted (and their pods gone) afterwards."""
-    j = Jobs(operator_env.api, operator_env.namespace)
-    yield j
-    items = j.co.list_namespaced_custom_object("finetune.dev", "v1alpha1", j.ns, "finetunejobs")["items"]
-    for item in items:
-        j.delete(item["metadata"]["name"])
-    core = client.CoreV1Api(operator_env.api)
-
-    def trainers_stopped():  # finished pods use no CPU: the garbage collector may take its time with them
-        return not [p.metadata.name for p in core.list_namespaced_pod(j.ns, label_selector=OWNER_UID_LABEL).items
-                    if p.status.phase not in ("Succeeded", "Failed")]
-
-    _wait(trainers_stopped, 90, "the trainer pods of this test to stop (the next test gets the CPUs)")
-
 
 # ---------------------------------------------------------------- 1. the CRD's validation
 
-BAD = bad_manifests()
+BAD = [b for b in bad_manifests() if b.reason is None]  # the rest run in test_reliability.py
 
 
 def test_the_corpus_is_large_enough_and_the_base_job_is_valid(k8s, restricted_namespace):
-    """At least 10 bad manifests; the good tiny job passes the same strict server-side dry run."""
+    """At least 30 bad manifests in all; the good tiny job passes the same strict server-side dry run."""
     jobs = Jobs(k8s, restricted_namespace)
-    assert len(BAD) >= 10, f"only {len(BAD)} manifests in tests/e2e/bad_manifests"
+    assert len(bad_manifests()) >= 30, f"only {len(bad_manifests())} manifests in tests/e2e/bad_manifests"
+    assert len(BAD) >= 10, f"only {len(BAD)} manifests the schema must reject"
     jobs.create(tiny_job("good"), dry_run="All", field_validation="Strict")
 
 
@@ -398,7 +131,7 @@ def test_cpu_example_succeeds_with_live_progress_in_kubectl_get_and_metrics(oper
     assert abs(acc[0] - float(status["progress"]["valAccuracy"])) < 1e-3, (acc, status["progress"])
     # ... until the job is deleted (no stale series).
     jobs.delete(name)
-    _wait(lambda: not [1 for labels, _ in metric_samples(env.metrics(), "finetune_job_val_accuracy")
+    wait_until(lambda: not [1 for labels, _ in metric_samples(env.metrics(), "finetune_job_val_accuracy")
                        if labels.get("namespace") == jobs.ns and labels.get("name") == name],
           30, "the job's finetune_job_val_accuracy series to go with the job")
 
@@ -432,7 +165,7 @@ def test_invalid_dataset_path_fails_in_the_trainer_with_reason_and_is_not_retrie
     assert status.get("attempts") == 1, status
     cond = {c["type"]: c for c in status.get("conditions") or []}
     assert cond["Failed"]["status"] == "True" and cond["Ready"]["status"] == "False", cond
-    _wait(lambda: jobs.event_counts(name).get(("Warning", "InvalidJobFile")), 15,
+    wait_until(lambda: jobs.event_counts(name).get(("Warning", "InvalidJobFile")), 15,
           f"a Warning event InvalidJobFile on {name}: {jobs.event_counts(name)}")
 
 
@@ -442,7 +175,7 @@ def test_deadline_exceeded_fails_with_reason_and_warning(operator_env, jobs):
     obj = env.wait_phase(jobs, name, ("Failed",), 90)
     assert obj["status"]["reason"] == "DeadlineExceeded", obj["status"]
     assert "activeDeadlineSeconds" in obj["status"]["message"], obj["status"]
-    _wait(lambda: jobs.event_counts(name).get(("Warning", "DeadlineExceeded")), 15,
+    wait_until(lambda: jobs.event_counts(name).get(("Warning", "DeadlineExceeded")), 15,
           f"a Warning event DeadlineExceeded on {name}: {jobs.event_counts(name)}")
 
 
@@ -462,12 +195,13 @@ def test_suspend_then_resume(operator_env, jobs):
     assert jobs.event_counts(name).get(("Normal", "Suspended")), jobs.event_counts(name)
 
     jobs.patch(name, {"spec": {"runPolicy": {"suspend": False}}})
-    _wait(lambda: jobs.batch.read_namespaced_job(job_name, jobs.ns).spec.suspend is False, 30,
+    wait_until(lambda: jobs.batch.read_namespaced_job(job_name, jobs.ns).spec.suspend is False, 30,
           "the operator to resume the Job (spec.suspend false)", give_up=env.forbidden)
-    _wait(lambda: [p for p in jobs.pods(obj) if p.status.phase == "Running"], 60, "a running trainer pod")
+    wait_until(lambda: [p for p in jobs.pods(obj) if p.status.phase == "Running"], 60, "a running trainer pod")
     obj = env.wait_phase(jobs, name, ("Running",), 60)
     assert obj["status"]["jobName"] == job_name
-    _wait(lambda: jobs.event_counts(name).get(("Normal", "Resumed")), 15, f"a Resumed event: {jobs.event_counts(name)}")
+    wait_until(lambda: jobs.event_counts(name).get(("Normal", "Resumed")), 15,
+               f"a Resumed event: {jobs.event_counts(name)}")
 
 
 # ---------------------------------------------------------------- 5. deletion cascades
@@ -484,7 +218,7 @@ def test_delete_cascades_to_job_pods_configmap_and_token_secret(operator_env, jo
         return owned if all(owned.values()) and running else None
 
     try:
-        owned = _wait(children, 60, f"the Job, ConfigMap, token Secret and a running pod of {name}",
+        owned = wait_until(children, 60, f"the Job, ConfigMap, token Secret and a running pod of {name}",
                       give_up=env.forbidden)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{env.diagnose(jobs, name)}") from None
@@ -529,7 +263,7 @@ def test_operator_restart_mid_run_keeps_one_job(operator_env, jobs, e2e_report):
         ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
         return ready[0].metadata.name if ready else None
 
-    new = _wait(new_operator_ready, 90, f"a new operator pod (Ready) replacing {old[0]}", give_up=env.forbidden)
+    new = wait_until(new_operator_ready, 90, f"a new operator pod (Ready) replacing {old[0]}", give_up=env.forbidden)
     new_since = core.read_namespaced_pod(new, env.operator_namespace).metadata.creation_timestamp
     back_after = time.monotonic() - t0
     phase_then = jobs.status(name).get("phase")

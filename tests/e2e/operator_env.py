@@ -1,0 +1,277 @@
+"""The installed operator for the e2e modules: the chart in a restricted namespace, once per session.
+
+Session fixtures (imported by conftest.py): `restricted_namespace` (the CRDs applied and a namespace
+enforcing Pod Security "restricted"), `operator_env` (the chart installed there, the Deployment Available,
+its HTTP server checked) and `jobs` (FineTuneJobs of one test, deleted after it). See test_operator.py for
+what FINETUNE_E2E_CHART / FINETUNE_E2E_OPERATOR change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from operator_util import CHART, OWNER_UID_LABEL, Jobs, apply_crds, free_port, helm, http_get, raw, wait_phase
+
+OPERATOR_SELECTOR = "app.kubernetes.io/name=finetune-operator,app.kubernetes.io/component=operator"
+OUTPUT_PVC = "finetune-outputs"
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+    "pod-security.kubernetes.io/warn": "restricted",
+}
+TRAIN_TIMEOUT = 240  # one tiny job start to finish; ~40-70 s on 2 busy cores (mostly `import torch`)
+
+
+@dataclass
+class OperatorEnv:
+    """The installed operator and the namespace the tests' FineTuneJobs go to."""
+
+    api: client.ApiClient
+    namespace: str  # FineTuneJobs
+    operator_namespace: str
+    installed_here: bool  # False: installed by someone else (hack/kind-e2e.sh)
+    local_cluster: Any
+    output_pvc: str | None = None
+    http_port: int | None = None  # the operator's server port (Service targetPort) — what trainers push to
+    http_problem: str | None = None  # why the operator's HTTP server is not where the chart says, if it is not
+    values: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    def operator_pods(self) -> list:
+        return self.core.list_namespaced_pod(self.operator_namespace, label_selector=OPERATOR_SELECTOR).items
+
+    def operator_log(self, max_bytes: int = 4000) -> str:
+        """The operator's log tail (files of the local runner, else the API)."""
+        out = []
+        for pod in self.operator_pods():
+            name = pod.metadata.name
+            if self.local_cluster is not None:
+                f = Path(self.local_cluster.pod_logs) / f"{self.operator_namespace}_{name}_operator.log"
+                text = f.read_bytes()[-max_bytes:].decode(errors="replace") if f.exists() else "(no log file)"
+            else:
+                try:
+                    text = self.core.read_namespaced_pod_log(name, self.operator_namespace, tail_lines=40)
+                except client.ApiException as e:
+                    text = f"(log unavailable: {e.status})"
+            out.append(f"--- {name}\n{text}")
+        return "\n".join(out) or "(no operator pod)"
+
+    def forbidden(self) -> str | None:
+        """The operator's log lines about 403 Forbidden answers (a permission the chart's RBAC lacks), if any."""
+        texts = []
+        if self.local_cluster is not None:  # every operator pod of this run, restarted ones included
+            for f in sorted(Path(self.local_cluster.pod_logs).glob(f"{self.operator_namespace}_*_operator.log")):
+                texts.append(f.read_text(errors="replace"))
+        else:
+            for pod in self.operator_pods():
+                with contextlib.suppress(client.ApiException):
+                    texts.append(self.core.read_namespaced_pod_log(pod.metadata.name, self.operator_namespace,
+                                                                   tail_lines=2000))
+        hits = [line.strip()[:400] for text in texts for line in text.splitlines()
+                if re.search(r"\b403\b", line) and "forbidden" in line.lower()]
+        if not hits:
+            return None
+        return (f"the operator was refused by the API server ({len(hits)} log lines with 403 Forbidden) — the "
+                "chart's RBAC (charts/finetune-operator/templates/rbac.yaml) lacks a permission it uses:\n"
+                + "\n".join(hits[:5]))
+
+    def wait_phase(self, jobs: Jobs, name: str, phases: tuple[str, ...], timeout: float) -> dict:
+        return wait_phase(jobs, name, phases, timeout, lambda: self.diagnose(jobs, name), give_up=self.forbidden)
+
+    def metrics(self) -> str:
+        """GET /metrics of the operator: the host's loopback under the runner, else the API's service proxy."""
+        if self.local_cluster is not None:
+            status, text = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
+        else:
+            svc = self.core.list_namespaced_service(self.operator_namespace,
+                                                    label_selector=OPERATOR_SELECTOR.split(",")[0]).items
+            assert svc, f"no operator Service in {self.operator_namespace}"
+            resp = raw(self.api, "GET", f"/api/v1/namespaces/{self.operator_namespace}/services/"
+                                        f"{svc[0].metadata.name}:http/proxy/metrics", headers={"Accept": "*/*"})
+            status, text = resp.status, resp.read().decode(errors="replace")
+        assert status == 200, f"/metrics answered {status}: {text[:300]}"
+        return text
+
+    def diagnose(self, jobs: Jobs, name: str) -> str:
+        """Operator log tail plus the Job's events (pod creation refused by Pod Security, quota …)."""
+        lines = []
+        try:
+            for ev in client.CoreV1Api(self.api).list_namespaced_event(
+                    jobs.ns, field_selector=f"involvedObject.name={name}").items:
+                lines.append(f"event {ev.involved_object.kind} {ev.type} {ev.reason}: {ev.message}")
+        except client.ApiException:
+            pass
+        return "\n".join(lines) + "\noperator log tail:\n" + self.operator_log()
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.3, give_up=None):
+    """Poll until `predicate()` is truthy; `give_up()` (checked every 3 s) names a reason to stop early."""
+    deadline = time.monotonic() + timeout
+    last, next_check = None, time.monotonic() + 2
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        if give_up is not None and time.monotonic() >= next_check:
+            reason = give_up()
+            if reason:
+                raise AssertionError(f"stopped waiting for {what}: {reason}")
+            next_check = time.monotonic() + 3
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def _create_namespace(core: client.CoreV1Api, prefix: str) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+        name=name, labels={"e2e": "true", **RESTRICTED})))
+    return name
+
+
+def _deployment_available(apps: client.AppsV1Api, ns: str) -> bool:
+    for dep in apps.list_namespaced_deployment(ns, label_selector=OPERATOR_SELECTOR).items:
+        conds = dep.status.conditions or []
+        if any(c.type == "Available" and c.status == "True" for c in conds) and (dep.status.ready_replicas or 0) >= 1:
+            return True
+    return False
+
+
+def _check_http(env: OperatorEnv, deployment: client.V1Deployment) -> str | None:
+    """None when the operator serves /metrics on the port the chart gives trainers; else why not."""
+    if env.local_cluster is None:
+        try:
+            env.metrics()
+        except AssertionError as e:
+            return f"the operator's /metrics is not reachable through its Service: {e}"
+        return None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            status, _ = http_get(f"http://127.0.0.1:{env.http_port}/metrics", timeout=2)
+            if status == 200:
+                return None
+        except OSError:
+            pass
+        time.sleep(0.5)
+    container = next(c for c in deployment.spec.template.spec.containers if c.name == "operator")
+    env_vars = {e.name: e.value for e in container.env or [] if e.name.startswith("FINETUNE_")}
+    return (
+        f"the operator does not serve /metrics and /v1/progress on port {env.http_port}, the chart's server.port — "
+        "the port of its Service (targetPort http) and of FINETUNE_PROGRESS_URL, where trainers push progress. "
+        "The chart sets " + ", ".join(f"{k}={v}" for k, v in env_vars.items() if "HTTP" in k or "PROGRESS" in k)
+        + "; the operator's listen address must follow server.port (operator/finetune_operator/settings.py reads "
+        "FINETUNE_HTTP_LISTEN, default 0.0.0.0:8081, and no FINETUNE_HTTP_PORT): set FINETUNE_HTTP_LISTEN "
+        "in charts/finetune-operator/templates/deployment.yaml or read FINETUNE_HTTP_PORT in the operator."
+    )
+
+
+@pytest.fixture(scope="session")
+def restricted_namespace(k8s) -> str:
+    """The CRDs applied and a namespace enforcing Pod Security "restricted" (deleted, not awaited, at the end)."""
+    core = client.CoreV1Api(k8s)
+    apply_crds(k8s)
+    namespace = _create_namespace(core, "ftop")
+    yield namespace
+    try:
+        core.delete_namespace(namespace)
+    except client.ApiException as e:
+        if e.status != 404:
+            raise
+
+
+@pytest.fixture(scope="session")
+def operator_env(k8s, kubeconfig, local_cluster, e2e_report, restricted_namespace) -> OperatorEnv:
+    """The CRD applied, the chart installed into a restricted namespace, the Deployment Available."""
+    core, apps = client.CoreV1Api(k8s), client.AppsV1Api(k8s)
+    t0 = time.monotonic()
+    installed = os.environ.get("FINETUNE_E2E_OPERATOR", "").strip().lower() == "installed"
+    namespace = restricted_namespace
+    release = f"fte-{uuid.uuid4().hex[:6]}"  # cluster-scoped RBAC names include it: unique per run
+    env = OperatorEnv(api=k8s, namespace=namespace, operator_namespace=namespace, installed_here=not installed,
+                      local_cluster=local_cluster)
+    try:
+        if installed:
+            env.operator_namespace = os.environ.get("FINETUNE_E2E_OPERATOR_NAMESPACE", "finetune-system")
+        else:
+            binaries = getattr(local_cluster, "binaries", None) or {}
+            helm_bin = str(binaries.get("helm") or _helm_from_tools())
+            core.create_namespaced_persistent_volume_claim(namespace, client.V1PersistentVolumeClaim(
+                metadata=client.V1ObjectMeta(name=OUTPUT_PVC),
+                spec=client.V1PersistentVolumeClaimSpec(
+                    access_modes=["ReadWriteOnce"],
+                    resources=client.V1VolumeResourceRequirements(requests={"storage": "1Gi"}))))
+            env.output_pvc = OUTPUT_PVC
+            env.values = {
+                "trainer.outputPVC": OUTPUT_PVC,  # outputs persist (and the test reads model.json there)
+                "operator.resyncSeconds": "5",
+            }
+            if local_cluster is not None:
+                # Every pod of the runner listens on the host's loopback: ports nobody else uses.
+                env.values["health.port"] = str(free_port())
+                env.values["server.port"] = str(free_port())
+            # FINETUNE_E2E_CHART: install another copy of the chart (e.g. one with an RBAC rule removed).
+            chart = os.environ.get("FINETUNE_E2E_CHART") or str(CHART)
+            args = ["install", release, chart, "--namespace", namespace, "--skip-crds"]
+            for k, v in env.values.items():
+                args += ["--set", f"{k}={v}"]
+            helm(helm_bin, kubeconfig, *args)
+        try:
+            wait_until(lambda: _deployment_available(apps, env.operator_namespace), 120,
+                  f"the operator Deployment in {env.operator_namespace} to become Available")
+        except AssertionError as e:
+            events = [f"{ev.involved_object.kind}/{ev.involved_object.name} {ev.reason}: {ev.message}"
+                      for ev in core.list_namespaced_event(env.operator_namespace).items if ev.type == "Warning"]
+            raise AssertionError(f"{e}\nwarnings: {events}\n{env.operator_log()}") from None
+        dep = apps.list_namespaced_deployment(env.operator_namespace, label_selector=OPERATOR_SELECTOR).items[0]
+        container = next(c for c in dep.spec.template.spec.containers if c.name == "operator")
+        env.http_port = next((p.container_port for p in container.ports or [] if p.name == "http"), None)
+        env.http_problem = (_check_http(env, dep) if env.http_port
+                            else "the chart's operator container has no `http` port (server.enabled off?)")
+        e2e_report(f"operator: chart {'installed' if not installed else 'found'} in "
+                   f"{env.operator_namespace}, Available after {time.monotonic() - t0:.1f} s"
+                   + (f"; HTTP PROBLEM: {env.http_problem}" if env.http_problem else ""))
+        yield env
+    finally:
+        if not installed:
+            try:
+                helm(str((getattr(local_cluster, "binaries", None) or {}).get("helm") or _helm_from_tools()),
+                     kubeconfig, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s")
+            except AssertionError as e:
+                print(f"helm uninstall failed: {e}")
+
+
+def _helm_from_tools() -> str:
+    import subprocess
+
+    out = subprocess.run([str(CHART.parents[1] / "hack" / "tools.sh"), "helm"], capture_output=True, text=True,
+                         check=True, timeout=1800)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def jobs(operator_env) -> Jobs:
+    """FineTuneJobs in the test namespace; each test's jobs are deleted (and their pods gone) afterwards."""
+    j = Jobs(operator_env.api, operator_env.namespace)
+    yield j
+    items = j.co.list_namespaced_custom_object("finetune.dev", "v1alpha1", j.ns, "finetunejobs")["items"]
+    for item in items:
+        j.delete(item["metadata"]["name"])
+    core = client.CoreV1Api(operator_env.api)
+
+    def trainers_stopped():  # finished pods use no CPU: the garbage collector may take its time with them
+        return not [p.metadata.name for p in core.list_namespaced_pod(j.ns, label_selector=OWNER_UID_LABEL).items
+                    if p.status.phase not in ("Succeeded", "Failed")]
+
+    wait_until(trainers_stopped, 90, "the trainer pods of this test to stop (the next test gets the CPUs)")
