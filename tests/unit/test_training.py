@@ -1,5 +1,6 @@
 """Short real training runs on CPU (resnet18 at 16 px on three digit classes)."""
 
+import dataclasses
 import io
 import json
 
@@ -8,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from trainer_util import tiny_spec
 
+from finetune_trainer import fit as fit_module
 from finetune_trainer.checkpoint import latest_checkpoint
 from finetune_trainer.data import load_splits
 from finetune_trainer.errors import JobFileError, Preempted
@@ -150,6 +152,27 @@ def test_sigterm_at_an_epoch_end_resumes_from_that_epoch_and_counts_resumes(tmp_
     result = fit(spec, seen, tmp_path)
     assert result.epochs_run == 3
     assert next(f for k, f in seen.events if k == "start")["resumeCount"] == 2
+
+
+def test_a_resumed_run_never_replaces_a_better_earlier_best_with_a_worse_model(tmp_path, monkeypatch):
+    """Epoch 1 is the best when the run stops in epoch 2; after the resume every epoch evaluates worse
+    (degraded on purpose): the export is still epoch 1's weights, restored from the checkpoint."""
+    spec = tiny_spec(tmp_path, **{"training.epochs": 3, "training.logEverySteps": 1})
+    stopper = StopAfter(1, step=1)
+    with pytest.raises(Preempted):
+        fit(spec, stopper, tmp_path, should_stop=lambda: stopper.stop)
+    (first,) = [f for k, f in stopper.events if k == "epoch"]
+    saved = torch.load(latest_checkpoint(tmp_path), map_location="cpu", weights_only=False)["best_state"]
+
+    real_evaluate = fit_module.evaluate
+    monkeypatch.setattr(fit_module, "evaluate", lambda *a, **kw: dataclasses.replace(
+        real_evaluate(*a, **kw), accuracy=first["valAccuracy"] / 2))
+    result = fit(spec, Reporter(), tmp_path)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert result.best_epoch == meta["bestEpoch"] == 1
+    assert meta["metrics"]["valAccuracy"] == first["valAccuracy"]
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    assert saved and all(torch.equal(exported[k], v) for k, v in saved.items())
 
 
 def test_changed_spec_refuses_to_resume(tmp_path):
