@@ -23,7 +23,7 @@ import kopf
 from finetune_operator import builders
 from finetune_operator.crd import PLURAL
 from finetune_operator.kube import Kube, ftj_path
-from finetune_operator.reconcile import Runtime, reconcile, set_job_suspend, token_digest_for
+from finetune_operator.reconcile import Runtime, reconcile, reconcile_on_event, set_job_suspend, token_digest_for
 from finetune_operator.server import ProgressService, serve
 from finetune_operator.settings import Settings
 from finetune_trainer.spec import API_GROUP, API_VERSION
@@ -114,8 +114,11 @@ def register(
 
 
 def _run(rt: Runtime, namespace: str, name: str, logger: Any, *, permanent: bool) -> None:
+    if not permanent:  # a watch event: coalesced with a pass already running
+        reconcile_on_event(rt, namespace, name, logger)
+        return
     outcome = reconcile(rt, namespace, name, logger)
-    if outcome.invalid and permanent:
+    if outcome.invalid:
         # Status already says Failed/InvalidSpec with a Warning event; this stops kopf's retries.
         raise kopf.PermanentError(f"invalid spec: {outcome.invalid}")
 
@@ -128,7 +131,8 @@ async def resync_loop(rt: Runtime, logger: Any) -> None:
     """
     while True:
         await asyncio.sleep(rt.settings.resync_seconds)
-        for namespace, name in rt.unfinished():
+        # Jobs whose events re-derived them within the period are fresh: only quiet ones need the clock.
+        for namespace, name in rt.due(rt.settings.resync_seconds):
             try:
                 await asyncio.to_thread(reconcile, rt, namespace, name, logger)
             except kopf.TemporaryError as err:

@@ -18,6 +18,10 @@ from finetune_operator.crd import PLURAL
 from finetune_trainer.spec import API_GROUP, API_VERSION
 
 Obj = dict[str, Any]
+# Every handler thread (kopf's max_workers), the resync loop and the progress server may call at once.
+# The client's default (5 per CPU) is smaller: urllib3 then opens a throwaway connection — a TLS handshake
+# on both ends — for each call over the limit, which under a burst costs the API server more than the calls.
+POOL_SIZE = 32
 REQUEST_TIMEOUT = (10, 60)  # connect, read (seconds)
 
 
@@ -73,7 +77,9 @@ class Kube:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
-        return cls(kubernetes.client.ApiClient())
+        config = kubernetes.client.Configuration.get_default_copy()
+        config.connection_pool_maxsize = POOL_SIZE
+        return cls(kubernetes.client.ApiClient(config))
 
     @classmethod
     def for_host(cls, host: str) -> Kube:

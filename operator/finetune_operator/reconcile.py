@@ -58,6 +58,10 @@ class Runtime:
     tokens: dict[tuple[str, str], str] = field(default_factory=dict)
     on_forget: list[Callable[[str, str], None]] = field(default_factory=list)
     _guard: threading.Lock = field(default_factory=threading.Lock)
+    # Work-queue bookkeeping: keys with a pass running, keys that got events meanwhile, last pass times.
+    _busy: set[tuple[str, str]] = field(default_factory=set)
+    _dirty: set[tuple[str, str]] = field(default_factory=set)
+    _last_pass: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
@@ -77,6 +81,7 @@ class Runtime:
             self._locks.pop((namespace, name), None)
             self._unfinished.discard((namespace, name))
             self.tokens.pop((namespace, name), None)
+            self._last_pass.pop((namespace, name), None)
         self.metrics.forget(namespace, name)
         for callback in self.on_forget:
             callback(namespace, name)
@@ -93,6 +98,39 @@ class Runtime:
         with self._guard:
             return sorted(self._unfinished)
 
+    def due(self, older_than: float) -> list[tuple[str, str]]:
+        """Unfinished jobs whose last pass is older than `older_than` seconds (the others are fresh)."""
+        now = time.monotonic()
+        with self._guard:
+            return sorted(k for k in self._unfinished if now - self._last_pass.get(k, 0.0) >= older_than)
+
+    def defer_if_busy(self, namespace: str, name: str) -> bool:
+        """True when a pass for this job is running: it is marked to run once more instead."""
+        with self._guard:
+            if (namespace, name) in self._busy:
+                self._dirty.add((namespace, name))
+                return True
+            return False
+
+    def _begin(self, key: tuple[str, str]) -> None:
+        with self._guard:
+            self._busy.add(key)
+            self._dirty.discard(key)
+
+    def _again(self, key: tuple[str, str]) -> bool:
+        """After a pass: run another if events came meanwhile; else the key stops being busy."""
+        with self._guard:
+            self._last_pass[key] = time.monotonic()
+            if key in self._dirty:
+                self._dirty.discard(key)
+                return True
+            self._busy.discard(key)
+            return False
+
+    def _end(self, key: tuple[str, str]) -> None:
+        with self._guard:
+            self._busy.discard(key)
+
 
 @dataclass
 class Outcome:
@@ -101,12 +139,36 @@ class Outcome:
 
 
 def reconcile(rt: Runtime, namespace: str, name: str, logger: logging.Logger | Any) -> Outcome:
-    """Converge one FineTuneJob. API trouble becomes kopf.TemporaryError (kopf retries later)."""
+    """Converge one FineTuneJob. API trouble becomes kopf.TemporaryError (kopf retries later).
+
+    Events that arrive while the pass runs (see `reconcile_on_event`) make it run once more, so
+    the last pass always starts after the last event.
+    """
     assert rt.kube is not None, "the startup handler sets the API client"
+    key = (namespace, name)
+    with rt.lock(namespace, name):
+        rt._begin(key)
+        try:
+            outcome = _timed_pass(rt, rt.kube, namespace, name, logger)
+            while rt._again(key):
+                outcome = _timed_pass(rt, rt.kube, namespace, name, logger)
+        finally:
+            rt._end(key)
+    return outcome
+
+
+def reconcile_on_event(rt: Runtime, namespace: str, name: str, logger: logging.Logger | Any) -> None:
+    """For watch events of a job's Job and pods, which come in bursts (pod created, scheduled, running,
+    Job status ...): while a pass runs, an event only asks for one more pass. Like a controller-runtime
+    work queue, a burst of N events costs at most two passes, not N, and the API server N times less."""
+    if not rt.defer_if_busy(namespace, name):
+        reconcile(rt, namespace, name, logger)
+
+
+def _timed_pass(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any) -> Outcome:
     started = time.perf_counter()
     try:
-        with rt.lock(namespace, name):
-            outcome = _reconcile(rt, rt.kube, namespace, name, logger)
+        outcome = _reconcile(rt, kube, namespace, name, logger)
     except ApiError as err:
         rt.metrics.reconcile_errors.inc()
         rt.metrics.reconciles.labels("error").inc()
@@ -136,7 +198,9 @@ def _reconcile(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any) 
             return _fail_invalid(kube, ftj, problem, rt.clock())
         job = _create_children(rt, kube, ftj, logger)
         _warn_if_ephemeral(kube, ftj, rt.settings, rt.clock())
-    pods = kube.list(pod_path(namespace), builders.selector_labels(ftj)) if job else []
+        pods: list[Obj] = []  # just created: its pods' events bring the next pass
+    else:
+        pods = kube.list(pod_path(namespace), builders.selector_labels(ftj)) if job else []
     new = status.derive_status(ftj, job, pods, rt.clock(), rt.settings)
     if status.should_stop_job(new, job):
         logger.warning(f"Deleting Job {job['metadata']['name']}: {new['reason']}")

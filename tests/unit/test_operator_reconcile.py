@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from typing import Any
 
 import kopf
@@ -13,7 +14,7 @@ from finetune_operator import builders
 from finetune_operator.events import build_event
 from finetune_operator.handlers import _owner_name
 from finetune_operator.kube import ApiError, merge_patch_for
-from finetune_operator.reconcile import Runtime, reconcile
+from finetune_operator.reconcile import Runtime, reconcile, reconcile_on_event
 from finetune_operator.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -197,3 +198,43 @@ def test_a_multi_worker_name_that_cannot_be_a_hostname_is_an_invalid_spec() -> N
     outcome = reconcile(rt, "ml", "demo.v2", LOG)
     assert outcome.invalid and outcome.invalid.startswith("spec.workers: a FineTuneJob with 2 workers")
     assert not any(v == "POST" and ("jobs" in p or "services" in p) for v, p in kube.calls)
+
+
+class BlockingKube(FakeKube):
+    """The first GET of the FineTuneJob waits until the test lets it go: a pass held in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        if path == FTJ_PATH and not self.release.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+        return super().get(path)
+
+
+def test_a_burst_of_watch_events_during_a_pass_costs_one_more_pass_not_one_each() -> None:
+    rt, _ = setup()
+    kube = BlockingKube()
+    kube.objects = rt.kube.objects
+    rt.kube = kube
+    first = threading.Thread(target=reconcile_on_event, args=(rt, "ml", "demo", LOG))
+    first.start()
+    assert kube.entered.wait(10)
+    for _ in range(5):  # pod and Job events while the pass runs: each returns at once
+        reconcile_on_event(rt, "ml", "demo", LOG)
+    kube.release.set()
+    first.join(10)
+    passes = [c for c in kube.calls if c == ("GET", FTJ_PATH)]
+    assert len(passes) == 2, f"{len(passes)} passes for 6 events"  # the one running + one after the burst
+    reconcile_on_event(rt, "ml", "demo", LOG)  # nothing in flight: an event runs its own pass
+    assert len([c for c in kube.calls if c == ("GET", FTJ_PATH)]) == 3
+
+
+def test_resync_takes_only_jobs_no_event_has_refreshed_within_the_period() -> None:
+    rt, _ = setup()
+    reconcile(rt, "ml", "demo", LOG)
+    assert rt.unfinished() == [("ml", "demo")]
+    assert rt.due(30.0) == []  # just derived
+    assert rt.due(0.0) == [("ml", "demo")]
