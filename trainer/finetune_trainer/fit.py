@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune_trainer import checkpoint as ckpt
-from finetune_trainer import features
+from finetune_trainer import feature_store, features
 from finetune_trainer.data import build_dataloaders, load_splits
 from finetune_trainer.distributed import Dist, shard
 from finetune_trainer.engine import EpochStart, EpochStats, EvalResult, Precision, evaluate, train_one_epoch
@@ -176,9 +176,14 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
                                                                       if dist.main else None),
         **parallel,
     )
+    stored = None
     if cache.enabled and run.epoch < t.epochs:
-        train_loader, val_loader = _feature_loaders(model, cache.boundary, train_loader, val_loader, env,
-                                                    batch, reporter, dist)
+        # On disk for one process only: ranks of a group may not share a writable output volume.
+        key = None if dist.active else feature_store.cache_key(
+            splits, built.preprocessing, cache.boundary, run.frozen_digest, env.frozen_precision.name,
+            env.channels_last)
+        train_loader, val_loader, stored = _feature_loaders(model, cache.boundary, train_loader, val_loader, env,
+                                                            batch, reporter, dist, (output, key) if key else None)
     trained = dist.wrap(net, env.device)  # DDP syncs gradients of what trains; `net` stays for evaluation
     run_start = time.perf_counter()
     while run.epoch < t.epochs and not _early_stop(run, t):
@@ -211,7 +216,8 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
         if should_stop() and run.epoch < t.epochs:
             raise Preempted(f"stopped after epoch {epoch}; its checkpoint is saved, a restart resumes there")
 
-    extra = {"featureCache": {"enabled": cache.enabled, "reason": cache.reason, "boundary": cache.boundary},
+    extra = {"featureCache": {"enabled": cache.enabled, "reason": cache.reason, "boundary": cache.boundary,
+                              "stored": stored},
              **env.describe(), **({"distributed": parallel} if parallel else {})}
     return _export(output, spec, name, model, built, splits, run, env, resumed, reporter, extra, dist)
 
@@ -306,13 +312,21 @@ def _plan_cache(spec: FineTuneJobSpec, model: nn.Module, plan) -> tuple[features
     return cache, tail
 
 
-def _feature_loaders(model, boundary, train_loader, val_loader, env: _Env, batch_size, reporter, dist: Dist):
-    """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
+def _feature_loaders(model, boundary, train_loader, val_loader, env: _Env, batch_size, reporter, dist: Dist,
+                     store: tuple[Path, str] | None):
+    """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val,
+    or none when `store` (output, key) already holds it; returns the loaders and what the store did.
 
     Data parallel: each rank computes a contiguous slice of train, and the slices are gathered in rank
     order (= dataset order), so every rank holds the whole train cache and samples it exactly as one
     process would; each rank keeps only the features of its own val shard.
     """
+    found = feature_store.load(*store) if store else None
+    if found is not None:
+        reporter.event("message", level="info", text=f"frozen-part outputs for {len(found[0][1]) + len(found[1][1])} "
+                       f"images reused from {feature_store.path_for(*store).relative_to(store[0])}; "
+                       f"training continues from {boundary}")
+        return (*features.cached_loaders(found[0], found[1], batch_size, 1, 0), "reused")
     start = time.perf_counter()
     dataset = train_loader.dataset
     order = {"sampler": shard(len(dataset), dist.world, dist.rank)} if dist.active else {"shuffle": False}
@@ -332,7 +346,19 @@ def _feature_loaders(model, boundary, train_loader, val_loader, env: _Env, batch
     reporter.event("message", level="info", text=f"frozen-part outputs for {len(train[1]) + n_val} images "
                    f"computed once in {time.perf_counter() - start:.1f}s ({env.frozen_precision.name}); "
                    f"training continues from {boundary}")
-    return features.cached_loaders(train, val, batch_size, dist.world, dist.rank)
+    return (*features.cached_loaders(train, val, batch_size, dist.world, dist.rank), _store(store, train, val))
+
+
+def _store(store: tuple[Path, str] | None, train, val) -> str | None:
+    """Keep the features for a retry; a full or read-only volume only costs the next attempt the pass."""
+    if store is None:
+        return None
+    try:
+        feature_store.save(*store, train, val)
+    except OSError as err:
+        log.warning("feature cache not saved (%s): a retry computes it again", err)
+        return None
+    return "written"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -534,6 +560,7 @@ def _write_export(output, spec, name, model, built, splits, run, reporter, resum
             "resumedFromEpoch": resumed, "epochs": run.epoch, **extra,
         },
     )
+    feature_store.discard(output)  # the export is committed: no retry will need the features
     per_class = dict(zip(splits.classes, best["perClassAccuracy"], strict=True))
     reporter.event("end", valAccuracy=best["valAccuracy"], valLoss=best["valLoss"], bestEpoch=run.best_epoch,
                    trainLoss=best["trainLoss"], perClassAccuracy=per_class, totalEpochs=spec.training.epochs,

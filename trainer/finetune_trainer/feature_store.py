@@ -1,0 +1,93 @@
+"""The feature cache on disk: `<output>/cache/features-<key>.pt`, so a retry or a resume skips the frozen pass.
+
+The key hashes everything the cached activations depend on: the frozen weights (their digest), every
+image (file path, size and mtime, or the pixels of in-memory images), labels and class names, the
+preprocessing, the freeze boundary, the precision and memory layout of the frozen pass, and the torch
+version. Anything changed gives a new key; the file of an old key is deleted when the new one is written,
+and every file once the export is committed (no retry needs them; they can be gigabytes). A file that
+fails to load (truncated, another format, another key) is treated as absent, never trusted. One process
+only: the ranks of a data-parallel group keep their features in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from finetune_trainer.checkpoint import atomic_write
+from finetune_trainer.data import Preprocessing, Sample, Splits
+
+CACHE_DIR = "cache"
+PREFIX = "features-"
+FORMAT = 1
+log = logging.getLogger(__name__)
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def cache_key(splits: Splits, prep: Preprocessing, boundary: str, frozen_digest: str, precision: str,
+              channels_last: bool) -> str:
+    h = hashlib.sha256()
+    header = {"format": FORMAT, "torch": torch.__version__, "classes": splits.classes, "boundary": boundary,
+              "frozen": frozen_digest, "precision": precision, "channelsLast": channels_last,
+              "preprocessing": [prep.resize, prep.crop, list(prep.mean), list(prep.std)]}
+    h.update(json.dumps(header, sort_keys=True).encode())
+    for split in (splits.train, splits.val):
+        h.update(b"|split|")
+        for sample in split:
+            _hash_sample(h, sample)
+    return h.hexdigest()
+
+
+def _hash_sample(h, sample: Sample) -> None:
+    h.update(str(sample.label).encode())
+    if sample.pixels is not None:
+        h.update(sample.pixels.tobytes())
+        return
+    st = os.stat(sample.path)  # type: ignore[arg-type]
+    # Path, size and mtime, as make and rsync decide "changed": hashing every image's bytes would cost
+    # a read of the whole dataset, which is what the cache saves.
+    h.update(f"{sample.path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+
+
+def path_for(output: Path, key: str) -> Path:
+    return output / CACHE_DIR / f"{PREFIX}{key[:32]}.pt"
+
+
+def load(output: Path, key: str) -> tuple[Pair, Pair] | None:
+    """The cached (train, val) features for `key`, or None (absent, unreadable, or another key)."""
+    path = path_for(output, key)
+    if not path.exists():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data.get("key") != key:
+            return None
+        return (data["trainX"], data["trainY"]), (data["valX"], data["valY"])
+    except Exception as err:  # a broken cache only costs the frozen pass, never the run
+        log.warning("feature cache %s unreadable (%s): computing it again", path.name, type(err).__name__)
+        return None
+
+
+def save(output: Path, key: str, train: Pair, val: Pair) -> Path:
+    """Write atomically, then delete the files of other keys (stale after a change)."""
+    path = path_for(output, key)
+    data = {"key": key, "trainX": train[0], "trainY": train[1], "valX": val[0], "valY": val[1]}
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+    for old in path.parent.glob(f"{PREFIX}*.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def discard(output: Path) -> None:
+    """Delete every cached feature file (after the export: they can be gigabytes)."""
+    for path in (output / CACHE_DIR).glob(f"{PREFIX}*.pt"):
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (output / CACHE_DIR).rmdir()
