@@ -108,8 +108,10 @@ class Recorder(Reporter):
 def test_sigterm_mid_epoch_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, policy, step):
     """Stopped after a step of epoch 2: the checkpoint holds that step; the resumed run skips the steps
     already trained, restores the random states, and ends bit-identical to a run never stopped."""
+    # fp32: CPU bf16 kernels are not bitwise deterministic run to run, and bit equality is the claim here.
     extra = {"training.epochs": 3, "freeze.policy": policy.removesuffix("-cached"), "training.logEverySteps": 1,
-             "dataset.augment.horizontalFlip": not policy.endswith("cached"), "head.dropout": 0.2}
+             "dataset.augment.horizontalFlip": not policy.endswith("cached"), "head.dropout": 0.2,
+             "training.precision": "fp32"}
     straight = fit(tiny_spec(tmp_path / "a", **extra), Reporter(), tmp_path / "a")
     interrupted = StopAfter(1, step)
     spec_b = tiny_spec(tmp_path / "b", **extra)

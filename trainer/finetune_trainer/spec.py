@@ -175,7 +175,9 @@ class Training(_Model):
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="step scheduler: decay factor")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32 "
+        "(fp32 for bit-for-bit reproducible runs)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     log_every_steps: int = Field(10, ge=1, le=100000, description="progress events every N steps")
