@@ -82,3 +82,23 @@ def test_a_resumed_run_reuses_the_cached_features_and_trains_the_same_head(tmp_p
 
 def meta_history(output):
     return [h["valAccuracy"] for h in json.loads((output / "model.json").read_text())["history"]]
+
+
+def test_the_folded_frozen_pass_computes_what_the_model_computes():
+    """Conv+BatchNorm folding for the reduced-precision frozen pass: same outputs, BN gone, a copy."""
+    from torchvision.models import resnet18
+
+    from finetune_trainer.features import folded_copy
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=5).eval()
+    for m in model.modules():  # non-trivial statistics, as a pretrained backbone has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    folded = folded_copy(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(folded(x), model(x), atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched

