@@ -20,7 +20,9 @@ their status, like a kubelet (Python standard library only, so any python3 runs 
   configMapKeyRef, secretKeyRef; ``host:port`` in env values and args that names a Service
   (``svc``, ``svc.ns``, ``svc.ns.svc``, ``svc.ns.svc.cluster.local``) becomes ``127.0.0.1:<targetPort>``
   of its backing pod (there is no DNS and no pod network: every process shares the host network, so two
-  pods can't listen on one port); ``KUBERNETES_SERVICE_HOST/PORT`` point at the API server;
+  pods can't listen on one port); ``KUBERNETES_SERVICE_HOST/PORT`` point at the API server; the pod's
+  hostname and, for pods with a ``subdomain`` (Indexed Job workers), their siblings' DNS names
+  ``<job>-<i>.<subdomain>…`` resolve to 127.0.0.1 through the sandbox's own /etc/hosts;
 * status through the status subresource: Pending → Running (startTime, containerStatuses, conditions
   PodReadyToStartContainers/Initialized/ContainersReady/Ready/PodScheduled, readiness probes httpGet and
   tcpSocket) → Succeeded/Failed with ``state.terminated`` (exitCode, reason, message from the
@@ -926,6 +928,7 @@ class Launcher:
         tmp.chmod(0o1777)
 
         argv_b = self._sandbox(mounts, (tpath, str(term_file)), ro_root, uid, str(tmp), self._hostname(pr))
+        argv_b += ["--ro-bind", str(self._hosts_file(pr)), "/etc/hosts"]
         workdir = spec.get("workingDir") or "/"
         argv_b += ["--chdir", workdir]
         if uid != 0 or gid != 0:
@@ -1001,6 +1004,25 @@ class Launcher:
                 f.chmod(0o644)
                 out.append((str(host), str(f), True))
         return out
+
+    def _hosts_file(self, pr: PodRun) -> Path:
+        """/etc/hosts for the sandbox: the host's, plus the pod's own hostname and — for a pod with a
+        `subdomain` (an Indexed Job's workers behind a headless Service) — the DNS names of its siblings
+        <job>-<i>.<subdomain>[.<ns>[.svc[.cluster.local]]] for every index a Job can have (64), all
+        127.0.0.1: pods share the host's network, and there is no cluster DNS."""
+        spec, ns = pr.pod["spec"], pr.pod["metadata"]["namespace"]
+        hostname = self._hostname(pr)
+        lines = [Path("/etc/hosts").read_text().rstrip("\n"), f"127.0.0.1 {hostname}"]
+        subdomain = spec.get("subdomain")
+        base, sep, index = hostname.rpartition("-")
+        if subdomain and sep and index.isdigit():
+            for i in range(64):
+                name = f"{base}-{i}.{subdomain}"
+                lines.append(f"127.0.0.1 {name} {name}.{ns} {name}.{ns}.svc {name}.{ns}.svc.cluster.local")
+        path = pr.dir / "hosts"
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o644)
+        return path
 
     @staticmethod
     def _hostname(pr: PodRun) -> str:
