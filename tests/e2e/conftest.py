@@ -40,7 +40,10 @@ from pathlib import Path
 
 import pytest
 
-# The operator installed once per session, shared by test_operator.py and test_reliability.py.
+# This folder on the path: tests/integration loads this file as a plain module for its helpers.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The operator installed once per session, shared by the operator, reliability and multi-worker modules.
 from operator_env import jobs, operator_env, restricted_namespace  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]

@@ -113,13 +113,15 @@ def test_trainer_pod_deleted_mid_epoch_resumes_and_matches_an_uninterrupted_run(
         reference = _reference_run(body, Path(tmp))
         jobs.create(body)
 
-        def mid_epoch():
-            progress = jobs.status(name).get("progress") or {}
-            step, total = progress.get("step") or 0, progress.get("totalSteps") or 0
-            return progress if progress.get("epoch", 0) >= 2 and 0 < step < total - 4 else None
+        def second_epoch_saved():
+            status = jobs.status(name)
+            return status if (status.get("lastCheckpoint") or {}).get("epoch", 0) >= 2 else None
 
-        at = wait_until(mid_epoch, TRAIN_TIMEOUT, f"{name} in its second epoch", interval=0.1,
+        # An epoch's end is written to status at once (the step pushes in between are throttled):
+        # a moment later the trainer is inside epoch 3 of 4, which takes several seconds here.
+        at = wait_until(second_epoch_saved, TRAIN_TIMEOUT, f"{name} to checkpoint epoch 2", interval=0.1,
                         give_up=env.forbidden)
+        time.sleep(1.5)
         (pod,) = [p for p in jobs.pods(jobs.get(name)) if p.status.phase == "Running"]
         jobs.core.delete_namespaced_pod(pod.metadata.name, jobs.ns)  # the pod's grace period: SIGTERM first
         checkpoints = []
@@ -145,7 +147,7 @@ def test_trainer_pod_deleted_mid_epoch_resumes_and_matches_an_uninterrupted_run(
     assert (k8s_job.status.failed or 0) == 0, f"the preempted attempt counted as a failure: {k8s_job.status}"
     got, want = float(status["output"]["valAccuracy"]), float(expected["metrics"]["valAccuracy"])
     assert abs(got - want) <= 0.01, f"resumed run {got:.4f} vs uninterrupted {want:.4f}"
-    e2e_report(f"trainer pod deleted at epoch {at['epoch']} step {at['step']}/{at['totalSteps']}: checkpoint "
+    e2e_report(f"trainer pod deleted 1.5 s after {at['lastCheckpoint']['file']}: checkpoint "
                f"{stepped[0]['file']}, resumeCount {status['resumeCount']}, attempts {status.get('attempts')} "
                f"(Job failed count {k8s_job.status.failed or 0}: not against backoffLimit), accuracy {got:.4f} vs "
                f"uninterrupted {want:.4f}")
@@ -225,7 +227,9 @@ def test_operator_killed_five_times_during_a_run_creates_exactly_one_job(operato
     owned = watcher.owned_by(created["metadata"]["uid"])  # (watch errors, each resumed: watcher.errors)
     assert len(owned) == 1, f"Jobs created for {name} across {len(kills)} operator kills: {owned}"
     counts = jobs.event_counts(name, created["metadata"]["uid"])
-    assert counts.get(("Normal", "JobCreated")) == 1, f"JobCreated events: {counts}"
+    # Events are best effort: a kill between creating the Job and posting its event loses the event
+    # (never the Job, never the status); what must not happen is a second one.
+    assert counts.get(("Normal", "JobCreated"), 0) <= 1, f"JobCreated events: {counts}"
     assert (status.get("output") or {}).get("sha256"), f"output lost: {status}"
     progress = status.get("progress") or {}
     assert progress.get("epoch") == progress.get("totalEpochs") == 6, f"final progress lost: {progress}"

@@ -415,7 +415,10 @@ def test_restart_mid_run_keeps_one_job_and_survives_concurrent_status_writers(
 
 # ---------------------------------------------------------------------------------------------- 6
 INVALID = {
-    "workers": ({"dataset": {"builtin": "digits"}, "workers": 2}, "spec.workers:"),
+    "reserved": (
+        {"dataset": {"builtin": "digits"}, "volumes": [{"name": "finetune-tmp", "mountPath": "/data", "emptyDir": {}}]},
+        "spec.volumes[0].name:",
+    ),
     "hostpath": (
         {
             "dataset": {"builtin": "digits"},
@@ -457,11 +460,12 @@ def test_fixing_an_invalid_spec_starts_the_job(apiserver, it_namespace) -> None:
     """InvalidSpec without a Job is the one failure that is not final: fixing the spec starts the Job and
     the status follows it (found here: the status used to stay Failed/InvalidSpec while the Job ran)."""
     api, ns = apiserver.api, it_namespace
-    spec, _ = INVALID["workers"]
+    spec, _ = INVALID["reserved"]
     with running_operator(apiserver.cluster, ns, SETTINGS) as op:
         api.create(ftj_url(ns), manifest("fixme", spec))
         invalid = wait(phase_is(api, ns, "fixme", "Failed", "InvalidSpec"), what="Failed/InvalidSpec")
-        api.merge_patch(ftj_url(ns, "fixme"), {"spec": {"workers": 1}})  # generation 2
+        fixed_volumes = [{"name": "data", "mountPath": "/data", "emptyDir": {}}]
+        api.merge_patch(ftj_url(ns, "fixme"), {"spec": {"volumes": fixed_volumes}})  # generation 2
         wait(lambda: api.get(job_url(ns, "fixme")), what="the Job for the fixed spec")
         # jobName lands in the same status patch as the phase derived from that Job: no slack needed.
         fixed = wait(lambda: (s := status_of(api, ns, "fixme")).get("jobName") and s, what="status.jobName")

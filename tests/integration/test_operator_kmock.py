@@ -181,12 +181,13 @@ async def test_ttl_deleting_the_job_keeps_the_result(cluster: Cluster) -> None:
 
 
 async def test_invalid_spec_fails_without_a_job_and_without_retrying(cluster: Cluster) -> None:
-    # Accepted by the CRD schema, refused by the operator: 2 workers are not supported yet.
-    spec = {"dataset": {"builtin": "digits"}, "workers": 2}
+    # Accepted by the CRD schema, refused by the operator: the volume name is one of the operator's own.
+    reserved = {"name": "finetune-tmp", "mountPath": "/data", "emptyDir": {}}
+    spec = {"dataset": {"builtin": "digits"}, "volumes": [reserved]}
     async with running_operator(cluster):
         await cluster.create(ftj_path(NS), manifest("bad", spec))
         failed = await eventually(phase_is(cluster, "Failed", "InvalidSpec", name="bad"), what="InvalidSpec")
-        assert failed["message"].startswith("spec.workers:")
+        assert failed["message"].startswith("spec.volumes[0].name:")
         assert "Traceback" not in failed["message"]
         await eventually(lambda: ("Warning", "InvalidSpec") in event_reasons(cluster), what="Warning event")
         # No hot loop: once settled, nothing reads or writes the object any more. Absence of

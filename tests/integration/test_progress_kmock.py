@@ -46,7 +46,7 @@ async def test_push_with_the_jobs_token_updates_status_and_metrics(cluster: Clus
             assert secret["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
             secrets[name] = secret["stringData"]["token"]
         job = await eventually(lambda: cluster.get("batch/v1/jobs", "cats"), what="the Job")
-        env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["FINETUNE_PROGRESS_URL"] == f"http://operator:8081/v1/progress/{NS}/cats"
 
         push = {"event": "epoch", "epoch": 1, "totalEpochs": 4, "trainLoss": 0.9, "valLoss": 1.0,
