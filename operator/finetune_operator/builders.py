@@ -190,7 +190,7 @@ def cluster_problems(spec: FineTuneJobSpec, settings: Settings, name: str | None
         if vol.name in RESERVED_VOLUMES:
             problems.append(f"{where}.name: {vol.name!r} is reserved by the operator")
         mount = posixpath.normpath(vol.mount_path)
-        if any(_within(mount, r) or _within(r, mount) for r in RESERVED_MOUNTS):
+        if _overlaps_reserved(mount):
             problems.append(f"{where}.mountPath: {vol.mount_path} overlaps {', '.join(RESERVED_MOUNTS)}")
         if mount in mounts:
             problems.append(f"{where}.mountPath: {vol.mount_path} is mounted twice")
@@ -222,9 +222,14 @@ def _output_problems(spec: FineTuneJobSpec) -> list[str]:
     if holder is not None and holder.read_only:
         return [f"spec.output.path: {out} is on read-only volume {holder.name!r}"]
     mount = posixpath.normpath(out)
-    if holder is None and any(_within(mount, r) or _within(r, mount) for r in RESERVED_MOUNTS):
+    if holder is None and _overlaps_reserved(mount):
         return [f"spec.output.path: {out} overlaps {', '.join(RESERVED_MOUNTS)}"]
     return []
+
+
+def _overlaps_reserved(mount: str) -> bool:
+    """A mount at, above or below one of the operator's own mount points."""
+    return any(_within(mount, r) or _within(r, mount) for r in RESERVED_MOUNTS)
 
 
 def _within(path: str, parent: str) -> bool:

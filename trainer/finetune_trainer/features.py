@@ -60,17 +60,15 @@ def extract(model: nn.Module, boundary: str, loader, device: torch.device, preci
             channels_last: bool = False, limit: int = MAX_CACHE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs of `boundary`, labels) for every image, frozen prefix in eval mode, kept on the CPU.
 
-    `limit` is this process's share of the budget (a data-parallel rank extracts a shard that is
-    then gathered, so every rank ends up holding the whole cache)."""
+    `model` comes from `frozen_pass_model`. `limit` is this process's share of the budget (a data-parallel
+    rank extracts a shard that is then gathered, so every rank ends up holding the whole cache)."""
     captured: list[torch.Tensor] = []
 
     def grab(module, args):
         captured.append(args[0].float().cpu())
         raise _Stop
 
-    # Folding changes rounding (~1e-6): only where the pass is reduced-precision anyway, so an fp32 run
-    # stays bit-for-bit the plain loop's.
-    model = folded_copy(model.eval()) if precision.dtype is not None else model.eval()
+    model.eval()
     handle = model.get_submodule(boundary).register_forward_pre_hook(grab)
     labels, total = [], 0
     try:
@@ -90,6 +88,13 @@ def extract(model: nn.Module, boundary: str, loader, device: torch.device, preci
     finally:
         handle.remove()
     return torch.cat(captured), torch.cat(labels)
+
+
+def frozen_pass_model(model: nn.Module, precision: Precision) -> nn.Module:
+    """What `extract` runs, prepared once for all its calls: the model in eval mode, or — when the pass
+    is reduced-precision anyway — its folded copy (folding changes rounding by ~1e-6, so an fp32 run
+    stays bit-for-bit the plain loop's)."""
+    return folded_copy(model.eval()) if precision.dtype is not None else model.eval()
 
 
 def folded_copy(model: nn.Module) -> nn.Module:

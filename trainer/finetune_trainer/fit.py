@@ -339,10 +339,11 @@ def _feature_loaders(model, boundary, train_loader, val_loader, env: _Env, batch
     in_order = DataLoader(dataset, batch_size=batch_size, collate_fn=train_loader.collate_fn,
                           num_workers=train_loader.num_workers, **order)
     limit = features.MAX_CACHE_BYTES // dist.world
+    frozen = features.frozen_pass_model(model, env.frozen_precision)  # one copy for train and val
     try:
-        train = features.extract(model, boundary, in_order, env.device, env.frozen_precision, env.channels_last,
+        train = features.extract(frozen, boundary, in_order, env.device, env.frozen_precision, env.channels_last,
                                  limit)
-        val = features.extract(model, boundary, val_loader, env.device, env.frozen_precision, env.channels_last,
+        val = features.extract(frozen, boundary, val_loader, env.device, env.frozen_precision, env.channels_last,
                                limit)
     except MemoryError as err:
         raise TrainingError(f"feature cache: {err}; set training.featureCache: off") from None
