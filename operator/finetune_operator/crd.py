@@ -23,7 +23,8 @@ from typing import Any
 import yaml
 
 from finetune_operator.status_schema import STATUS_SCHEMA
-from finetune_trainer.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from finetune_trainer.architectures import ARCHITECTURES
+from finetune_trainer.spec import API_GROUP, API_VERSION, KIND, LIBRARIES, FineTuneJobSpec
 
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
@@ -68,6 +69,23 @@ CEL_RULES: dict[str, list[Schema]] = {
             "fieldPath": ".training",
         },
     ],
+    "model": [
+        {
+            # The model checks torchvision names; timm names are checked by the trainer (it has timm).
+            "rule": "(has(self.library) && self.library == 'timm') || !has(self.architecture) || self.architecture in ["
+            + ", ".join(f"'{a}'" for a in ARCHITECTURES) + "]",
+            "message": "spec.model.architecture must be a torchvision classification model name "
+            "(or set model.library: timm)",
+            "fieldPath": ".architecture",
+        },
+        {
+            "rule": "!has(self.weights) || !has(self.weights.source) || !(self.weights.source in LIBS) "
+            "|| self.weights.source == (has(self.library) ? self.library : 'torchvision')".replace(
+                "LIBS", "[" + ", ".join(f"'{x}'" for x in LIBRARIES) + "]"),
+            "message": "spec.model.weights.source torchvision or timm needs the same model.library",
+            "fieldPath": ".weights.source",
+        },
+    ],
     "model.weights": [
         {
             "rule": "!has(self.source) || self.source != 'file' || has(self.path)",
@@ -80,6 +98,12 @@ CEL_RULES: dict[str, list[Schema]] = {
         {
             "rule": "has(self.builtin) != has(self.path)",
             "message": "spec.dataset: set exactly one of dataset.builtin or dataset.path",
+        },
+        {
+            "rule": "!has(self.testFraction) || self.testFraction + (has(self.valFraction) ? self.valFraction : 0.2)"
+            " < 1.0",
+            "message": "spec.dataset.testFraction plus dataset.valFraction must be below 1",
+            "fieldPath": ".testFraction",
         },
         *_path_rules("path", "spec.dataset.path"),
     ],

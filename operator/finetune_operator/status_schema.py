@@ -82,6 +82,7 @@ OUTPUT_SCHEMA: dict[str, Any] = {
         "sha256": _s(),
         "bestEpoch": _int(),
         "valAccuracy": _num(),
+        "testAccuracy": _num("accuracy on the held-out test split with the best weights (when the job has one)"),
     },
 }
 

@@ -118,7 +118,10 @@ def test_exclusive_bounds_use_openapi_v3_booleans() -> None:
 def test_enums_limits_and_patterns_survive() -> None:
     props = crd.spec_schema()["properties"]
     assert props["training"]["properties"]["optimizer"]["enum"] == ["adam", "adamw", "sgd"]
-    assert "resnet18" in props["model"]["properties"]["architecture"]["enum"]
+    # torchvision names: a CEL rule on spec.model (a timm model may be any timm name, checked by the trainer)
+    model_rules = " ".join(r["rule"] for r in props["model"]["x-kubernetes-validations"])
+    assert "'resnet18'" in model_rules and "self.library == 'timm'" in model_rules
+    assert props["model"]["properties"]["architecture"]["pattern"] == "^[a-z0-9][a-z0-9_]*$"
     assert props["training"]["properties"]["epochs"] == {
         "default": 10,
         "maximum": 10000,

@@ -1,4 +1,4 @@
-"""`finetune-train`: run a FineTuneJob file locally or in a pod; `predict` and `validate` subcommands.
+"""`finetune-train`: run a FineTuneJob file locally or in a pod; `predict`, `evaluate`, `validate` subcommands.
 
 Exit codes (errors.py): 0 ok, 2 invalid job file or input data, 1 runtime failure, 75 preempted.
 The last error line also goes to the container termination log, where Kubernetes (and so the
@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=int, default=1)
     pr.add_argument("--json", action="store_true", help="one JSON object per image")
     pr.add_argument("images", nargs="+")
+    ev = sub.add_parser("evaluate", help="evaluate an export on an ImageFolder and write its report")
+    ev.add_argument("--model", required=True, help="export folder (holds model.json)")
+    ev.add_argument("--data", required=True, help="ImageFolder: <data>/<class>/… with the model's class names")
+    ev.add_argument("--report-dir", help="where evaluation.json and the PNGs go (default: <model>/eval-<folder>)")
+    ev.add_argument("--batch-size", type=int, default=64)
     return parser
 
 
@@ -121,11 +126,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         reporter.close()
     if dist.main:
-        print(f"val accuracy {result.val_accuracy:.4f} (best epoch {result.best_epoch}) -> "
+        test = f", test accuracy {result.test_accuracy:.4f}" if result.test_accuracy is not None else ""
+        print(f"val accuracy {result.val_accuracy:.4f} (best epoch {result.best_epoch}){test} -> "
               f"{result.output / result.weights_file}", file=sys.stderr)
     # Kubernetes copies this into the pod status; the operator lifts it into status.output.
-    _termination_message(json.dumps({"weightsFile": result.weights_file, "sha256": result.sha256,
-                                     "bestEpoch": result.best_epoch, "valAccuracy": result.val_accuracy}))
+    summary = {"weightsFile": result.weights_file, "sha256": result.sha256, "bestEpoch": result.best_epoch,
+               "valAccuracy": result.val_accuracy}
+    if result.test_accuracy is not None:
+        summary["testAccuracy"] = result.test_accuracy
+    _termination_message(json.dumps(summary))
     return EXIT_OK
 
 
@@ -148,6 +157,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(f"{path}\t" + "\t".join(f"{c}\t{p:.4f}" for c, p in top))
     return EXIT_INVALID_JOB if failed else EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from finetune_trainer.predict import evaluate_folder
+
+    summary = evaluate_folder(Path(args.model), Path(args.data), args.report_dir, args.batch_size)
+    print(summary["summary"])
+    print(f"report: {summary['reportDir']}/{summary['files']['report']}")
+    return EXIT_OK
 
 
 def _termination_message(text: str) -> None:
@@ -173,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    handlers = {"train": cmd_train, "validate": cmd_validate, "predict": cmd_predict}
+    handlers = {"train": cmd_train, "validate": cmd_validate, "predict": cmd_predict, "evaluate": cmd_evaluate}
     if args.command is None:
         build_parser().print_help()
         return EXIT_INVALID_JOB

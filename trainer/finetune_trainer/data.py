@@ -41,11 +41,16 @@ class Preprocessing:
     crop: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # timm models name theirs (often bicubic)
+
+    @property
+    def _mode(self) -> T.InterpolationMode:
+        return T.InterpolationMode(self.interpolation)
 
     def eval_transform(self) -> Callable:
         return T.Compose([
             T.ToImage(),
-            T.Resize(self.resize, antialias=True),
+            T.Resize(self.resize, interpolation=self._mode, antialias=True),
             T.CenterCrop(self.crop),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(self.mean, self.std),
@@ -54,9 +59,9 @@ class Preprocessing:
     def train_transform(self, augment) -> Callable:
         ops: list = [T.ToImage()]
         if augment.random_resized_crop:
-            ops.append(T.RandomResizedCrop(self.crop, antialias=True))
+            ops.append(T.RandomResizedCrop(self.crop, interpolation=self._mode, antialias=True))
         else:
-            ops += [T.Resize(self.resize, antialias=True), T.CenterCrop(self.crop)]
+            ops += [T.Resize(self.resize, interpolation=self._mode, antialias=True), T.CenterCrop(self.crop)]
         if augment.horizontal_flip:
             ops.append(T.RandomHorizontalFlip())
         if augment.color_jitter > 0:
@@ -66,7 +71,12 @@ class Preprocessing:
         return T.Compose(ops)
 
     def to_json(self) -> dict:
-        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+    @classmethod
+    def from_json(cls, p: dict) -> Preprocessing:
+        return cls(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"]), p.get("interpolation", "bilinear"))
 
 
 @dataclass
@@ -129,6 +139,7 @@ class Splits:
     skipped: int = 0
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    test: list[Sample] = field(default_factory=list)  # held out: evaluated once, with the best weights
 
 
 # ---------------------------------------------------------------- bundled digits
@@ -148,8 +159,9 @@ def _digits_splits(spec: DatasetSpec, seed: int) -> Splits:
     wanted = _select_classes(names, spec.classes, "builtin digits")
     samples = {c: [Sample(i, pixels=images[k]) for k in np.flatnonzero(labels == int(c))]
                for i, c in enumerate(wanted)}
+    samples, test = _hold_out(samples, spec.test_fraction, seed)
     train, val = _split(samples, spec.val_fraction, seed)
-    return Splits(wanted, train, val, source="builtin:digits")
+    return Splits(wanted, train, val, source="builtin:digits", test=test)
 
 
 # ---------------------------------------------------------------- ImageFolder
@@ -203,22 +215,56 @@ def _folder_splits(spec: DatasetSpec, seed: int) -> Splits:
     root = Path(spec.path)  # type: ignore[arg-type]
     if not root.is_dir():
         raise JobFileError(f"dataset.path: {root} does not exist or is not a directory")
-    train_dir, val_dir = root / "train", root / "val"
+    train_dir, val_dir, test_dir = root / "train", root / "val", root / "test"
     if train_dir.is_dir() and val_dir.is_dir():
         found = sorted(_scan_class_dirs(train_dir))
         classes = _select_classes(found, spec.classes, str(train_dir))
         _require(classes, train_dir)
         tr, bad_tr = _folder_samples(train_dir, classes, str(train_dir))
         va, bad_va = _folder_samples(val_dir, classes, str(val_dir))
+        test, bad_te, where = _test_folder(test_dir, classes)
+        if not test:
+            tr, test = _hold_out(tr, spec.test_fraction, seed)
+            where = f", testFraction {spec.test_fraction}" if test else ""
         train = [s for c in classes for s in tr[c]]
         val = [s for c in classes for s in va[c]]
-        return Splits(classes, train, val, bad_tr + bad_va, source=f"folder:{root} (train/ + val/)")
+        return Splits(classes, train, val, bad_tr + bad_va + bad_te, source=f"folder:{root} (train/ + val/{where})",
+                      test=test)
     found = sorted(_scan_class_dirs(root))
     classes = _select_classes(found, spec.classes, str(root))
     _require(classes, root)
     per_class, skipped = _folder_samples(root, classes, str(root))
+    per_class, test = _hold_out(per_class, spec.test_fraction, seed)
     train, val = _split(per_class, spec.val_fraction, seed)
-    return Splits(classes, train, val, skipped, source=f"folder:{root} (valFraction {spec.val_fraction})")
+    where = f", testFraction {spec.test_fraction}" if test else ""
+    return Splits(classes, train, val, skipped, source=f"folder:{root} (valFraction {spec.val_fraction}{where})",
+                  test=test)
+
+
+def _test_folder(test_dir: Path, classes: list[str]) -> tuple[list[Sample], int, str]:
+    """<path>/test/<class>/…: every class of train/ must be there (a partial test set would mislead)."""
+    if not test_dir.is_dir():
+        return [], 0, ""
+    te, bad = _folder_samples(test_dir, classes, str(test_dir))
+    return [s for c in classes for s in te[c]], bad, " + test/"
+
+
+def _hold_out(per_class: dict[str, list[Sample]], fraction: float | None,
+              seed: int) -> tuple[dict[str, list[Sample]], list[Sample]]:
+    """Split the test set off first (stratified, seeded on a stream of its own), so the val split of
+    what remains is drawn exactly as it would be without a test set of the same images."""
+    if not fraction:
+        return per_class, []
+    rng = np.random.default_rng([seed, 7])
+    rest, held = {}, []
+    for c, samples in per_class.items():
+        if len(samples) < 3:
+            raise JobFileError(f"dataset: class {c!r} needs at least 3 images to split train/val/test")
+        order = rng.permutation(len(samples))
+        n = min(max(1, round(len(samples) * fraction)), len(samples) - 2)
+        held += [samples[k] for k in order[:n]]
+        rest[c] = [samples[k] for k in order[n:]]
+    return rest, held
 
 
 def _require(classes: list[str], root: Path) -> None:
@@ -262,6 +308,34 @@ def load_splits(spec: DatasetSpec, seed: int) -> Splits:
     if splits.skipped:
         log.warning("skipped %d unreadable image(s)", splits.skipped)
     return splits
+
+
+def eval_loader(samples: list[Sample], prep: Preprocessing, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Images in order with the eval transform: the test split, or any folder `evaluate` is given."""
+    return DataLoader(ImageDataset(samples, prep.eval_transform()), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=skip_broken)
+
+
+def folder_samples_for(root: Path, classes: list[str]) -> tuple[list[Sample], int]:
+    """An ImageFolder (<root>/<class>/…) labelled with an export's class list; unknown folders refused."""
+    if not root.is_dir():
+        raise JobFileError(f"--data: {root} does not exist or is not a directory")
+    found = sorted(_scan_class_dirs(root))
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise JobFileError(f"--data: class folder(s) {unknown[:10]} in {root} are not classes of the model "
+                           f"({classes[:20]})")
+    if not found:
+        raise JobFileError(f"--data: {root} has no class folders")
+    samples, skipped = [], 0
+    scanned = _scan_class_dirs(root)
+    for c in found:
+        good, bad = _readable(scanned[c])
+        skipped += bad
+        samples += [Sample(classes.index(c), path=str(p)) for p in good]
+    if not samples:
+        raise JobFileError(f"--data: {root} holds no readable images")
+    return samples, skipped
 
 
 def build_dataloaders(

@@ -32,6 +32,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _test_metrics(evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    if not evaluation or evaluation.get("split") != "test":
+        return {}
+    return {"testAccuracy": evaluation["accuracy"], "testTopK": evaluation["topK"]}
+
+
 def read_export(output: Path) -> dict[str, Any] | None:
     """The committed model.json of `output`, or None when there is no complete export."""
     try:
@@ -53,6 +59,7 @@ def write_export(
     best: dict[str, Any],
     history: list[dict],
     extra: dict[str, Any],
+    evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     weights = output / WEIGHTS_FILE
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -60,6 +67,7 @@ def write_export(
     meta = {
         "formatVersion": FORMAT_VERSION,
         "name": name,
+        "library": spec.model.library,
         "architecture": spec.model.architecture,
         "numClasses": len(classes),
         "classes": classes,
@@ -74,7 +82,9 @@ def write_export(
             "trainLoss": best["trainLoss"],
             "valTop5": best.get("valTop5"),
             "perClassAccuracy": dict(zip(classes, best["perClassAccuracy"], strict=True)),
+            **_test_metrics(evaluation),
         },
+        **({"evaluation": evaluation} if evaluation else {}),
         "history": [{k: v for k, v in h.items() if k != "perClassAccuracy"} for h in history],
         "fingerprint": spec.resume_fingerprint(),
         "trainerVersion": __version__,

@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, TensorDataset
 
+from finetune_trainer import timm_models
 from finetune_trainer.engine import Precision
 from finetune_trainer.freeze import FreezePlan
 from finetune_trainer.sampling import EpochSampler
@@ -103,14 +104,15 @@ def folded_copy(model: nn.Module) -> nn.Module:
     A copy, so the model that trains keeps its modules; the module tree (and so the boundary hook) is
     unchanged. A model torch.fx cannot trace is used as it is."""
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = trace(model).graph
     except Exception:  # data-dependent control flow: no folding, same results
         return model
     folded = copy.deepcopy(model)
     modules = dict(folded.named_modules())
     for node in graph.nodes:
         src = node.args[0] if node.op == "call_module" and node.args else None
-        if not (isinstance(modules.get(node.target), nn.BatchNorm2d) and isinstance(src, fx.Node)
+        # Exactly BatchNorm2d: subclasses such as timm's BatchNormAct2d also apply an activation.
+        if not (type(modules.get(node.target)) is nn.BatchNorm2d and isinstance(src, fx.Node)
                 and src.op == "call_module" and isinstance(modules.get(src.target), nn.Conv2d)
                 and len(src.users) == 1):
             continue
@@ -118,6 +120,11 @@ def folded_copy(model: nn.Module) -> nn.Module:
         _replace(folded, src.target, fuse_conv_bn_eval(conv, bn))
         _replace(folded, node.target, nn.Identity())
     return folded.eval()
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """torch.fx graph of the model; timm models are traced with timm's own leaf modules."""
+    return timm_models.symbolic_trace(model) if timm_models.is_timm(model) else fx.symbolic_trace(model)
 
 
 def _replace(root: nn.Module, qualname: str, new: nn.Module) -> None:
@@ -132,7 +139,7 @@ def build_tail(model: nn.Module, boundary: str) -> nn.Module | None:
     boundary other than the boundary's input (e.g. a skip connection across it).
     """
     try:
-        gm = fx.symbolic_trace(model)
+        gm = trace(model)
     except Exception:
         return None
     nodes = list(gm.graph.nodes)

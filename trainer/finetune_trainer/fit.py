@@ -28,13 +28,14 @@ from torch.utils.data import DataLoader
 
 from finetune_trainer import checkpoint as ckpt
 from finetune_trainer import feature_store, features
-from finetune_trainer.data import build_dataloaders, load_splits
+from finetune_trainer.data import build_dataloaders, eval_loader, load_splits
 from finetune_trainer.distributed import Dist, shard
 from finetune_trainer.engine import EpochStart, EpochStats, EvalResult, Precision, evaluate, train_one_epoch
 from finetune_trainer.errors import JobFileError, Preempted, TrainingError
 from finetune_trainer.export import read_export, write_export
 from finetune_trainer.freeze import apply_freeze, param_groups, plan_freeze, set_train_mode
 from finetune_trainer.model import build_model
+from finetune_trainer.model_report import predict_probabilities, write_report
 from finetune_trainer.report import Reporter
 from finetune_trainer.spec import FineTuneJobSpec, Training
 
@@ -54,6 +55,7 @@ class Result:
     resumed_from: int | None = None
     reused_export: bool = False
     history: list[dict] = field(default_factory=list)
+    test_accuracy: float | None = None  # the held-out test split, evaluated once with the best weights
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -549,21 +551,23 @@ def _rank_rng(mid: dict, dist: Dist) -> dict | None:
 def _export(output, spec, name, model, built, splits, run, env: _Env, resumed, reporter, extra, dist: Dist) -> Result:
     """Rank 0 writes the export; the other ranks wait for it and return the same result."""
     meta = dist.from_main(lambda: _write_export(output, spec, name, model, built, splits, run, reporter, resumed,
-                                                extra))
+                                                extra, env))
     return _result_from_export(output, meta, resumed)
 
 
-def _write_export(output, spec, name, model, built, splits, run, reporter, resumed, extra) -> dict:
+def _write_export(output, spec, name, model, built, splits, run, reporter, resumed, extra, env: _Env) -> dict:
     if run.best_state is not None:
         model.load_state_dict(run.best_state, strict=False)
     best = next(h for h in run.history if h["epoch"] == run.best_epoch)
+    evaluation = _evaluate_best(output, model, splits, built, env, run.history, spec)
+    reporter.event("message", level="info", text=evaluation["summary"])
     meta = write_export(
         output, model, name=name, spec=spec, classes=splits.classes, preprocessing=built.preprocessing,
-        best=best, history=run.history, extra={
+        best=best, history=run.history, evaluation=evaluation, extra={
             "weightsSource": built.weights_note,
             "freeze": {"policy": spec.freeze.policy, "headModule": built.head_name},
             "dataset": {"source": splits.source, "train": len(splits.train), "val": len(splits.val),
-                        "skippedImages": splits.skipped},
+                        "test": len(splits.test), "skippedImages": splits.skipped},
             "resumedFromEpoch": resumed, "epochs": run.epoch, **extra,
         },
     )
@@ -571,12 +575,22 @@ def _write_export(output, spec, name, model, built, splits, run, reporter, resum
     per_class = dict(zip(splits.classes, best["perClassAccuracy"], strict=True))
     reporter.event("end", valAccuracy=best["valAccuracy"], valLoss=best["valLoss"], bestEpoch=run.best_epoch,
                    trainLoss=best["trainLoss"], perClassAccuracy=per_class, totalEpochs=spec.training.epochs,
-                   epoch=run.epoch,
+                   epoch=run.epoch, testAccuracy=meta["metrics"].get("testAccuracy"),
                    weightsFile=meta["weightsFile"], sha256=meta["sha256"], output=str(output))
     return meta
+
+
+def _evaluate_best(output: Path, model: nn.Module, splits, built, env: _Env, history: list[dict],
+                   spec: FineTuneJobSpec) -> dict:
+    """The report on the held-out test split (val when there is none), best weights, full model on images."""
+    split, samples = ("test", splits.test) if splits.test else ("val", splits.val)
+    loader = eval_loader(samples, built.preprocessing, spec.training.batch_size, spec.dataset.num_workers)
+    labels, probs = predict_probabilities(model, loader, env.device, env.precision, env.channels_last)
+    return write_report(output, labels, probs, splits.classes, split=split, history=history)
 
 
 def _result_from_export(output: Path, meta: dict, resumed: int | None = None, reused: bool = False) -> Result:
     m = meta["metrics"]
     return Result(output, meta["weightsFile"], meta["sha256"], meta["bestEpoch"], m["valAccuracy"], m["valLoss"],
-                  m["trainLoss"], meta.get("epochs", 0), resumed, reused, history=meta.get("history", []))
+                  m["trainLoss"], meta.get("epochs", 0), resumed, reused, history=meta.get("history", []),
+                  test_accuracy=m.get("testAccuracy"))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from finetune_trainer import timm_models
 from finetune_trainer.errors import JobFileError
 from finetune_trainer.spec import Freeze, Training
 
@@ -54,6 +55,8 @@ def backbone_stages(model: nn.Module, head_name: str) -> list[Stage]:
     resnet: [conv1+bn1, layer1..layer4]; mobilenet/efficientnet/convnext: features.0..N (+ the
     pre-classifier Linear); vit: conv_proj, encoder layers 0..11 (+ final LayerNorm).
     """
+    if timm_models.is_timm(model):
+        return [Stage("+".join(mods), mods) for mods in timm_models.stage_groups(model, head_name)]
     stages: list[Stage] = []
 
     def visit(prefix: str, module: nn.Module) -> None:

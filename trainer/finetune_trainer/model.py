@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from finetune_trainer import timm_models
 from finetune_trainer.data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from finetune_trainer.errors import JobFileError, TrainingError
 from finetune_trainer.spec import FineTuneJobSpec, Head, Weights
@@ -32,6 +33,8 @@ class BuiltModel:
 
 def find_head(model: nn.Module) -> str:
     """Dotted name of the final classification layer."""
+    if timm_models.is_timm(model):
+        return timm_models.head_name(model)
     last = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -58,6 +61,8 @@ def make_head(in_features: int, num_classes: int, cfg: Head, conv: bool = False)
 
 
 def replace_head(model: nn.Module, num_classes: int, cfg: Head) -> str:
+    if timm_models.is_timm(model):
+        return timm_models.reset_head(model, num_classes, lambda width, n: make_head(width, n, cfg))
     name = find_head(model)
     old = model.get_submodule(name)
     conv = isinstance(old, nn.Conv2d)
@@ -68,8 +73,10 @@ def replace_head(model: nn.Module, num_classes: int, cfg: Head) -> str:
     return name
 
 
-def new_model(arch: str) -> nn.Module:
+def new_model(arch: str, library: str = "torchvision") -> nn.Module:
     """A randomly initialised `arch` without Inception/GoogLeNet's auxiliary heads (ImageNet-only aids)."""
+    if library == "timm":
+        return timm_models.new_model(arch)
     kwargs = {"aux_logits": False, "init_weights": False} if arch in ("inception_v3", "googlenet") else {}
     model = tvm.get_model(arch, weights=None, **kwargs)
     for attr in ("AuxLogits", "aux1", "aux2"):
@@ -89,7 +96,11 @@ def _torchvision_weights(arch: str, name: str):
         raise JobFileError(f"model.weights.name: {name!r} is not a weights of {arch} (choose {choices})") from None
 
 
-def _preprocessing(weights, image_size: int) -> Preprocessing:
+def _preprocessing(weights, image_size: int, model: nn.Module) -> Preprocessing:
+    if timm_models.is_timm(model):  # the architecture's pretrained config, whatever the weights source
+        cfg = timm_models.preprocessing_config(model)
+        return Preprocessing(resize=round(image_size / cfg["crop_pct"]), crop=image_size, mean=cfg["mean"],
+                             std=cfg["std"], interpolation=cfg["interpolation"])
     if weights is None:
         return Preprocessing(resize=image_size, crop=image_size)
     tf = weights.transforms()
@@ -102,15 +113,18 @@ def _preprocessing(weights, image_size: int) -> Preprocessing:
 def build_model(spec: FineTuneJobSpec, num_classes: int) -> BuiltModel:
     arch, wcfg = spec.model.architecture, spec.model.weights
     tv_weights = _torchvision_weights(arch, wcfg.name) if wcfg.source == "torchvision" else None
-    model = new_model(arch)
     note = "random initialisation"
+    if wcfg.source == "timm":
+        model, note = timm_models.pretrained_model(arch, wcfg.name)
+    else:
+        model = new_model(arch, spec.model.library)
     if tv_weights is not None:
         note = _load_torchvision_weights(model, tv_weights)
     elif wcfg.source == "file":
         note = load_weights_file(model, wcfg)
     head = replace_head(model, num_classes, spec.head)
-    prep = _preprocessing(tv_weights, spec.dataset.image_size)
-    if tv_weights is None and wcfg.source == "file":
+    prep = _preprocessing(tv_weights, spec.dataset.image_size, model)
+    if tv_weights is None and wcfg.source == "file" and not timm_models.is_timm(model):
         prep = Preprocessing(prep.resize, prep.crop, IMAGENET_MEAN, IMAGENET_STD)
     return BuiltModel(model, head, prep, note)
 

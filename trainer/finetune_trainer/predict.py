@@ -33,13 +33,11 @@ class Predictor:
         weights = folder / meta["weightsFile"]
         if verify and sha256_file(weights) != meta["sha256"]:
             raise JobFileError(f"--model: {weights} does not match the sha256 in {META_FILE}")
-        model = new_model(meta["architecture"])
+        model = new_model(meta["architecture"], meta.get("library", "torchvision"))
         replace_head(model, meta["numClasses"], Head.model_validate(meta.get("head", {})))
         model.load_state_dict(load_file(str(weights)))
         model.eval()
-        p = meta["preprocessing"]
-        prep = Preprocessing(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"]))
-        return cls(model, meta["classes"], prep)
+        return cls(model, meta["classes"], Preprocessing.from_json(meta["preprocessing"]))
 
     @torch.inference_mode()
     def predict(self, images: list[Image.Image], top: int = 1) -> list[list[tuple[str, float]]]:
@@ -67,3 +65,24 @@ def predict_files(model_dir: str, paths: list[str], top: int = 1, batch_size: in
         if images:
             out += list(zip(chunk, predictor.predict(images, top), strict=True))
     return out
+
+
+def evaluate_folder(model_dir: Path, data: Path, report_dir: str | Path | None = None,
+                    batch_size: int = 64) -> dict:
+    """The export's evaluation report on an ImageFolder whose class folders are (some of) the model's classes."""
+    from finetune_trainer.data import eval_loader, folder_samples_for
+    from finetune_trainer.engine import Precision
+    from finetune_trainer.model_report import predict_probabilities, write_report
+
+    predictor = Predictor.load(model_dir)
+    samples, skipped = folder_samples_for(data, predictor.classes)
+    folder = Path(report_dir) if report_dir else model_dir / f"eval-{data.resolve().name}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise JobFileError(f"--report-dir: cannot create {folder} ({err.strerror})") from None
+    loader = eval_loader(samples, predictor.preprocessing, batch_size)
+    labels, probs = predict_probabilities(predictor.model, loader, torch.device("cpu"), Precision("fp32", None, "cpu"))
+    summary = write_report(folder, labels, probs, predictor.classes, split=f"folder:{data}",
+                           extra={"model": str(model_dir), "skippedImages": skipped})
+    return {**summary, "reportDir": str(folder)}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from finetune_trainer.architectures import ARCHITECTURES
@@ -67,14 +67,19 @@ class _Model(BaseModel):
 class Weights(_Model):
     """Where the pretrained backbone comes from."""
 
-    source: Literal["torchvision", "file", "none"] = Field(
-        "torchvision", description="torchvision: a named weights enum; file: a local state_dict; none: random init"
+    # Unset means "the library's own pretrained weights" (torchvision, or timm for a timm model); the model
+    # resolves it, so the CRD carries no default the API server would fill in for a timm model.
+    source: Literal["torchvision", "timm", "file", "none"] | None = Field(
+        None,
+        description="torchvision: a named weights enum; timm: timm's pretrained weights (hub download and cache); "
+        "file: a local state_dict; none: random init. Default: the model.library's own weights",
     )
     name: str = Field(
         "DEFAULT",
         max_length=64,
         pattern=r"^[A-Za-z0-9_]+$",
-        description="torchvision weights enum member, e.g. IMAGENET1K_V1 or DEFAULT",
+        description="torchvision: weights enum member, e.g. IMAGENET1K_V1; timm: pretrained tag, e.g. in1k; "
+        "DEFAULT: the library's default weights",
     )
     path: PathStr | None = Field(None, description="file: a state_dict, checkpoint or .safetensors file")
 
@@ -86,11 +91,42 @@ class Weights(_Model):
         return self
 
 
+LIBRARIES = ("torchvision", "timm")
+# timm model names: lower-case words, digits and underscores (the pretrained tag goes in weights.name).
+TIMM_NAME_PATTERN = r"^[a-z0-9][a-z0-9_]*$"
+
+
 class ModelSpec(_Model):
-    architecture: Literal[ARCHITECTURES] = Field(  # type: ignore[valid-type]
-        "resnet18", description="a torchvision classification model name"
+    library: Literal[LIBRARIES] = Field(  # type: ignore[valid-type]
+        "torchvision", description="where the architecture comes from: torchvision or timm"
+    )
+    architecture: str = Field(
+        "resnet18",
+        min_length=1,
+        max_length=128,
+        pattern=TIMM_NAME_PATTERN,
+        description="torchvision: a torchvision classification model name; timm: any timm classification model",
     )
     weights: Weights = Field(default_factory=Weights)
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_torchvision_name(cls, value: str, info: ValidationInfo) -> str:
+        # timm names are checked by the trainer, which has timm (the operator does not).
+        if info.data.get("library", "torchvision") == "torchvision" and value not in ARCHITECTURES:
+            sample = ", ".join(ARCHITECTURES[:8])
+            raise ValueError(f"Input should be one of {len(ARCHITECTURES)} torchvision names such as {sample}, … "
+                             "(or set model.library: timm)")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_match_library(self) -> ModelSpec:
+        if self.weights.source is None:
+            self.weights.source = self.library
+        if self.weights.source in LIBRARIES and self.weights.source != self.library:
+            raise ValueError(f"model.weights.source {self.weights.source!r} needs model.library "
+                             f"{self.weights.source!r} (got {self.library!r})")
+        return self
 
 
 class Augment(_Model):
@@ -107,6 +143,11 @@ class Dataset(_Model):
     builtin: Literal["digits"] | None = Field(None, description="bundled demo data (no network)")
     path: PathStr | None = Field(None, description="ImageFolder root: train/ and val/, or class folders")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="val split when there is no val/ folder")
+    test_fraction: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="held-out test split taken before the val split (seeded) when there is no test/ folder; "
+        "evaluated once with the best weights",
+    )
     image_size: int = Field(224, ge=8, le=1024, description="side of the square network input")
     classes: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME)]] | None = Field(
         None, max_length=10000, description="use only these class names (default: all)"
@@ -124,6 +165,8 @@ class Dataset(_Model):
             raise ValueError("set exactly one of dataset.builtin or dataset.path")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("dataset.classes has duplicates")
+        if self.test_fraction is not None and self.test_fraction + self.val_fraction >= 1.0:
+            raise ValueError("dataset.testFraction plus dataset.valFraction must be below 1")
         return self
 
 
@@ -310,9 +353,14 @@ class FineTuneJobSpec(_Model):
         (e.g. extend training); architecture, data, freezing, head and optimisation may not.
         """
         t = self.training.model_dump(exclude={"epochs", "early_stopping", "log_every_steps", "device", "feature_cache"})
+        # Fields added after v1alpha1's first release leave the fingerprint of a spec that does not use
+        # them unchanged, so outputs written by an earlier trainer still resume.
+        model = self.model.model_dump(exclude={"library"} if self.model.library == "torchvision" else set())
+        dataset = self.dataset.model_dump(exclude={"num_workers", *(() if self.dataset.test_fraction else
+                                                                      ("test_fraction",))})
         relevant = {
-            "model": self.model.model_dump(),
-            "dataset": self.dataset.model_dump(exclude={"num_workers"}),
+            "model": model,
+            "dataset": dataset,
             "freeze": self.freeze.model_dump(),
             "head": self.head.model_dump(),
             "training": t,

@@ -1,6 +1,6 @@
 """`make demo`: honest transfer learning on the bundled digits, on CPU, with no download.
 
-1. pretrain resnet18 on digits 0–4 (examples/demo/pretrain.yaml) → a weights file;
+1. pretrain resnet18 on digits 0–4 (examples/demo/digits/pretrain.yaml) → a weights file;
 2. fine-tune a new head on digits 5–9 with that backbone frozen (finetune.yaml);
 3. the same head on a random frozen backbone (baseline.yaml).
 The accuracies of 2 and 3 side by side show what the pretrained features are worth.
@@ -42,8 +42,8 @@ def run_demo(examples: Path, output: Path) -> dict[str, tuple[float, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", default="examples/demo", help="folder with the three demo job files")
-    parser.add_argument("--output", default="demo-output")
+    parser.add_argument("--examples", default="examples/demo/digits", help="folder with the three demo job files")
+    parser.add_argument("--output", default="demo-output/digits")
     args = parser.parse_args(argv)
     examples, output = Path(args.examples), Path(args.output)
     started = time.perf_counter()

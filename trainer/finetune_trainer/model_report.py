@@ -1,0 +1,79 @@
+"""The evaluation report beside an export: evaluation.json, a confusion-matrix PNG and training curves.
+
+Training writes it once, on the held-out test split with the best weights (on val when there is no
+test split, and the report says so); `finetune-train evaluate` writes the same report for an export
+on any ImageFolder. Numbers come from evaluation.py, pictures from plots.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune_trainer.checkpoint import atomic_write
+from finetune_trainer.engine import Precision
+from finetune_trainer.evaluation import evaluation_report, summary_line
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "evaluation.json"
+CONFUSION_PNG = "confusion_matrix.png"
+CURVES_PNG = "training_curves.png"
+
+
+@torch.inference_mode()
+def predict_probabilities(model: nn.Module, loader, device: torch.device, precision: Precision,
+                          channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, softmax probabilities) for every readable image of `loader`, in order."""
+    model.eval()
+    labels, probs = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets = batch
+        images = images.to(device, non_blocking=True)
+        if channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            logits = model(images)
+        probs.append(logits.float().softmax(dim=1).cpu())
+        labels.append(targets)
+    if not labels:
+        raise ValueError("no readable images to evaluate")
+    return torch.cat(labels).numpy().astype(np.int64), torch.cat(probs).double().numpy()
+
+
+def write_report(folder: Path, labels: np.ndarray, probs: np.ndarray, classes: list[str], *, split: str,
+                 history: list[dict] | None = None, extra: dict[str, Any] | None = None,
+                 prefix: str = "") -> dict[str, Any]:
+    """Write the report files into `folder` (atomically, each) and return what model.json records of them."""
+    report = {"split": split, **(extra or {}), **evaluation_report(labels, probs, classes)}
+    names = {"report": prefix + REPORT_FILE, "confusionMatrix": prefix + CONFUSION_PNG}
+    atomic_write(folder / names["report"], lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    plots = _plots(folder, report, history, names)
+    return {"split": split, "samples": report["samples"], "accuracy": report["accuracy"],
+            "topK": report["topK"], "macroF1": report["macroAvg"]["f1"],
+            "expectedCalibrationError": report["expectedCalibrationError"], "files": {**names, **plots},
+            "summary": summary_line(report, split)}
+
+
+def _plots(folder: Path, report: dict, history: list[dict] | None, names: dict[str, str]) -> dict[str, str]:
+    """Pictures are a convenience: a plotting failure is logged and costs only the picture."""
+    from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
+
+    made = {}
+    try:
+        plot_confusion_matrix(report, folder / names["confusionMatrix"])
+        if history:
+            plot_training_curves(history, folder / CURVES_PNG)
+            made["trainingCurves"] = CURVES_PNG
+    except (OSError, ValueError, RuntimeError) as err:
+        log.warning("evaluation plots not written: %s", err)
+        names.pop("confusionMatrix", None)
+    return made
