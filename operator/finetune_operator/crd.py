@@ -83,7 +83,7 @@ CEL_RULES: dict[str, list[Schema]] = {
             "|| self.weights.source == (has(self.library) ? self.library : 'torchvision')".replace(
                 "LIBS", "[" + ", ".join(f"'{x}'" for x in LIBRARIES) + "]"),
             "message": "spec.model.weights.source torchvision or timm needs the same model.library",
-            "fieldPath": ".weights.source",
+            "fieldPath": ".library",
         },
     ],
     "model.weights": [
