@@ -189,8 +189,10 @@ CEL_MIRRORS = {
     "spec.dataset: set exactly one": {"dataset": {"builtin": "digits", "path": "/data"}},
     "spec.model.architecture must be a torchvision": {"model": {"architecture": "resnet9000"},
                                                       "dataset": {"builtin": "digits"}},
-    "spec.model.weights.source torchvision or timm": {"model": {"library": "timm", "weights": {"source": "torchvision"}},
-                                                      "dataset": {"builtin": "digits"}},
+    "spec.model.weights.source torchvision or timm": {
+        "model": {"library": "timm", "weights": {"source": "torchvision"}},
+        "dataset": {"builtin": "digits"},
+    },
     "spec.dataset.testFraction plus": {"dataset": {"builtin": "digits", "testFraction": 0.5, "valFraction": 0.5}},
     "spec.dataset.path must not contain '..'": {"dataset": {"path": "/data\\..\\etc"}},
     "spec.dataset.path must not contain control": {"dataset": {"path": "/data\n"}},

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from finetune_trainer.demo import backbone, main, photos, run_demo, run_one
 from finetune_trainer.demo.digits import run_demo as run_digits
@@ -63,7 +63,7 @@ def test_the_converter_refuses_a_file_whose_tensors_do_not_line_up(tmp_path: Pat
     swapped = dict(source)
     swapped[keys[0]], swapped[keys[1]] = source[keys[1]], source[keys[0]]  # conv weight <-> bn weight
     torch.save(swapped, tmp_path / "swapped.pth")
-    with pytest.raises(JobFileError, match="tensor 0: .*does not fit conv_stem.weight"):
+    with pytest.raises(JobFileError, match=r"tensor 0: .*does not fit conv_stem\.weight"):
         backbone.convert(tmp_path / "swapped.pth", target)
     torch.save({"x": torch.zeros(1)}, tmp_path / "short.pth")
     with pytest.raises(JobFileError, match="has 1 tensors"):

@@ -177,6 +177,16 @@ def test_success_reads_a_json_termination_message_into_output() -> None:
     assert status["output"]["sha256"] == "ab12" and status["output"]["bestEpoch"] == 7
 
 
+def test_success_carries_the_test_accuracy_when_the_job_had_a_test_split() -> None:
+    done = job(conditions=[job_condition("Complete", "CompletionsReached")], succeeded=1)
+    summary = ('{"weightsFile": "model.safetensors", "sha256": "ab12", "bestEpoch": 7, "valAccuracy": 0.93, '
+               '"testAccuracy": 0.91}')
+    status = derive(ftj(), done, [pod(phase="Succeeded", **terminated(0, "Completed", summary))])
+    assert (status["output"]["valAccuracy"], status["output"]["testAccuracy"]) == (0.93, 0.91)
+    assert "testAccuracy" in crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
+        "properties"]["output"]["properties"]
+
+
 def test_suspended_job_is_suspended_and_resume_goes_back_to_pending() -> None:
     suspended = derive(ftj(), job(suspend=True), [])
     assert (suspended["phase"], suspended["reason"]) == ("Suspended", "Suspended")

@@ -49,9 +49,9 @@ def test_a_timm_model_defaults_to_timm_weights_and_a_wrong_name_lists_close_matc
     spec = parse_spec({"model": {"library": "timm", "architecture": LITE0}, "dataset": {"builtin": "digits"}})
     assert spec.model.weights.source == "timm"
     bad = timm_spec(tmp_path, arch="tf_efficientnet_lite00", **{"model.weights.source": "none"})
-    with pytest.raises(JobFileError, match="close matches: .*tf_efficientnet_lite0"):
+    with pytest.raises(JobFileError, match=r"close matches: .*tf_efficientnet_lite0"):
         build_model(bad, 3)
-    with pytest.raises(JobFileError, match="needs model.library 'torchvision'"):
+    with pytest.raises(JobFileError, match=r"needs model\.library 'torchvision'"):
         parse_spec({"model": {"library": "timm", "architecture": LITE0, "weights": {"source": "torchvision"}},
                     "dataset": {"builtin": "digits"}})
 
