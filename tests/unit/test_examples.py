@@ -23,7 +23,8 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 CRD = ROOT / "charts/finetune-operator/crds/finetunejobs.finetune.dev.yaml"
-EXPECTED = {"cpu-demo.yaml", "gpu-resnet50.yaml", "multi-worker-cpu.yaml", "partial-unfreeze.yaml",
+EXPECTED = {"cpu-demo.yaml", "gpu-resnet50.yaml", "gpu-timm-convnext.yaml", "multi-worker-cpu.yaml",
+            "partial-unfreeze.yaml",
             "suspended-kueue.yaml"}
 
 
@@ -143,6 +144,16 @@ def test_gpu_resnet50_uses_imagenet_weights_a_pvc_and_a_gpu() -> None:
     assert any(v.persistent_volume_claim and spec.dataset.path.startswith(v.mount_path) for v in spec.volumes)
     assert spec.resources.gpus == 1
     assert spec.training.precision == "auto"
+
+
+def test_gpu_timm_names_a_timm_model_that_exists_with_its_pretrained_tag() -> None:
+    import timm
+
+    spec = parse_job(_load(ROOT / "examples/gpu-timm-convnext.yaml")).spec
+    assert spec.model.library == "timm" and spec.model.weights.source == "timm"
+    assert timm.is_model(spec.model.architecture)
+    assert f"{spec.model.architecture}.{spec.model.weights.name}" in timm.list_pretrained(spec.model.architecture + "*")
+    assert spec.dataset.test_fraction and spec.freeze.policy == "partial" and spec.resources.gpus == 1
 
 
 def test_partial_unfreeze_unfreezes_part_of_the_backbone() -> None:
