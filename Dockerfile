@@ -4,7 +4,7 @@
 #   docker build --target trainer  -t finetune-trainer:0.1.0 .    # torch + torchvision, CPU build by default
 #
 # Build arguments:
-#   BASE_IMAGE       any Debian-based image with python3 (>= 3.10) and its venv module. Default: the public
+#   BASE_IMAGE       any Debian-based image with python3 (>= 3.11) and its venv module. Default: the public
 #                    python slim image. Machines that cannot pull images make one with
 #                    hack/images/build-base.sh (debootstrap + docker import) and pass
 #                    --build-arg BASE_IMAGE=finetune-base:bookworm-1 (hack/images/build.sh does).
@@ -30,14 +30,15 @@ COPY hack/images/constraints.txt /tmp/constraints.txt
 # (and setuptools' build/ dir, whose newer files would shadow the real ones) are removed after use.
 WORKDIR /src
 COPY pyproject.toml README.md ./
-RUN mkdir -p trainer/finetune_trainer operator/finetune_operator \
- && touch trainer/finetune_trainer/__init__.py operator/finetune_operator/__init__.py
+RUN mkdir -p api/finetune_api trainer/finetune_trainer operator/finetune_operator \
+ && touch api/finetune_api/__init__.py trainer/finetune_trainer/__init__.py operator/finetune_operator/__init__.py
 
 # ------------------------------------------------------------------------------------------ operator build
 FROM venv AS operator-build
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install '.[operator]' && pip uninstall -y finetune-operator \
- && rm -rf build trainer operator ./*.egg-info
+ && rm -rf build api trainer operator ./*.egg-info
+COPY api/ api/
 COPY trainer/ trainer/
 COPY operator/ operator/
 RUN --mount=type=cache,target=/root/.cache/pip \
@@ -54,7 +55,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
       pip install --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple torch torchvision; \
     fi \
  && pip install '.[trainer]' && pip uninstall -y finetune-operator \
- && rm -rf build trainer operator ./*.egg-info
+ && rm -rf build api trainer operator ./*.egg-info
+COPY api/ api/
 COPY trainer/ trainer/
 COPY operator/ operator/
 RUN --mount=type=cache,target=/root/.cache/pip \

@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.status_schema import STATUS_SCHEMA
-from finetune_trainer.architectures import ARCHITECTURES
-from finetune_trainer.spec import API_GROUP, API_VERSION, KIND, LIBRARIES, FineTuneJobSpec
+from finetune_api.architectures import ARCHITECTURES
+from finetune_api.spec import API_GROUP, API_VERSION, KIND, LIBRARIES, FineTuneJobSpec
+from finetune_api.status import FineTuneJobStatus
 
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
@@ -162,6 +162,22 @@ def spec_schema() -> Schema:
     return schema
 
 
+def status_schema() -> Schema:
+    """The structural schema of `status`, from FineTuneJobStatus: every field the operator may write."""
+    raw = FineTuneJobStatus.model_json_schema(by_alias=True, mode="serialization")
+    defs = raw.pop("$defs", {})
+    return _without_defaults(_structural(raw, defs))
+
+
+def _without_defaults(node: Any) -> Any:
+    """Status has no defaults: the operator writes what it derived, the API server adds nothing."""
+    if isinstance(node, list):
+        return [_without_defaults(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+
+
 def _at(schema: Schema, path: str) -> Schema:
     """The sub-schema at a dotted path ("" is the root); `name[]` steps into a list's items."""
     node = schema
@@ -185,6 +201,8 @@ def _structural(node: Any, defs: dict[str, Schema]) -> Any:
         return _structural(merged, defs)
     if "anyOf" in node:
         node = _drop_null_branch(node)
+        if "$ref" in node:  # an optional nested model: resolve the branch that is left
+            return _structural(node, defs)
     out: Schema = {}
     for key, value in node.items():
         if key in ("title", "$defs"):
@@ -321,7 +339,7 @@ def _root_schema() -> Schema:
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
             "spec": spec_schema(),
-            "status": copy.deepcopy(STATUS_SCHEMA),
+            "status": status_schema(),
         },
     }
 

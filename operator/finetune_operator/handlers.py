@@ -20,16 +20,17 @@ from typing import Any
 
 import kopf
 
-from finetune_operator import builders
+from finetune_api.spec import API_GROUP, API_VERSION, RunPolicy
 from finetune_operator.crd import PLURAL
 from finetune_operator.kube import Kube, ftj_path
+from finetune_operator.naming import ANNOTATION_NAME, LABEL_UID
+from finetune_operator.parsed import FineTuneJob, spec_section
 from finetune_operator.reconcile import Runtime, reconcile, reconcile_on_event, set_job_suspend, token_digest_for
 from finetune_operator.server import ProgressService, serve
 from finetune_operator.settings import Settings
-from finetune_trainer.spec import API_GROUP, API_VERSION
 
 FTJ = (API_GROUP, API_VERSION, PLURAL)
-OWNED = {builders.LABEL_UID: kopf.PRESENT}
+OWNED = {LABEL_UID: kopf.PRESENT}
 
 
 def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
@@ -66,8 +67,8 @@ def register(
         configure_kopf(settings, rt.settings)
         rt.kube = kube_factory()
         rt.resync_task = asyncio.create_task(resync_loop(rt, logger), name="finetune resync")
-        if rt.settings.http_listen:
-            host, port = parse_listen(rt.settings.http_listen)
+        if rt.settings.listen is not None:
+            host, port = rt.settings.listen
             service = progress_service(rt)
             rt.on_forget.append(service.forget)
             rt.http_task = asyncio.create_task(serve(service, host, port), name="finetune http")
@@ -93,9 +94,11 @@ def register(
     def spec_changed(
         namespace: str, name: str, body: Mapping[str, Any], old: Any, new: Any, logger: Any, **_: Any
     ) -> None:
+        # Only a change of the FineTuneJob's own field is propagated: a queue such as Kueue suspends and
+        # resumes the Job itself, and an unrelated spec edit must not undo that.
         before, after = _suspend(old), _suspend(new)
         if before != after:
-            set_job_suspend(rt, body, after, logger)
+            set_job_suspend(rt, FineTuneJob.from_body(body), after, logger)
         _run(rt, namespace, name, logger, permanent=True)
 
     @kopf.on.event("batch", "v1", "jobs", labels=OWNED, registry=registry)
@@ -132,7 +135,7 @@ async def resync_loop(rt: Runtime, logger: Any) -> None:
     while True:
         await asyncio.sleep(rt.settings.resync_seconds)
         # Jobs whose events re-derived them within the period are fresh: only quiet ones need the clock.
-        for namespace, name in rt.due(rt.settings.resync_seconds):
+        for namespace, name in rt.queue.due(rt.settings.resync_seconds):
             try:
                 await asyncio.to_thread(reconcile, rt, namespace, name, logger)
             except kopf.TemporaryError as err:
@@ -142,7 +145,7 @@ async def resync_loop(rt: Runtime, logger: Any) -> None:
 
 
 def _suspend(spec: Any) -> bool:
-    return bool(((spec or {}).get("runPolicy") or {}).get("suspend", False))
+    return spec_section(RunPolicy, spec if isinstance(spec, Mapping) else None, "runPolicy").suspend
 
 
 def _owner_name(body: Mapping[str, Any]) -> str | None:
@@ -151,15 +154,7 @@ def _owner_name(body: Mapping[str, Any]) -> str | None:
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == "FineTuneJob" and ref.get("apiVersion", "").startswith(f"{API_GROUP}/"):
             return ref.get("name")
-    return (meta.get("annotations") or {}).get(builders.ANNOTATION_NAME)
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    try:
-        return host or "0.0.0.0", int(port)
-    except ValueError:
-        raise ValueError(f"FINETUNE_HTTP_LISTEN: expected host:port, got {text!r}") from None
+    return (meta.get("annotations") or {}).get(ANNOTATION_NAME)
 
 
 def progress_service(rt: Runtime) -> ProgressService:

@@ -1,6 +1,6 @@
 """A small dict-in, dict-out Kubernetes client over the official client's ApiClient.
 
-Handlers work with plain dicts (what derive_status and the builders take), so this wraps
+Handlers work with plain dicts (the JSON the API speaks), so this wraps
 `ApiClient.call_api` with raw JSON instead of the generated model classes. Handlers are
 sync; kopf runs them in its thread pool, and urllib3's pool is thread-safe.
 """
@@ -14,10 +14,10 @@ from typing import Any
 import kubernetes
 import urllib3
 
+from finetune_api.spec import API_GROUP, API_VERSION
 from finetune_operator.crd import PLURAL
-from finetune_trainer.spec import API_GROUP, API_VERSION
+from finetune_operator.parsed import Obj
 
-Obj = dict[str, Any]
 # Every handler thread (kopf's max_workers), the resync loop and the progress server may call at once.
 # The client's default (5 per CPU) is smaller: urllib3 then opens a throwaway connection — a TLS handshake
 # on both ends — for each call over the limit, which under a burst costs the API server more than the calls.

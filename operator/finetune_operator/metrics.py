@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+from finetune_api.status import PHASES, TERMINAL_PHASES
 
 # status.progress key → per-job gauge (name, help).
 JOB_GAUGES = {
@@ -73,7 +73,7 @@ class Metrics:
             return
         self._phases[key] = phase
         self.transitions.labels(phase, reason or "").inc()
-        if phase in ("Succeeded", "Failed") and duration_seconds is not None:
+        if phase in TERMINAL_PHASES and duration_seconds is not None:
             self.duration.labels(phase).observe(duration_seconds)
         self._recount()
 

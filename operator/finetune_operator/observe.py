@@ -11,10 +11,11 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from finetune_operator.builders import CONTAINER
-from finetune_trainer.errors import EXIT_INVALID_JOB, EXIT_PREEMPTED
+from finetune_api.errors import EXIT_INVALID_JOB, EXIT_PREEMPTED
+from finetune_api.status import TERMINAL_PHASES, Reason
+from finetune_operator.objects import CONTAINER
+from finetune_operator.parsed import ObjView
 
-Obj = Mapping[str, Any]
 Problem = tuple[str, str]
 
 # Pod waiting reasons that may clear up by themselves (registry hiccup, autoscaler adding a
@@ -29,7 +30,8 @@ CONFIG_WAITING = {
     "CreateContainerError": "CreateContainerError",
 }
 HOPELESS_WAITING = {"InvalidImageName": "InvalidImageName"}
-STARTUP_PROBLEMS = frozenset({*IMAGE_WAITING.values(), *CONFIG_WAITING.values(), "Unschedulable", "PodCreationFailed"})
+STARTUP_PROBLEMS = frozenset({*IMAGE_WAITING.values(), *CONFIG_WAITING.values(), "Unschedulable",
+                              Reason.POD_CREATION_FAILED})
 IMMEDIATE_FAILURES = frozenset(HOPELESS_WAITING.values())
 
 PREEMPTION_REASONS = {"PreemptionByScheduler", "PreemptionByKubeScheduler"}
@@ -48,14 +50,14 @@ def parse_time(value: Any) -> dt.datetime | None:
         parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def format_time(value: dt.datetime) -> str:
-    return value.astimezone(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return value.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def condition(obj: Obj, kind: str) -> Obj | None:
+def condition(obj: ObjView, kind: str) -> ObjView | None:
     """The status condition of this type, if its status is "True"."""
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind and cond.get("status") == "True":
@@ -69,12 +71,12 @@ def tail(text: str | None, limit: int = MESSAGE_TAIL) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-def _statuses(pod: Obj) -> list[Obj]:
+def _statuses(pod: ObjView) -> list[ObjView]:
     status = pod.get("status") or {}
     return [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
 
 
-def _trainer_terminated(pod: Obj) -> Obj | None:
+def _trainer_terminated(pod: ObjView) -> ObjView | None:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         if cs.get("name") == CONTAINER:
             state = cs.get("state") or {}
@@ -82,12 +84,12 @@ def _trainer_terminated(pod: Obj) -> Obj | None:
     return None
 
 
-def is_active(pod: Obj) -> bool:
+def is_active(pod: ObjView) -> bool:
     phase = (pod.get("status") or {}).get("phase")
     return phase in (None, "Pending", "Running", "Unknown") and not pod["metadata"].get("deletionTimestamp")
 
 
-def waiting_problem(pod: Obj) -> Problem | None:
+def waiting_problem(pod: ObjView) -> Problem | None:
     """Why a not-yet-running pod is stuck: image, container config, or scheduling."""
     known = {**IMAGE_WAITING, **CONFIG_WAITING, **HOPELESS_WAITING}
     for cs in _statuses(pod):
@@ -103,7 +105,7 @@ def waiting_problem(pod: Obj) -> Problem | None:
     return None
 
 
-def pod_failure(pod: Obj) -> Problem | None:
+def pod_failure(pod: ObjView) -> Problem | None:
     """Why a pod that ended did not succeed, most specific cause first."""
     status = pod.get("status") or {}
     disruption = next(
@@ -115,34 +117,35 @@ def pod_failure(pod: Obj) -> Problem | None:
         None,
     )
     if disruption is not None:
-        kind = "Preempted" if disruption.get("reason") in PREEMPTION_REASONS else "Evicted"
+        kind = Reason.PREEMPTED if disruption.get("reason") in PREEMPTION_REASONS else Reason.EVICTED
         return kind, tail(f"{disruption.get('reason')}: {disruption.get('message') or 'pod disrupted'}")
     if status.get("reason") == "Evicted":
-        return "Evicted", tail(status.get("message") or "the kubelet evicted the pod")
+        return Reason.EVICTED, tail(status.get("message") or "the kubelet evicted the pod")
     term = _trainer_terminated(pod)
     if term is None:
-        return ("PodFailed", tail(status.get("message") or "pod failed")) if status.get("phase") == "Failed" else None
+        failed = status.get("phase") == "Failed"
+        return (Reason.POD_FAILED, tail(status.get("message") or "pod failed")) if failed else None
     code = term.get("exitCode", 0)
     if term.get("reason") == "OOMKilled":
         return (
-            "OOMKilled",
+            Reason.OOM_KILLED,
             "the trainer ran out of memory: raise spec.resources.memory or lower training.batchSize",
         )
     if code == 0:
         return None
     if code == EXIT_INVALID_JOB:
-        return "InvalidJobFile", tail(term.get("message") or "the trainer rejected its job file (exit code 2)")
+        return Reason.INVALID_JOB_FILE, tail(term.get("message") or "the trainer rejected its job file (exit code 2)")
     if code == EXIT_PREEMPTED:
-        return "Preempted", "the trainer saved a checkpoint and stopped after SIGTERM (exit code 75)"
+        return Reason.PREEMPTED, "the trainer saved a checkpoint and stopped after SIGTERM (exit code 75)"
     detail = tail(term.get("message")) or term.get("reason") or "no output"
-    return "TrainerError", f"exit code {code}: {detail}"
+    return Reason.TRAINER_ERROR, f"exit code {code}: {detail}"
 
 
-def _by_age(pods: Sequence[Obj]) -> list[Obj]:
+def _by_age(pods: Sequence[ObjView]) -> list[ObjView]:
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
 
 
-def last_failure(pods: Sequence[Obj]) -> Problem | None:
+def last_failure(pods: Sequence[ObjView]) -> Problem | None:
     """The failure of the most recently created pod that failed."""
     for pod in reversed(_by_age(pods)):
         if not is_active(pod):
@@ -152,7 +155,7 @@ def last_failure(pods: Sequence[Obj]) -> Problem | None:
     return None
 
 
-def first_waiting_problem(pods: Sequence[Obj]) -> Problem | None:
+def first_waiting_problem(pods: Sequence[ObjView]) -> Problem | None:
     for pod in reversed(_by_age(pods)):
         if is_active(pod):
             found = waiting_problem(pod)
@@ -161,14 +164,14 @@ def first_waiting_problem(pods: Sequence[Obj]) -> Problem | None:
     return None
 
 
-def running_pod(pods: Sequence[Obj]) -> Obj | None:
+def running_pod(pods: Sequence[ObjView]) -> ObjView | None:
     for pod in reversed(_by_age(pods)):
         if is_active(pod) and (pod.get("status") or {}).get("phase") == "Running":
             return pod
     return None
 
 
-def running_since(pod: Obj) -> str | None:
+def running_since(pod: ObjView) -> str | None:
     for cs in _statuses(pod):
         started = ((cs.get("state") or {}).get("running") or {}).get("startedAt")
         if started:
@@ -176,16 +179,17 @@ def running_since(pod: Obj) -> str | None:
     return (pod.get("status") or {}).get("startTime")
 
 
-def job_failure(job: Obj, pods: Sequence[Obj]) -> Problem:
+def job_failure(job: ObjView, pods: Sequence[ObjView]) -> Problem:
     """Why a Job failed, refined by its pods when they say more than the Job does."""
     cond = condition(job, "Failed") or condition(job, "FailureTarget") or {}
-    reason, message = cond.get("reason") or "JobFailed", cond.get("message") or "the Job failed"
+    reason, message = cond.get("reason") or Reason.JOB_FAILED, cond.get("message") or "the Job failed"
     if reason == "DeadlineExceeded":
         limit = (job.get("spec") or {}).get("activeDeadlineSeconds")
-        return "DeadlineExceeded", f"ran longer than spec.runPolicy.activeDeadlineSeconds ({limit}s)"
+        return Reason.DEADLINE_EXCEEDED, f"ran longer than spec.runPolicy.activeDeadlineSeconds ({limit}s)"
     pod_says = last_failure(pods)
     if reason == "PodFailurePolicy":
-        return pod_says if pod_says and pod_says[0] == "InvalidJobFile" else ("InvalidJobFile", tail(message))
+        return pod_says if pod_says and pod_says[0] == Reason.INVALID_JOB_FILE else (Reason.INVALID_JOB_FILE,
+                                                                                     tail(message))
     if reason in RETRIES_EXHAUSTED:
         if pod_says is None:
             return reason, tail(message)
@@ -194,26 +198,26 @@ def job_failure(job: Obj, pods: Sequence[Obj]) -> Problem:
     return reason, tail(message)
 
 
-def job_finished(job: Obj) -> bool:
+def job_finished(job: ObjView) -> bool:
     return any(condition(job, c) for c in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"))
 
 
-def job_succeeded(job: Obj) -> bool:
+def job_succeeded(job: ObjView) -> bool:
     return bool(condition(job, "Complete") or condition(job, "SuccessCriteriaMet"))
 
 
-def job_suspended(job: Obj) -> bool:
+def job_suspended(job: ObjView) -> bool:
     return bool((job.get("spec") or {}).get("suspend")) or bool(condition(job, "Suspended"))
 
 
-def startup_clock(job: Obj) -> dt.datetime | None:
+def startup_clock(job: ObjView) -> dt.datetime | None:
     """When the Job last started (or resumed) trying to run pods."""
     return parse_time((job.get("status") or {}).get("startTime")) or parse_time(
         job["metadata"].get("creationTimestamp")
     )
 
 
-def result_summary(pods: Sequence[Obj]) -> dict[str, Any]:
+def result_summary(pods: Sequence[ObjView]) -> dict[str, Any]:
     """Output fields from a succeeded trainer's termination message, if it wrote JSON there."""
     keys = ("weightsFile", "sha256", "bestEpoch", "valAccuracy", "testAccuracy")
     for pod in reversed(_by_age(pods)):
@@ -227,7 +231,7 @@ def result_summary(pods: Sequence[Obj]) -> dict[str, Any]:
     return {}
 
 
-def _annotation_int(pod: Obj, key: str) -> int | None:
+def _annotation_int(pod: ObjView, key: str) -> int | None:
     meta = pod.get("metadata") or {}
     raw = (meta.get("annotations") or {}).get(key) or (meta.get("labels") or {}).get(key)
     try:
@@ -236,7 +240,7 @@ def _annotation_int(pod: Obj, key: str) -> int | None:
         return None
 
 
-def workers(job: Obj, pods: Sequence[Obj]) -> list[dict[str, Any]] | None:
+def workers(job: ObjView, pods: Sequence[ObjView]) -> list[dict[str, Any]] | None:
     """One entry per worker of a multi-worker (Indexed) Job: its newest pod, phase and restarts.
 
     None for a single-worker Job. Pods are matched to workers by their completion index.
@@ -244,7 +248,7 @@ def workers(job: Obj, pods: Sequence[Obj]) -> list[dict[str, Any]] | None:
     spec = job.get("spec") or {}
     if spec.get("completionMode") != "Indexed":
         return None
-    history: dict[int, list[Obj]] = {}
+    history: dict[int, list[ObjView]] = {}
     for pod in _by_age(pods):
         index = _annotation_int(pod, INDEX_KEY)
         if index is not None:
@@ -252,7 +256,7 @@ def workers(job: Obj, pods: Sequence[Obj]) -> list[dict[str, Any]] | None:
     return [_worker(i, history.get(i, [])) for i in range(int(spec.get("completions") or 1))]
 
 
-def _worker(index: int, pods: Sequence[Obj]) -> dict[str, Any]:
+def _worker(index: int, pods: Sequence[ObjView]) -> dict[str, Any]:
     entry: dict[str, Any] = {"index": index, "phase": "Missing", "restarts": 0}
     if not pods:
         return entry
@@ -267,9 +271,9 @@ def _worker(index: int, pods: Sequence[Obj]) -> dict[str, Any]:
     return entry
 
 
-def _pod_phase(pod: Obj) -> str:
+def _pod_phase(pod: ObjView) -> str:
     phase = (pod.get("status") or {}).get("phase") or "Pending"
-    if pod["metadata"].get("deletionTimestamp") and phase not in ("Succeeded", "Failed"):
+    if pod["metadata"].get("deletionTimestamp") and phase not in TERMINAL_PHASES:
         return "Terminating"
     return phase
 

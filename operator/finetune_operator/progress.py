@@ -1,4 +1,5 @@
-"""Progress pushed by trainers: the body model, per-job credentials, rate limits and status math.
+"""Progress pushed by trainers: per-job credentials, rate limits and status math (the body model is
+finetune_api.progress).
 
 Pure and synchronous: the HTTP server (server.py) and the reconciler call into this module, and
 unit tests drive it with explicit clocks. Reference design: Kubeflow KEP-2779 — trainers push to
@@ -9,68 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from finetune_api.progress import MAX_BODY_BYTES, CheckpointNote, ProgressEvent, parse_event
 
-MAX_BODY_BYTES = 8192
+# Re-exported for the server: the wire format itself lives in finetune_api.progress.
+__all__ = ["MAX_BODY_BYTES", "CheckpointNote", "JobProgress", "ProgressEvent", "parse_event"]
+
 TOKEN_BYTES = 32
+# The measured numbers of a push that status.progress shows as sent (the best accuracy is kept here instead).
+MEASURED = tuple(name for name, f in ProgressEvent.model_fields.items()
+                 if f.annotation == float | None and name != "bestValAccuracy")
 TOKEN_KEY = "token"  # key inside the per-job Secret
 
 
-class CheckpointNote(BaseModel):
-    """The trainer's latest checkpoint, as status.lastCheckpoint shows it."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    epoch: int = Field(..., ge=0, le=1_000_000)
-    step: int | None = Field(None, ge=0, le=100_000_000)
-    time: str | None = Field(None, max_length=40, pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
-    file: str | None = Field(None, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
-
-
-class ProgressPush(BaseModel):
-    """What a trainer may send. Unknown keys are ignored (newer trainers), wrong types are not."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    event: Literal["start", "step", "epoch", "end"] = "step"
-    epoch: int = Field(0, ge=0, le=1_000_000)
-    totalEpochs: int = Field(..., ge=1, le=1_000_000)
-    step: int = Field(0, ge=0, le=100_000_000)
-    totalSteps: int = Field(0, ge=0, le=100_000_000)
-    trainLoss: float | None = Field(None, ge=0)
-    valLoss: float | None = Field(None, ge=0)
-    valAccuracy: float | None = Field(None, ge=0, le=1)
-    bestValAccuracy: float | None = Field(None, ge=0, le=1)
-    samplesPerSecond: float | None = Field(None, ge=0)
-    resumeCount: int | None = Field(None, ge=0, le=1_000_000)
-    lastCheckpoint: CheckpointNote | None = None
-
-    @field_validator("trainLoss", "valLoss", "samplesPerSecond")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
-
-
-def parse_push(raw: bytes) -> ProgressPush:
-    """Validate a request body; raises ValueError with a one-line reason."""
-    if len(raw) > MAX_BODY_BYTES:
-        raise ValueError(f"body larger than {MAX_BODY_BYTES} bytes")
-    try:
-        return ProgressPush.model_validate_json(raw)
-    except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        raise ValueError(f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from None
-
-
-def status_fields(push: ProgressPush, progress: dict[str, Any]) -> dict[str, Any]:
+def status_fields(push: ProgressEvent, progress: dict[str, Any]) -> dict[str, Any]:
     """The status fields one push sets: progress, and the resume bookkeeping when the trainer sent it."""
     out: dict[str, Any] = {"progress": progress}
     if push.resumeCount is not None:
@@ -121,7 +78,7 @@ class TokenBucket:
         return False
 
 
-def fraction_done(p: ProgressPush) -> float:
+def fraction_done(p: ProgressEvent) -> float:
     """0..1 of the whole run: completed epochs plus the share of the current one."""
     if p.event in ("epoch", "end", "start") or not p.totalSteps:
         done = p.epoch
@@ -140,7 +97,7 @@ class JobProgress:
     last: dict[str, Any] = field(default_factory=dict)
     checkpoint: CheckpointNote | None = None
 
-    def update(self, p: ProgressPush, now: float) -> dict[str, Any]:
+    def update(self, p: ProgressEvent, now: float) -> dict[str, Any]:
         """The new status.progress for this push (numbers, not strings, except the column texts)."""
         frac = fraction_done(p)
         if not self.first_time or frac < self.first_fraction:  # first push, or a restart from earlier
@@ -158,7 +115,7 @@ class JobProgress:
             "percent": round(frac * 100, 2),
             "lastUpdateTime": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
-        for key in ("trainLoss", "valLoss", "valAccuracy", "samplesPerSecond"):
+        for key in MEASURED:
             value = getattr(p, key)
             if value is not None:
                 out[key] = round(value, 6)

@@ -1,9 +1,9 @@
 """One reconcile pass for one FineTuneJob: read what exists, create what is missing, write status.
 
-Every handler (create, resume, update, timer, Job and Pod watches) ends here, so the
-outcome depends only on the objects, never on which event arrived or in what order.
-A per-object lock keeps two handler threads from deriving and posting the same
-transition twice.
+Every handler (create, resume, update, resync, Job and Pod watches) ends here, so the
+outcome depends only on the objects, never on which event arrived or in what order. The
+pass parses the FineTuneJob once, then builds, adopts, creates what is missing and patches
+status; the work queue (workqueue.py) keeps two threads from running it for one job at once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 
 import kopf
 
-from finetune_operator import builders, progress, status
+from finetune_api.status import TERMINAL_PHASES
+from finetune_operator import admission, naming, objects, progress, status
 from finetune_operator.events import post_event
 from finetune_operator.kube import (
     ApiError,
@@ -34,23 +35,22 @@ from finetune_operator.kube import (
     service_path,
 )
 from finetune_operator.metrics import Metrics
+from finetune_operator.parsed import FineTuneJob, Obj
 from finetune_operator.settings import Settings
-from finetune_trainer.errors import JobFileError
+from finetune_operator.workqueue import WorkQueue
 
-Obj = dict[str, Any]
 RETRY_DELAY = 10.0
 GC_WAIT = 15.0
 
 
 @dataclass
 class Runtime:
-    """What handlers share: settings, the API client (set at startup), locks, unfinished jobs."""
+    """What handlers share: settings, the API client (set at startup), the work queue, token digests."""
 
     settings: Settings
     kube: Kube | None = None
-    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)
-    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
-    _unfinished: set[tuple[str, str]] = field(default_factory=set)
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    queue: WorkQueue = field(default_factory=WorkQueue)
     resync_task: asyncio.Task[None] | None = None
     http_task: asyncio.Task[None] | None = None
     metrics: Metrics = field(default_factory=Metrics)
@@ -58,30 +58,12 @@ class Runtime:
     tokens: dict[tuple[str, str], str] = field(default_factory=dict)
     on_forget: list[Callable[[str, str], None]] = field(default_factory=list)
     _guard: threading.Lock = field(default_factory=threading.Lock)
-    # Work-queue bookkeeping: keys with a pass running, keys that got events meanwhile, last pass times.
-    _busy: set[tuple[str, str]] = field(default_factory=set)
-    _dirty: set[tuple[str, str]] = field(default_factory=set)
-    _last_pass: dict[tuple[str, str], float] = field(default_factory=dict)
-
-    def lock(self, namespace: str, name: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault((namespace, name), threading.Lock())
-
-    def track(self, namespace: str, name: str, unfinished: bool) -> None:
-        """Remember unfinished jobs: the resync loop re-derives them (deadlines need a clock)."""
-        with self._guard:
-            if unfinished:
-                self._unfinished.add((namespace, name))
-            else:
-                self._unfinished.discard((namespace, name))
 
     def forget(self, namespace: str, name: str) -> None:
-        """The FineTuneJob is gone: drop its lock, token digest, metrics series and progress state."""
+        """The FineTuneJob is gone: drop its queue entry, token digest, metrics series and progress state."""
+        self.queue.forget((namespace, name))
         with self._guard:
-            self._locks.pop((namespace, name), None)
-            self._unfinished.discard((namespace, name))
             self.tokens.pop((namespace, name), None)
-            self._last_pass.pop((namespace, name), None)
         self.metrics.forget(namespace, name)
         for callback in self.on_forget:
             callback(namespace, name)
@@ -93,43 +75,6 @@ class Runtime:
     def known_token(self, namespace: str, name: str) -> str | None:
         with self._guard:
             return self.tokens.get((namespace, name))
-
-    def unfinished(self) -> list[tuple[str, str]]:
-        with self._guard:
-            return sorted(self._unfinished)
-
-    def due(self, older_than: float) -> list[tuple[str, str]]:
-        """Unfinished jobs whose last pass is older than `older_than` seconds (the others are fresh)."""
-        now = time.monotonic()
-        with self._guard:
-            return sorted(k for k in self._unfinished if now - self._last_pass.get(k, 0.0) >= older_than)
-
-    def defer_if_busy(self, namespace: str, name: str) -> bool:
-        """True when a pass for this job is running: it is marked to run once more instead."""
-        with self._guard:
-            if (namespace, name) in self._busy:
-                self._dirty.add((namespace, name))
-                return True
-            return False
-
-    def _begin(self, key: tuple[str, str]) -> None:
-        with self._guard:
-            self._busy.add(key)
-            self._dirty.discard(key)
-
-    def _again(self, key: tuple[str, str]) -> bool:
-        """After a pass: run another if events came meanwhile; else the key stops being busy."""
-        with self._guard:
-            self._last_pass[key] = time.monotonic()
-            if key in self._dirty:
-                self._dirty.discard(key)
-                return True
-            self._busy.discard(key)
-            return False
-
-    def _end(self, key: tuple[str, str]) -> None:
-        with self._guard:
-            self._busy.discard(key)
 
 
 @dataclass
@@ -145,24 +90,17 @@ def reconcile(rt: Runtime, namespace: str, name: str, logger: logging.Logger | A
     the last pass always starts after the last event.
     """
     assert rt.kube is not None, "the startup handler sets the API client"
-    key = (namespace, name)
-    with rt.lock(namespace, name):
-        rt._begin(key)
-        try:
-            outcome = _timed_pass(rt, rt.kube, namespace, name, logger)
-            while rt._again(key):
-                outcome = _timed_pass(rt, rt.kube, namespace, name, logger)
-        finally:
-            rt._end(key)
-    return outcome
+    kube = rt.kube
+    return rt.queue.run((namespace, name), lambda: _timed_pass(rt, kube, namespace, name, logger))
 
 
 def reconcile_on_event(rt: Runtime, namespace: str, name: str, logger: logging.Logger | Any) -> None:
     """For watch events of a job's Job and pods, which come in bursts (pod created, scheduled, running,
-    Job status ...): while a pass runs, an event only asks for one more pass. Like a controller-runtime
-    work queue, a burst of N events costs at most two passes, not N, and the API server N times less."""
-    if not rt.defer_if_busy(namespace, name):
-        reconcile(rt, namespace, name, logger)
+    Job status ...): while a pass runs, an event only asks for one more pass, so the API server sees
+    a burst of N events as at most two passes."""
+    assert rt.kube is not None, "the startup handler sets the API client"
+    kube = rt.kube
+    rt.queue.run_unless_busy((namespace, name), lambda: _timed_pass(rt, kube, namespace, name, logger))
 
 
 def _timed_pass(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any) -> Outcome:
@@ -184,45 +122,44 @@ def _timed_pass(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any)
 
 
 def _reconcile(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any) -> Outcome:
-    ftj = kube.get(ftj_path(namespace, name))
-    if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+    body = kube.get(ftj_path(namespace, name))
+    if body is None or body["metadata"].get("deletionTimestamp"):
         rt.forget(namespace, name)
         return Outcome()  # deleted: ownerReferences take the Job, ConfigMap and pods along
-    job = kube.get(job_path(namespace, builders.job_name(ftj)))
+    ftj = FineTuneJob.from_body(body)  # the one parse of this pass
+    job = kube.get(job_path(namespace, naming.job_name(ftj.name)))
     _check_owner(job, ftj, "Job")
-    prev = ftj.get("status") or {}
-    if job is None and _may_create(prev):
-        problem = _spec_problem(ftj, rt.settings)
+    if job is None and _may_create(ftj.status):
+        problem = admission.spec_problem(ftj, rt.settings)
         if problem:
-            rt.track(namespace, name, unfinished=False)
+            rt.queue.track((namespace, name), unfinished=False)
             return _fail_invalid(kube, ftj, problem, rt.clock())
         job = _create_children(rt, kube, ftj, logger)
         _warn_if_ephemeral(kube, ftj, rt.settings, rt.clock())
         pods: list[Obj] = []  # just created: its pods' events bring the next pass
     else:
-        pods = kube.list(pod_path(namespace), builders.selector_labels(ftj)) if job else []
+        pods = kube.list(pod_path(namespace), naming.selector_labels(ftj.uid)) if job else []
     new = status.derive_status(ftj, job, pods, rt.clock(), rt.settings)
     if status.should_stop_job(new, job):
         logger.warning(f"Deleting Job {job['metadata']['name']}: {new['reason']}")
         kube.delete(job_path(namespace, job["metadata"]["name"]))
     _write_status(kube, ftj, new, rt.clock())
-    rt.track(namespace, name, unfinished=new["phase"] not in status.TERMINAL)
+    rt.queue.track((namespace, name), unfinished=new["phase"] not in TERMINAL_PHASES)
     _observe(rt, ftj, new)
     return Outcome(status=new)
 
 
-def _observe(rt: Runtime, ftj: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+def _observe(rt: Runtime, ftj: FineTuneJob, new: Mapping[str, Any]) -> None:
     """Phase and stall gauges; the duration histogram gets each job once, when it finishes."""
-    meta = ftj["metadata"]
     duration = None
-    created = _parse_time(meta.get("creationTimestamp"))
+    created = _parse_time(ftj.created)
     finished = _parse_time(new.get("completionTime"))
     if created and finished:
         duration = (finished - created).total_seconds()
-    rt.metrics.observe_phase(meta["namespace"], meta["name"], new["phase"], new.get("reason") or "", duration)
+    rt.metrics.observe_phase(ftj.namespace, ftj.name, new["phase"], new.get("reason") or "", duration)
     stalled = next((c for c in new.get("conditions") or [] if c["type"] == "Stalled" and c["status"] == "True"
-                    and new["phase"] not in status.TERMINAL), None)
-    rt.metrics.observe_stalled(meta["namespace"], meta["name"], stalled["reason"] if stalled else None)
+                    and new["phase"] not in TERMINAL_PHASES), None)
+    rt.metrics.observe_stalled(ftj.namespace, ftj.name, stalled["reason"] if stalled else None)
 
 
 def _parse_time(text: str | None) -> dt.datetime | None:
@@ -236,24 +173,15 @@ def _may_create(prev: Mapping[str, Any]) -> bool:
     """Create the Job only if none ever existed and the job is not finished (or only invalid)."""
     if prev.get("jobName"):
         return False  # it existed: derive_status reports it gone rather than training again
-    return prev.get("phase") not in status.TERMINAL or prev.get("reason") == status.INVALID_SPEC
+    return prev.get("phase") not in TERMINAL_PHASES or prev.get("reason") == status.INVALID_SPEC
 
 
-def _spec_problem(ftj: Mapping[str, Any], settings: Settings) -> str | None:
-    try:
-        spec = builders.parsed_spec(ftj)
-    except JobFileError as err:
-        return str(err)
-    problems = builders.cluster_problems(spec, settings, ftj["metadata"]["name"])
-    return "; ".join(problems) if problems else None
-
-
-def _check_owner(child: Mapping[str, Any] | None, ftj: Mapping[str, Any], kind: str) -> None:
+def _check_owner(child: Mapping[str, Any] | None, ftj: FineTuneJob, kind: str) -> None:
     """A same-named child of an earlier FineTuneJob is still being garbage-collected: wait."""
     if child is None:
         return
     owners = [r.get("uid") for r in child["metadata"].get("ownerReferences") or []]
-    if ftj["metadata"]["uid"] not in owners:
+    if ftj.uid not in owners:
         raise kopf.TemporaryError(
             f"{kind} {child['metadata']['name']} exists but is not owned by this FineTuneJob "
             "(left from an earlier one with the same name?); waiting for it to be deleted",
@@ -261,35 +189,34 @@ def _check_owner(child: Mapping[str, Any] | None, ftj: Mapping[str, Any], kind: 
         )
 
 
-def _create_children(rt: Runtime, kube: Kube, ftj: Obj, logger: Any) -> Obj:
+def _create_children(rt: Runtime, kube: Kube, ftj: FineTuneJob, logger: Any) -> Obj:
     """ConfigMap, token Secret and (multi-worker) headless Service first — the pods mount the first two
     and find worker 0 through the third — then the Job; ours are reused."""
     settings = rt.settings
-    namespace = ftj["metadata"]["namespace"]
-    configmap = builders.build_configmap(ftj, settings)
-    job = builders.build_job(ftj, settings)
-    service = builders.build_service(ftj) if builders.parsed_spec(ftj).workers > 1 else None
+    configmap = objects.build_configmap(ftj)
+    job = objects.build_job(ftj, settings)
+    service = objects.build_service(ftj) if ftj.valid_spec().workers > 1 else None
     # Owner references only: kopf.adopt would also copy the FineTuneJob's labels onto the
     # children, and labels such as Argo CD's app.kubernetes.io/instance must stay off them.
-    kopf.append_owner_reference([c for c in (configmap, service, job) if c is not None], owner=ftj)
-    _create_or_reuse(kube, configmap_path(namespace), configmap, ftj, "ConfigMap")
+    kopf.append_owner_reference([c for c in (configmap, service, job) if c is not None], owner=ftj.owner())
+    _create_or_reuse(kube, configmap_path(ftj.namespace), configmap, ftj, "ConfigMap")
     if service is not None:
-        _create_or_reuse(kube, service_path(namespace), service, ftj, "Service")
+        _create_or_reuse(kube, service_path(ftj.namespace), service, ftj, "Service")
     if settings.progress_url:
         _ensure_token(rt, kube, ftj)
-    created = _create_or_reuse(kube, job_path(namespace), job, ftj, "Job")
+    created = _create_or_reuse(kube, job_path(ftj.namespace), job, ftj, "Job")
     logger.info(f"Job {created['metadata']['name']} is there")
     return created
 
 
-def _ensure_token(rt: Runtime, kube: Kube, ftj: Obj) -> None:
+def _ensure_token(rt: Runtime, kube: Kube, ftj: FineTuneJob) -> None:
     """Create the job's progress token Secret (or reuse ours after a restart); remember its digest."""
-    secret = builders.build_token_secret(ftj, progress.new_token())
-    kopf.append_owner_reference(secret, owner=ftj)
-    existing = _create_or_reuse(kube, secret_path(ftj["metadata"]["namespace"]), secret, ftj, "Secret")
+    secret = objects.build_token_secret(ftj, progress.new_token())
+    kopf.append_owner_reference(secret, owner=ftj.owner())
+    existing = _create_or_reuse(kube, secret_path(ftj.namespace), secret, ftj, "Secret")
     token = secret["stringData"]["token"] if "data" not in existing else decode_token(existing)
     if token:
-        rt.remember_token(ftj["metadata"]["namespace"], ftj["metadata"]["name"], progress.token_digest(token))
+        rt.remember_token(ftj.namespace, ftj.name, progress.token_digest(token))
 
 
 def decode_token(secret: Mapping[str, Any]) -> str | None:
@@ -307,11 +234,11 @@ def token_digest_for(rt: Runtime, namespace: str, name: str) -> str | None:
     known = rt.known_token(namespace, name)
     if known or rt.kube is None:
         return known
-    ftj = rt.kube.get(ftj_path(namespace, name))
-    if ftj is None:
+    body = rt.kube.get(ftj_path(namespace, name))
+    if body is None:
         return None
-    secret = rt.kube.get(secret_path(namespace, builders.token_secret_name(ftj)))
-    if secret is None or ftj["metadata"]["uid"] not in [
+    secret = rt.kube.get(secret_path(namespace, naming.token_secret_name(name)))
+    if secret is None or body["metadata"]["uid"] not in [
             r.get("uid") for r in secret["metadata"].get("ownerReferences") or []]:
         return None
     token = decode_token(secret)
@@ -322,17 +249,17 @@ def token_digest_for(rt: Runtime, namespace: str, name: str) -> str | None:
     return digest
 
 
-def _warn_if_ephemeral(kube: Kube, ftj: Obj, settings: Settings, now: dt.datetime) -> None:
-    location = builders.output_location(ftj, builders.parsed_spec(ftj), settings)
-    if location["ephemeral"]:
+def _warn_if_ephemeral(kube: Kube, ftj: FineTuneJob, settings: Settings, now: dt.datetime) -> None:
+    location = objects.output_location(ftj, settings)
+    if location.get("ephemeral"):
         message = (
             f"nothing durable is mounted at spec.output.path ({location['path']}): the model goes to "
             "an emptyDir and is deleted with the pod; mount a volume there to keep it"
         )
-        post_event(kube, ftj, "Warning", "EphemeralOutput", message, now)
+        post_event(kube, ftj.owner(), "Warning", "EphemeralOutput", message, now)
 
 
-def _create_or_reuse(kube: Kube, path: str, obj: Obj, ftj: Mapping[str, Any], kind: str) -> Obj:
+def _create_or_reuse(kube: Kube, path: str, obj: Obj, ftj: FineTuneJob, kind: str) -> Obj:
     try:
         return kube.create(path, obj)
     except ApiError as err:
@@ -345,29 +272,27 @@ def _create_or_reuse(kube: Kube, path: str, obj: Obj, ftj: Mapping[str, Any], ki
     return existing
 
 
-def _fail_invalid(kube: Kube, ftj: Obj, problem: str, now: dt.datetime) -> Outcome:
+def _fail_invalid(kube: Kube, ftj: FineTuneJob, problem: str, now: dt.datetime) -> Outcome:
     new = status.invalid_spec_status(ftj, problem, now)
     _write_status(kube, ftj, new, now)
     return Outcome(invalid=problem, status=new)
 
 
-def _write_status(kube: Kube, ftj: Obj, new: Obj, now: dt.datetime) -> None:
+def _write_status(kube: Kube, ftj: FineTuneJob, new: Obj, now: dt.datetime) -> None:
     """Patch only what changed, then post the events for the transition."""
-    old = ftj.get("status") or {}
+    old = ftj.status
     patch = merge_patch_for(old, new)
     if not patch:
         return
-    meta = ftj["metadata"]
-    kube.merge_patch(ftj_path(meta["namespace"], meta["name"], "status"), {"status": patch})
+    kube.merge_patch(ftj_path(ftj.namespace, ftj.name, "status"), {"status": patch})
     for kind, reason, message in status.transition_events(old, new):
-        post_event(kube, ftj, kind, reason, message, now)
+        post_event(kube, ftj.owner(), kind, reason, message, now)
 
 
-def set_job_suspend(rt: Runtime, ftj: Mapping[str, Any], suspend: bool, logger: Any) -> None:
+def set_job_suspend(rt: Runtime, ftj: FineTuneJob, suspend: bool, logger: Any) -> None:
     """Propagate spec.runPolicy.suspend to an existing Job (the one mutable spec field)."""
     assert rt.kube is not None
-    meta = ftj["metadata"]
-    path = job_path(meta["namespace"], builders.job_name(ftj))
+    path = job_path(ftj.namespace, naming.job_name(ftj.name))
     try:
         job = rt.kube.get(path)
         if job is None or bool((job.get("spec") or {}).get("suspend")) == suspend:

@@ -23,7 +23,7 @@ from finetune_operator.progress import (
     JobProgress,
     TokenBucket,
     bearer,
-    parse_push,
+    parse_event,
     status_fields,
     token_matches,
 )
@@ -66,7 +66,7 @@ class ProgressService:
             return self._reject(429, "rate_limited")
         try:
             raw = await request.content.read(MAX_BODY_BYTES + 1)
-            push = parse_push(raw)
+            push = parse_event(raw)
         except ValueError as err:
             return self._reject(400 if "larger" not in str(err) else 413, "bad_body")
         state = self.jobs.setdefault(key, JobProgress())

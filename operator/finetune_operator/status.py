@@ -1,8 +1,8 @@
 """derive_status: the FineTuneJob's status as a pure function of what exists.
 
-Inputs are the FineTuneJob (with its current status), its Job (or None), the Job's pods
-and the time. Nothing is remembered elsewhere, so a restarted operator derives the same
-status. Only two things are sticky, on purpose:
+Inputs are the FineTuneJob as parsed at the top of the pass (with its stored status), its Job
+(or None), the Job's pods and the time. Nothing is remembered elsewhere, so a restarted
+operator derives the same status. Only two things are sticky, on purpose:
 
 * a finished phase (Succeeded/Failed) never changes again — the Job may be deleted by
   ttlSecondsAfterFinished and the FineTuneJob must keep its result (InvalidSpec with no
@@ -18,13 +18,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_operator import builders, observe
+from finetune_api.status import TERMINAL_PHASES, ConditionType, Phase, Reason
+from finetune_operator import observe
+from finetune_operator.drift import changed_fields_message
+from finetune_operator.naming import job_name
+from finetune_operator.objects import output_location
+from finetune_operator.parsed import FineTuneJob, ObjView
 from finetune_operator.settings import Settings
-from finetune_trainer.errors import JobFileError
 
-Obj = Mapping[str, Any]
-TERMINAL = ("Succeeded", "Failed")
-INVALID_SPEC = "InvalidSpec"
+INVALID_SPEC = Reason.INVALID_SPEC
 
 
 @dataclass
@@ -39,20 +41,22 @@ class Verdict:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: dt.datetime, settings: Settings) -> dict:
+def derive_status(
+    ftj: FineTuneJob, job: ObjView | None, pods: Sequence[ObjView], now: dt.datetime, settings: Settings
+) -> dict:
     """The complete new status (declared fields only); the caller patches what changed."""
-    prev = dict(ftj.get("status") or {})
+    prev = dict(ftj.status)
     verdict = _keep_finished(prev, job) or _judge(ftj, job, pods, now, settings, prev)
     status: dict[str, Any] = {
         "phase": verdict.phase,
         "reason": verdict.reason,
         "message": verdict.message,
-        "observedGeneration": ftj["metadata"].get("generation", 0),
+        "observedGeneration": ftj.generation,
         "jobName": job["metadata"]["name"] if job else prev.get("jobName"),
         "attempts": max(prev.get("attempts", 0), _attempts(job)),
         "startTime": prev.get("startTime") or verdict.start_time,
         "completionTime": (prev.get("completionTime") or verdict.completion_time)
-        if verdict.phase in TERMINAL
+        if verdict.phase in TERMINAL_PHASES
         else None,
         "progress": _progress(ftj, prev),
         "workers": _workers(prev, job, pods),
@@ -64,13 +68,13 @@ def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: dt.dateti
     if output:
         status["output"] = output
     stalled = _progress_stalled(ftj, status, now)
-    drift = changed_fields_message(ftj, job) if job and verdict.phase not in TERMINAL else None
+    drift = changed_fields_message(ftj, job) if job and verdict.phase not in TERMINAL_PHASES else None
     status["conditions"] = conditions(prev, status, stalled, drift, now)
     return {k: v for k, v in status.items() if v is not None}
 
 
-def _keep_finished(prev: Mapping[str, Any], job: Obj | None) -> Verdict | None:
-    if prev.get("phase") not in TERMINAL:
+def _keep_finished(prev: Mapping[str, Any], job: ObjView | None) -> Verdict | None:
+    if prev.get("phase") not in TERMINAL_PHASES:
         return None
     if prev.get("reason") == INVALID_SPEC and not prev.get("jobName"):
         return None  # nothing ran for the invalid spec; a fixed spec has started (or may start) its Job
@@ -78,9 +82,9 @@ def _keep_finished(prev: Mapping[str, Any], job: Obj | None) -> Verdict | None:
 
 
 def _judge(
-    ftj: Obj,
-    job: Obj | None,
-    pods: Sequence[Obj],
+    ftj: FineTuneJob,
+    job: ObjView | None,
+    pods: Sequence[ObjView],
     now: dt.datetime,
     settings: Settings,
     prev: Mapping[str, Any],
@@ -93,16 +97,16 @@ def _judge(
                 f"Job {prev['jobName']} was deleted before it finished; re-create the FineTuneJob to train again",
                 completion_time=observe.format_time(now),
             )
-        return Verdict("Pending", "Creating", f"creating Job {builders.job_name(ftj)}")
+        return Verdict(Phase.PENDING, Reason.CREATING, f"creating Job {job_name(ftj.name)}")
     if observe.job_succeeded(job):
         return _succeeded(ftj, job, pods, now, settings)
     if observe.job_finished(job):
         reason, message = observe.job_failure(job, pods)
-        return Verdict("Failed", reason, message, completion_time=_failed_at(job, now))
+        return Verdict(Phase.FAILED, reason, message, completion_time=_failed_at(job, now))
     if observe.job_suspended(job):
         return Verdict(
-            "Suspended",
-            "Suspended",
+            Phase.SUSPENDED,
+            Reason.SUSPENDED,
             f"Job {job['metadata']['name']} is suspended "
             "(spec.runPolicy.suspend, or a queue such as Kueue has not admitted it); no pods run",
         )
@@ -113,8 +117,9 @@ def _judge(
     return _pending(ftj, job, pods, now, settings, workers)
 
 
-def _succeeded(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings: Settings) -> Verdict:
-    output = {**_output_location(ftj, settings), **observe.result_summary(pods)}
+def _succeeded(ftj: FineTuneJob, job: ObjView, pods: Sequence[ObjView], now: dt.datetime,
+               settings: Settings) -> Verdict:
+    output = {**output_location(ftj, settings), **observe.result_summary(pods)}
     message = f"training finished; the model is in {output['path']}"
     if output.get("ephemeral"):
         message += (
@@ -122,43 +127,46 @@ def _succeeded(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settin
             "(or set the operator's output PVC) to keep it"
         )
     done = (job.get("status") or {}).get("completionTime") or observe.format_time(now)
-    return Verdict("Succeeded", "Succeeded", message, completion_time=done, extra={"output": output})
+    return Verdict(Phase.SUCCEEDED, Reason.SUCCEEDED, message, completion_time=done, extra={"output": output})
 
 
-def _running(pod: Obj, pods: Sequence[Obj], now: dt.datetime, workers: list[dict] | None = None) -> Verdict:
+def _running(pod: ObjView, pods: Sequence[ObjView], now: dt.datetime, workers: list[dict] | None = None) -> Verdict:
     message = f"training in pod {pod['metadata']['name']}"
     if workers:
         message = f"training with {len(workers)} workers; worker 0 is pod {workers[0].get('pod')}"
     earlier = observe.last_failure(pods)
     if earlier:
         message += f" (after a failed attempt: {earlier[0]})"
-    return Verdict("Running", "Running", message, start_time=observe.running_since(pod) or observe.format_time(now))
+    started = observe.running_since(pod) or observe.format_time(now)
+    return Verdict(Phase.RUNNING, Reason.RUNNING, message, start_time=started)
 
 
-def _pending(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings: Settings,
+def _pending(ftj: FineTuneJob, job: ObjView, pods: Sequence[ObjView], now: dt.datetime, settings: Settings,
              workers: list[dict] | None = None) -> Verdict:
-    deadline = _startup_deadline(ftj, settings)
+    deadline = ftj.startup_deadline_seconds(settings)
     since = observe.startup_clock(job) or now
     waited = max(0, int((now - since).total_seconds()))
     problem = observe.first_waiting_problem(pods)
     if problem is None and not any(observe.is_active(p) for p in pods):
         earlier = observe.last_failure(pods)
         if earlier:  # between attempts: the Job controller is about to retry
-            return Verdict("Pending", "Retrying", f"attempt failed ({earlier[0]}: {earlier[1]}); the Job retries")
+            return Verdict(Phase.PENDING, Reason.RETRYING,
+                           f"attempt failed ({earlier[0]}: {earlier[1]}); the Job retries")
         if waited > deadline:
             problem = (
-                "PodCreationFailed",
+                Reason.POD_CREATION_FAILED,
                 f"no pod was created for Job {job['metadata']['name']}; "
                 "`kubectl describe job` shows why (quota, admission policy, service account)",
             )
     if problem is None:
         if workers:
             running = sum(w["phase"] == "Running" for w in workers)
-            return Verdict("Pending", "Starting", f"waiting for all {len(workers)} workers to run ({running} running)")
-        return Verdict("Pending", "Starting", "waiting for the trainer pod to start")
+            return Verdict(Phase.PENDING, Reason.STARTING,
+                           f"waiting for all {len(workers)} workers to run ({running} running)")
+        return Verdict(Phase.PENDING, Reason.STARTING, "waiting for the trainer pod to start")
     reason, message = problem
     if reason in observe.IMMEDIATE_FAILURES:
-        return Verdict("Failed", reason, message, completion_time=observe.format_time(now))
+        return Verdict(Phase.FAILED, reason, message, completion_time=observe.format_time(now))
     if reason in observe.STARTUP_PROBLEMS and waited > deadline:
         return Verdict(
             "Failed",
@@ -166,70 +174,44 @@ def _pending(ftj: Obj, job: Obj, pods: Sequence[Obj], now: dt.datetime, settings
             f"{message} (pending for {waited}s, past the startup deadline of {deadline}s)",
             completion_time=observe.format_time(now),
         )
-    return Verdict("Pending", reason, f"{message} (pending for {waited}s; fails after {deadline}s)")
+    return Verdict(Phase.PENDING, reason, f"{message} (pending for {waited}s; fails after {deadline}s)")
 
 
-def _workers(prev: Mapping[str, Any], job: Obj | None, pods: Sequence[Obj]) -> list[dict] | None:
+def _workers(prev: Mapping[str, Any], job: ObjView | None, pods: Sequence[ObjView]) -> list[dict] | None:
     """Per-worker state of a multi-worker job; the last one seen once the Job or its pods are gone."""
     if job is None or (not pods and observe.job_finished(job)):
         return prev.get("workers")
     return observe.workers(job, pods)
 
 
-def _startup_deadline(ftj: Obj, settings: Settings) -> int:
-    run_policy = (ftj.get("spec") or {}).get("runPolicy") or {}
-    return int(run_policy.get("startupDeadlineSeconds") or settings.startup_deadline_seconds)
-
-
-def _failed_at(job: Obj, now: dt.datetime) -> str:
+def _failed_at(job: ObjView, now: dt.datetime) -> str:
     cond = observe.condition(job, "Failed") or observe.condition(job, "FailureTarget") or {}
     return cond.get("lastTransitionTime") or observe.format_time(now)
 
 
-def _attempts(job: Obj | None) -> int:
+def _attempts(job: ObjView | None) -> int:
     counts = (job or {}).get("status") or {}
     return sum(int(counts.get(k) or 0) for k in ("active", "failed", "succeeded"))
 
 
-def _output_location(ftj: Obj, settings: Settings) -> dict[str, Any]:
-    try:
-        spec = builders.parsed_spec(ftj)
-    except JobFileError:
-        return {"path": ((ftj.get("spec") or {}).get("output") or {}).get("path", "/output")}
-    return builders.output_location(ftj, spec, settings)
-
-
-def _progress(ftj: Obj, prev: Mapping[str, Any]) -> dict[str, Any]:
+def _progress(ftj: FineTuneJob, prev: Mapping[str, Any]) -> dict[str, Any]:
     """Progress as reported (kept as is), plus totalEpochs and the Epoch column's text."""
     progress = dict(prev.get("progress") or {})
-    epochs = ((ftj.get("spec") or {}).get("training") or {}).get("epochs", 10)
-    progress.setdefault("totalEpochs", epochs)
+    progress.setdefault("totalEpochs", ftj.training.epochs)
     progress["epochText"] = f"{progress.get('epoch', 0)}/{progress['totalEpochs']}"
     return progress
 
 
-def _progress_stalled(ftj: Obj, status: Mapping[str, Any], now: dt.datetime) -> tuple[str, str] | None:
-    limit = ((ftj.get("spec") or {}).get("runPolicy") or {}).get("progressDeadlineSeconds")
+def _progress_stalled(ftj: FineTuneJob, status: Mapping[str, Any], now: dt.datetime) -> tuple[str, str] | None:
+    limit = ftj.run_policy.progress_deadline_seconds
     if not limit or status["phase"] != "Running":
         return None
     last = observe.parse_time(status["progress"].get("lastUpdateTime")) or observe.parse_time(status.get("startTime"))
     if last is None or (now - last).total_seconds() <= limit:
         return None
     return (
-        "NoProgress",
+        Reason.NO_PROGRESS,
         f"no progress reported for more than {limit}s (spec.runPolicy.progressDeadlineSeconds)",
-    )
-
-
-def changed_fields_message(ftj: Obj, job: Obj) -> str | None:
-    changed = builders.changed_fields(ftj, job)
-    if not changed:
-        return None
-    fields = ", ".join(f"spec.{name}" for name in changed)
-    return (
-        f"{fields} changed after Job {job['metadata']['name']} was created and is not applied "
-        "(a Job's pod template is immutable); only spec.runPolicy.suspend is. Delete and re-create "
-        "the FineTuneJob to run with the new spec"
     )
 
 
@@ -242,21 +224,22 @@ def conditions(
 ) -> list[dict[str, Any]]:
     """kstatus Ready/Reconciling/Stalled plus Running/Succeeded/Failed (and SpecChangeRefused)."""
     phase, reason, message = status["phase"], status["reason"], status["message"]
+    C = ConditionType
     wanted = [
-        ("Ready", phase == "Succeeded", reason, message),
-        ("Reconciling", phase in ("Pending", "Running"), reason, message),
-        ("Stalled", phase == "Failed" or stalled is not None, *(stalled or (reason, message))),
-        ("Running", phase == "Running", reason, message),
-        ("Succeeded", phase == "Succeeded", reason, message),
-        ("Failed", phase == "Failed", reason, message),
+        (C.READY, phase == Phase.SUCCEEDED, reason, message),
+        (C.RECONCILING, phase in (Phase.PENDING, Phase.RUNNING), reason, message),
+        (C.STALLED, phase == Phase.FAILED or stalled is not None, *(stalled or (reason, message))),
+        (C.RUNNING, phase == Phase.RUNNING, reason, message),
+        (C.SUCCEEDED, phase == Phase.SUCCEEDED, reason, message),
+        (C.FAILED, phase == Phase.FAILED, reason, message),
     ]
-    had_drift = any(c.get("type") == "SpecChangeRefused" for c in prev.get("conditions") or [])
+    had_drift = any(c.get("type") == C.SPEC_CHANGE_REFUSED for c in prev.get("conditions") or [])
     if drift or had_drift:
         wanted.append(
             (
-                "SpecChangeRefused",
+                C.SPEC_CHANGE_REFUSED,
                 drift is not None,
-                "SpecChangeRefused" if drift else "SpecMatchesJob",
+                Reason.SPEC_CHANGE_REFUSED if drift else "SpecMatchesJob",
                 drift or "the spec matches the Job",
             )
         )
@@ -288,7 +271,7 @@ def _condition(
     }
 
 
-def should_stop_job(status: Mapping[str, Any], job: Obj | None) -> bool:
+def should_stop_job(status: Mapping[str, Any], job: ObjView | None) -> bool:
     """True when the operator failed the job (startup problem) but the Job still holds pods.
 
     Deleting the Job frees the pending pod's resources and quota; the FineTuneJob keeps the
@@ -344,14 +327,14 @@ def _condition_message(status: Mapping[str, Any], kind: str) -> str:
     return next((c.get("message", "") for c in status.get("conditions") or [] if c.get("type") == kind), "")
 
 
-def invalid_spec_status(ftj: Obj, message: str, now: dt.datetime) -> dict[str, Any]:
+def invalid_spec_status(ftj: FineTuneJob, message: str, now: dt.datetime) -> dict[str, Any]:
     """Status for a spec the CRD accepted but the model (or this operator) rejects."""
-    prev = dict(ftj.get("status") or {})
+    prev = dict(ftj.status)
     status: dict[str, Any] = {
         "phase": "Failed",
         "reason": INVALID_SPEC,
         "message": message,
-        "observedGeneration": ftj["metadata"].get("generation", 0),
+        "observedGeneration": ftj.generation,
         "completionTime": observe.format_time(now),
     }
     status["conditions"] = conditions(prev, status, None, None, now)

@@ -59,7 +59,7 @@ def load_testenv():
 
 
 def now_text() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 # ------------------------------------------------------------------------------------------- API client
@@ -349,7 +349,7 @@ class FakeNode:
             }  # fmt: skip
             self.api.strategic_patch(f"/api/v1/nodes/{self.name}/status", {"status": status})
         lease_url = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.name}"
-        micro = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        micro = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         if self.api.get(lease_url) is None:
             node = self.api.get(f"/api/v1/nodes/{self.name}")
             lease = {

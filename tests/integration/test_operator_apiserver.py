@@ -33,7 +33,7 @@ from apiserver_util import (
     wait,
 )
 
-from finetune_operator import builders
+from finetune_operator import naming
 from finetune_operator.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -80,7 +80,7 @@ def events(api, ns: str, name: str) -> list[tuple[str, str]]:
 
 
 def pods_of(api, ns: str, ftj: dict[str, Any]) -> list[dict[str, Any]]:
-    return api.list(core_url(ns, "pods"), labels=f"{builders.LABEL_UID}={ftj['metadata']['uid']}")
+    return api.list(core_url(ns, "pods"), labels=f"{naming.LABEL_UID}={ftj['metadata']['uid']}")
 
 
 def bound_pod(api, ns: str, ftj: dict[str, Any]) -> dict[str, Any]:
@@ -115,14 +115,15 @@ def test_create_owned_children_and_status_through_the_subresource_only(apiserver
     with running_operator(apiserver.cluster, ns, SETTINGS) as op:
         ftj = api.create(ftj_url(ns), manifest("demo"))
         assert ftj["metadata"]["generation"] == 1
-        job = wait(lambda: api.get(job_url(ns, builders.job_name(ftj))), what="the Job")
-        cm = wait(lambda: api.get(core_url(ns, "configmaps", builders.configmap_name(ftj))), what="the ConfigMap")
+        name = ftj["metadata"]["name"]
+        job = wait(lambda: api.get(job_url(ns, naming.job_name(name))), what="the Job")
+        cm = wait(lambda: api.get(core_url(ns, "configmaps", naming.configmap_name(name))), what="the ConfigMap")
         secret = wait(
-            lambda: api.get(core_url(ns, "secrets", builders.token_secret_name(ftj))), what="the token Secret"
+            lambda: api.get(core_url(ns, "secrets", naming.token_secret_name(name))), what="the token Secret"
         )
         for child in (job, cm, secret):
             assert_controller_ref(child, ftj)
-        assert job["spec"]["template"]["metadata"]["labels"][builders.LABEL_UID] == ftj["metadata"]["uid"]
+        assert job["spec"]["template"]["metadata"]["labels"][naming.LABEL_UID] == ftj["metadata"]["uid"]
         assert cm["data"]["job.yaml"]
 
         pending = wait(phase_is(api, ns, "demo", "Pending"), what="phase Pending")
@@ -380,7 +381,7 @@ def test_restart_mid_run_keeps_one_job_and_survives_concurrent_status_writers(
         with running_operator(apiserver.cluster, ns, SETTINGS) as second:
             done = wait(phase_is(api, ns, "resume", "Succeeded"), what="the restarted operator to converge")
             assert condition(done, "Running")["status"] == "False"
-            jobs = api.list(job_url(ns), labels=f"{builders.LABEL_UID}={ftj['metadata']['uid']}")
+            jobs = api.list(job_url(ns), labels=f"{naming.LABEL_UID}={ftj['metadata']['uid']}")
             assert [j["metadata"]["uid"] for j in jobs] == [job_uid]
             assert second.count("POST", "/jobs") == 0
             # A stale write is refused by the server (the conflicts above were real); the operator lives on.
@@ -496,9 +497,9 @@ def test_deletion_cascades_through_the_garbage_collector(apiserver, it_namespace
         node.set_running(pod)
         wait(phase_is(api, ns, "bye", "Running"), what="phase Running")
         children = [
-            job_url(ns, builders.job_name(ftj)),
-            core_url(ns, "configmaps", builders.configmap_name(ftj)),
-            core_url(ns, "secrets", builders.token_secret_name(ftj)),
+            job_url(ns, naming.job_name(ftj["metadata"]["name"])),
+            core_url(ns, "configmaps", naming.configmap_name(ftj["metadata"]["name"])),
+            core_url(ns, "secrets", naming.token_secret_name(ftj["metadata"]["name"])),
         ]
         assert all(api.get(url) for url in children)
         assert not api.get(ftj_url(ns, "bye"))["metadata"].get("finalizers")  # nothing holds the deletion
@@ -511,4 +512,4 @@ def test_deletion_cascades_through_the_garbage_collector(apiserver, it_namespace
         time.sleep(1.0)  # a few resync intervals: nothing is re-created for the deleted FineTuneJob
         assert api.list(job_url(ns)) == []
         assert op.count("POST", "/jobs") == 1
-        assert (ns, "bye") not in op.rt.unfinished()
+        assert (ns, "bye") not in op.rt.queue.unfinished()

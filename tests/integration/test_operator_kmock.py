@@ -36,7 +36,7 @@ from kmock_cluster import (
     running_operator,
 )
 
-from finetune_operator import builders
+from finetune_operator import naming
 from finetune_operator.kube import ftj_path, job_path, pod_path
 from finetune_operator.settings import Settings
 
@@ -75,7 +75,7 @@ def event_reasons(cluster: Cluster) -> list[tuple[str, str]]:
 
 async def start_pod(cluster: Cluster, ftj: dict[str, Any], name: str, **status: Any) -> None:
     """What the Job controller + kubelet do: a pod from the Job's template, then its status."""
-    job = cluster.get(JOBS, builders.job_name(ftj))
+    job = cluster.get(JOBS, naming.job_name(ftj["metadata"]["name"]))
     assert job is not None
     template = copy.deepcopy(job["spec"]["template"]["metadata"])
     body = {"apiVersion": "v1", "kind": "Pod", "metadata": {**template, "name": name}, "status": status}

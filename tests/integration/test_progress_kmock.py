@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from kmock_cluster import FTJ, NS, SECRETS, TEST_SETTINGS, Cluster, eventually, running_operator
 
-from finetune_operator import builders
+from finetune_operator import naming
 from finetune_operator.kube import ftj_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -41,7 +41,7 @@ async def test_push_with_the_jobs_token_updates_status_and_metrics(cluster: Clus
         secrets = {}
         for name in ("cats", "dogs"):
             ftj = await eventually(lambda n=name: cluster.get(FTJ, n), what=name)
-            secret = await eventually(lambda f=ftj: cluster.get(SECRETS, builders.token_secret_name(f)),
+            secret = await eventually(lambda n=name: cluster.get(SECRETS, naming.token_secret_name(n)),
                                       what="the token Secret")
             assert secret["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
             secrets[name] = secret["stringData"]["token"]

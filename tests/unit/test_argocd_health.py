@@ -15,15 +15,16 @@ import yaml
 
 lupa = pytest.importorskip("lupa.lua51", reason="lupa (dev extra) runs the Lua health check")
 
+from finetune_api.status import PHASES  # noqa: E402
+from finetune_operator.parsed import FineTuneJob  # noqa: E402
 from finetune_operator.settings import Settings  # noqa: E402
 from finetune_operator.status import derive_status, invalid_spec_status  # noqa: E402
-from finetune_operator.status_schema import PHASES  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).parents[2]
 SCRIPT = (ROOT / "deploy/argocd/finetunejob-health.lua").read_text()
-NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
 
 def health(obj: dict[str, Any]) -> dict[str, str]:
@@ -119,9 +120,9 @@ def test_every_operator_phase_has_a_definite_health(phase: str) -> None:
 
 def test_statuses_the_operator_writes() -> None:
     obj = ftj()
-    pending = derive_status(obj, None, [], NOW, Settings())
+    pending = derive_status(FineTuneJob.from_body(obj), None, [], NOW, Settings())
     assert health(ftj(pending))["status"] == "Progressing"
-    failed = invalid_spec_status(obj, "spec.training.epochs: Input should be >= 1", NOW)
+    failed = invalid_spec_status(FineTuneJob.from_body(obj), "spec.training.epochs: Input should be >= 1", NOW)
     result = health(ftj(failed))
     assert result["status"] == "Degraded" and "InvalidSpec" in result["message"]
 

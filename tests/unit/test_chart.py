@@ -6,16 +6,20 @@ the proxy these tests skip with the reason; with CI=true that is a failure inste
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from finetune_operator.settings import CHART_VALUES, ENV_PREFIX, Settings, env_var
 
 pytestmark = pytest.mark.unit
 
@@ -410,3 +414,147 @@ def test_every_values_key_is_commented_and_in_the_schema() -> None:
         documented.add(path)
     missing = {".".join(p) for p in paths if p not in documented and p != ("global",)}
     assert not missing, f"in values.schema.json but not in values.yaml: {sorted(missing)}"
+
+
+# ------------------------------------------------------------------ values.yaml → operator settings
+
+FULLNAME = f"{RELEASE}-finetune-operator"
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+DIGEST = "sha256:" + "ab" * 32
+NAMESPACED = ("rbac.clusterWide=false",)
+
+# For every values key in settings.CHART_VALUES: the --set values it needs around it, its own --set, and what
+# the settings then hold (each different from what they hold without it).
+SETTING_CASES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
+    "trainer.image.repository": ((), "trainer.image.repository=registry.example.com/t",
+                                 {"trainer_image": f"registry.example.com/t:{APP_VERSION}"}),
+    "trainer.image.tag": ((), "trainer.image.tag=v9", {"trainer_image": "finetune-trainer:v9"}),
+    "trainer.image.digest": ((), f"trainer.image.digest={DIGEST}", {"trainer_image": f"finetune-trainer@{DIGEST}"}),
+    "trainer.image.pullPolicy": ((), "trainer.image.pullPolicy=Always", {"image_pull_policy": "Always"}),
+    "trainer.serviceAccount.create": (NAMESPACED, "trainer.serviceAccount.create=false",
+                                      {"trainer_service_account": ""}),
+    "trainer.serviceAccount.name": (NAMESPACED, "trainer.serviceAccount.name=trainers",
+                                    {"trainer_service_account": "trainers"}),
+    "trainer.runAsUser": ((), "trainer.runAsUser=2001", {"run_as_user": 2001}),
+    "trainer.runAsGroup": ((), "trainer.runAsGroup=2002", {"run_as_group": 2002}),
+    "trainer.fsGroup": ((), "trainer.fsGroup=2003", {"fs_group": 2003}),
+    "trainer.outputPVC": ((), "trainer.outputPVC=models", {"output_pvc": "models"}),
+    "trainer.startupDeadlineSeconds": ((), "trainer.startupDeadlineSeconds=77", {"startup_deadline_seconds": 77}),
+    "trainer.terminationGracePeriodSeconds": ((), "trainer.terminationGracePeriodSeconds=45",
+                                              {"termination_grace_seconds": 45}),
+    "trainer.shmSize": ((), "trainer.shmSize=3Gi", {"shm_size": "3Gi"}),
+    "trainer.tmpSize": ((), "trainer.tmpSize=5Gi", {"tmp_size": "5Gi"}),
+    "trainer.allowHostPath": ((), "trainer.allowHostPath=true", {"allow_host_path": True}),
+    "rbac.clusterWide": ((), "rbac.clusterWide=false",
+                         {"namespaces": (NAMESPACE,), "trainer_service_account": f"{FULLNAME}-trainer"}),
+    "watchNamespaces": (NAMESPACED, "watchNamespaces={team-a,team-b}", {"namespaces": ("team-a", "team-b")}),
+    "operator.postingLevel": ((), "operator.postingLevel=ERROR", {"posting_level": "ERROR"}),
+    "operator.resyncSeconds": ((), "operator.resyncSeconds=7", {"resync_seconds": 7.0}),
+    "operator.watchServerTimeout": ((), "operator.watchServerTimeout=120", {"watch_server_timeout": 120}),
+    "health.port": ((), "health.port=9090", {"liveness_endpoint": "http://0.0.0.0:9090/healthz"}),
+    "server.enabled": ((), "server.enabled=false", {"http_listen": "", "progress_url": ""}),
+    "server.port": ((), "server.port=9000",
+                    {"http_listen": "0.0.0.0:9000", "progress_url": f"http://{FULLNAME}.{NAMESPACE}.svc:9000"}),
+    "server.progressURL": ((), "server.progressURL=https://progress.example.com",
+                           {"progress_url": "https://progress.example.com"}),
+    "nameOverride": (NAMESPACED, "nameOverride=tuner", {"progress_url": f"http://{RELEASE}-tuner.{NAMESPACE}.svc:8081",
+                                                       "trainer_service_account": f"{RELEASE}-tuner-trainer"}),
+    "fullnameOverride": (NAMESPACED, "fullnameOverride=tuner", {"progress_url": f"http://tuner.{NAMESPACE}.svc:8081",
+                                                               "trainer_service_account": "tuner-trainer"}),
+}
+
+
+def try_rendered_settings(helm: str, *args: str) -> Settings | None:
+    """The operator's Settings as the chart configures them (the Deployment's env, read by from_env);
+    None when the chart refuses the values."""
+    res = run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", KUBE_VERSION,
+                   "--show-only", "templates/deployment.yaml", *args)
+    if res.returncode != 0:
+        return None
+    env = env_of(yaml.safe_load(res.stdout))
+    return Settings.from_env({k: v for k, v in env.items() if k.startswith(ENV_PREFIX) and v is not None})
+
+
+def rendered_settings(helm: str, *args: str) -> Settings:
+    settings = try_rendered_settings(helm, *args)
+    assert settings is not None, f"helm template refused {args}"
+    return settings
+
+
+def _sets(*values: str) -> list[str]:
+    return [arg for value in values for arg in ("--set", value)]
+
+
+def test_every_values_key_of_the_settings_table_has_a_case() -> None:
+    assert set(SETTING_CASES) == set(CHART_VALUES)
+    paths = {".".join(p) for p in _schema_paths(json.loads((CHART / "values.schema.json").read_text()))}
+    for key, (_, _, expected) in SETTING_CASES.items():
+        assert key in paths, f"{key} is not a values.yaml key"
+        assert {env_var(field) for field in expected} == set(CHART_VALUES[key]), key
+
+
+@pytest.mark.parametrize("key", sorted(SETTING_CASES))
+def test_every_chart_value_reaches_its_setting(helm: str, key: str) -> None:
+    context, own, expected = SETTING_CASES[key]
+    settings = rendered_settings(helm, *_sets(*context, own))
+    without = rendered_settings(helm, *_sets(*context))
+    for field, value in expected.items():
+        assert getattr(settings, field) == value, f"{key}: {field}"
+        assert getattr(without, field) != value, f"{key} did not change {field}"
+
+
+# Values --set-string may try for a string key with a pattern: the first it accepts is used.
+STRING_CANDIDATES = ("x1", DIGEST, "30s", "3Gi", "https://x1.example.com")
+
+
+def _other_value(schema: dict[str, Any], default: Any) -> list[str] | None:
+    """--set arguments giving a key a valid value other than its default; None for lists and objects."""
+    kind = schema.get("type")
+    if kind == "boolean":
+        return ["--set", str(not default).lower()]
+    if kind in ("integer", "number"):
+        value = default + 1 if default + 1 <= schema.get("maximum", default + 1) else default - 1
+        return ["--set", str(value)]
+    if kind == "string":
+        choices = schema.get("enum") or [c for c in STRING_CANDIDATES if re.search(schema.get("pattern", ""), c)]
+        other = next((c for c in choices if c != default), None)
+        return None if other is None else ["--set-string", other]
+    return None
+
+
+def test_no_other_values_key_changes_a_setting(helm: str) -> None:
+    """Keys outside settings.CHART_VALUES shape Kubernetes objects only: changing one leaves every setting as is,
+    cluster-wide and namespaced (where the trainer ServiceAccount and the namespaces come into play).
+
+    Every scalar key is tried; lists and maps are free-form (operator.extraEnv may set any variable on purpose).
+    """
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    changes = []
+    for path, sub in _schema_paths(schema).items():
+        key = ".".join(path)
+        if key in CHART_VALUES or "properties" in sub or path == ("global",):
+            continue
+        default = values
+        for part in path:
+            default = default[part]
+        other = _other_value(sub, default)
+        if other is None:  # a list or map (labels, probes' extras, extraEnv): free-form, not one setting's value
+            assert sub.get("type") in ("array", "object"), f"{key}: no other valid value to try"
+            continue
+        changes.append((key, [other[0], f"{key}={other[1]}"]))
+
+    def check(context: tuple[str, ...], key: str, args: list[str]) -> str | None:
+        got = try_rendered_settings(helm, *_sets(*context), *args)
+        # None: a value the chart refuses on its own (serviceAccount.create=false needs a name) sets nothing.
+        if got is None or got == baseline[context]:
+            return None
+        changed = {f.name: getattr(got, f.name) for f in dataclasses.fields(Settings)
+                   if getattr(got, f.name) != getattr(baseline[context], f.name)}
+        return f"{key} ({' '.join(context) or 'defaults'}) changes {changed}"
+
+    baseline = {context: rendered_settings(helm, *_sets(*context)) for context in ((), NAMESPACED)}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        found = pool.map(lambda job: check(*job), [(c, k, a) for c in baseline for k, a in changes])
+        problems = [p for p in found if p]
+    assert not problems, "values.yaml keys reaching a setting, not in settings.CHART_VALUES:\n" + "\n".join(problems)

@@ -10,8 +10,8 @@ from PIL import Image
 from torchvision import models as tvm
 from trainer_util import make_image_folder, write_job
 
+from finetune_api.errors import EXIT_INVALID_JOB, EXIT_OK
 from finetune_trainer.cli import main
-from finetune_trainer.errors import EXIT_INVALID_JOB, EXIT_OK
 
 pytestmark = pytest.mark.unit
 
@@ -141,7 +141,7 @@ def test_sigterm_in_a_real_process_checkpoints_mid_epoch_exits_75_and_the_rerun_
     import signal
     import time
 
-    from finetune_trainer.errors import EXIT_PREEMPTED
+    from finetune_api.errors import EXIT_PREEMPTED
 
     path = job(tmp_path, dataset={"builtin": "digits", "imageSize": 16, "classes": ["0", "1"], "maxImagesPerClass": 40},
                training={**TINY["training"], "epochs": 4, "logEverySteps": 1, "batchSize": 8,

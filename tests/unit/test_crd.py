@@ -12,10 +12,10 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from finetune_api.errors import JobFileError
+from finetune_api.spec import FineTuneJobSpec, parse_spec
+from finetune_api.status import CONDITION_TYPES, PHASES
 from finetune_operator import crd
-from finetune_operator.status_schema import CONDITION_TYPES, PHASES
-from finetune_trainer.errors import JobFileError
-from finetune_trainer.spec import FineTuneJobSpec, parse_spec
 
 pytestmark = pytest.mark.unit
 

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from finetune_api.errors import JobFileError
+from finetune_api.spec import parse_spec
 from finetune_trainer.demo import backbone, main, photos, run_demo, run_one
 from finetune_trainer.demo.digits import run_demo as run_digits
-from finetune_trainer.errors import JobFileError
 from finetune_trainer.model import build_model
 from finetune_trainer.predict import Predictor
-from finetune_trainer.spec import parse_spec
 
 pytestmark = [pytest.mark.unit]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"

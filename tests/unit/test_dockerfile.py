@@ -78,7 +78,7 @@ def test_dockerignore_sends_only_what_the_build_needs() -> None:
     lines = [x.strip() for x in (ROOT / ".dockerignore").read_text().splitlines() if x.strip() and x[0] != "#"]
     assert lines[0] == "*", "allow-list: nothing but the listed paths reaches the build context"
     allowed = {x[1:].rstrip("/") for x in lines if x.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "trainer", "operator", "hack/images/constraints.txt"}
+    assert allowed == {"pyproject.toml", "README.md", "api", "trainer", "operator", "hack/images/constraints.txt"}
     for copied in re.findall(r"^COPY\s+(?!--from)(.+?)\s+\S+$", TEXT, re.MULTILINE):
         for src in copied.split():
             assert src.rstrip("/") in allowed, f"COPY {src} is excluded by .dockerignore"

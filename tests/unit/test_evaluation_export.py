@@ -14,11 +14,11 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from trainer_util import make_image_folder, tiny_spec
 
+from finetune_api.spec import parse_spec
 from finetune_trainer.data import load_splits
 from finetune_trainer.fit import fit
 from finetune_trainer.predict import Predictor
 from finetune_trainer.report import Reporter
-from finetune_trainer.spec import parse_spec
 
 pytestmark = pytest.mark.unit
 TRAINER = Path(sys.executable).with_name("finetune-train")

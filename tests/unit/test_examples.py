@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_trainer.spec import API_GROUP, API_VERSION, KIND, parse_job
+from finetune_api.spec import API_GROUP, API_VERSION, KIND, parse_job
 
 pytestmark = pytest.mark.unit
 

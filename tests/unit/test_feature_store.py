@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from test_training import Recorder, StopAfter
 from trainer_util import make_image_folder, tiny_spec
 
+from finetune_api.errors import Preempted
+from finetune_api.spec import Dataset
 from finetune_trainer import feature_store
 from finetune_trainer.data import Preprocessing, load_splits
-from finetune_trainer.errors import Preempted
 from finetune_trainer.fit import fit
-from finetune_trainer.spec import Dataset
 
 pytestmark = pytest.mark.unit
 PREP = Preprocessing(resize=16, crop=16)

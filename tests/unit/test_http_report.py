@@ -101,7 +101,7 @@ def test_from_environment_needs_url_and_readable_token(tmp_path, monkeypatch):
 
 def test_a_sigterm_checkpoint_is_pushed_at_once_as_a_step_the_operator_accepts(server):
     """The operator knows four event kinds: the checkpoint note rides on an urgent step push."""
-    from finetune_operator.progress import parse_push
+    from finetune_api.progress import parse_event as parse_push
 
     url = f"http://127.0.0.1:{server.server_port}/v1/progress/ns/job"
     rep = HttpReporter(url, "s3cret", interval=3600)

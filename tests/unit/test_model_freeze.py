@@ -3,10 +3,10 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from finetune_trainer.errors import JobFileError, TrainingError
+from finetune_api.errors import JobFileError, TrainingError
+from finetune_api.spec import Freeze, Head, Training, Weights, parse_spec
 from finetune_trainer.freeze import apply_freeze, backbone_stages, param_groups, plan_freeze, set_train_mode
 from finetune_trainer.model import build_model, find_head, load_weights_file, replace_head
-from finetune_trainer.spec import Freeze, Head, Training, Weights, parse_spec
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,5 @@
-"""build_job / build_configmap: deterministic, restricted, and faithful to the spec."""
+"""build_job / build_configmap (objects), names (naming), admission and drift: deterministic, restricted,
+and faithful to the spec."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_operator import builders
-from finetune_operator.settings import Settings, SettingsError
-from finetune_trainer.errors import EXIT_INVALID_JOB, EXIT_PREEMPTED, JobFileError
-from finetune_trainer.spec import load_job
+from finetune_api.errors import EXIT_INVALID_JOB, EXIT_PREEMPTED, JobFileError
+from finetune_api.spec import load_job
+from finetune_operator import admission, drift, naming, objects
+from finetune_operator.parsed import FineTuneJob
+from finetune_operator.settings import Settings
 
 pytestmark = pytest.mark.unit
 
 SETTINGS = Settings(trainer_image="registry.local/trainer:1.0")
 
 
-def ftj(spec: dict[str, Any] | None = None, name: str = "demo", **meta: Any) -> dict[str, Any]:
+def body(spec: dict[str, Any] | None = None, name: str = "demo", **meta: Any) -> dict[str, Any]:
     return {
         "apiVersion": "finetune.dev/v1alpha1",
         "kind": "FineTuneJob",
@@ -28,13 +30,17 @@ def ftj(spec: dict[str, Any] | None = None, name: str = "demo", **meta: Any) -> 
     }
 
 
+def ftj(spec: dict[str, Any] | None = None, name: str = "demo", **meta: Any) -> FineTuneJob:
+    return FineTuneJob.from_body(body(spec, name, **meta))
+
+
 def container(job: dict[str, Any]) -> dict[str, Any]:
     (c,) = job["spec"]["template"]["spec"]["containers"]
     return c
 
 
 def test_job_is_deterministic_and_named_after_the_finetunejob() -> None:
-    a, b = builders.build_job(ftj(), SETTINGS), builders.build_job(ftj(), SETTINGS)
+    a, b = objects.build_job(ftj(), SETTINGS), objects.build_job(ftj(), SETTINGS)
     assert a == b
     assert a["metadata"]["name"] == "demo"
     assert a["metadata"]["namespace"] == "ml"
@@ -43,31 +49,31 @@ def test_job_is_deterministic_and_named_after_the_finetunejob() -> None:
 
 def test_long_names_are_hashed_to_63_characters_and_stay_unique() -> None:
     long_a, long_b = "a" * 100, "a" * 99 + "b"
-    name_a = builders.job_name(ftj(name=long_a))
+    name_a = naming.job_name(ftj(name=long_a).name)
     assert len(name_a) <= 63
-    assert name_a != builders.job_name(ftj(name=long_b))
-    job = builders.build_job(ftj(name=long_a), SETTINGS)
+    assert name_a != naming.job_name(ftj(name=long_b).name)
+    job = objects.build_job(ftj(name=long_a), SETTINGS)
     assert all(len(v) <= 63 for v in job["metadata"]["labels"].values())
-    assert job["metadata"]["annotations"][builders.ANNOTATION_NAME] == long_a
+    assert job["metadata"]["annotations"][naming.ANNOTATION_NAME] == long_a
 
 
 def test_labels_select_by_uid_and_reach_the_pods() -> None:
-    job = builders.build_job(ftj(), SETTINGS)
+    job = objects.build_job(ftj(), SETTINGS)
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
-    assert pod_labels[builders.LABEL_UID] == "uid-123"
-    assert job["metadata"]["labels"][builders.LABEL_UID] == "uid-123"
-    assert job["spec"]["template"]["metadata"]["annotations"][builders.ANNOTATION_NAME] == "demo"
+    assert pod_labels[naming.LABEL_UID] == "uid-123"
+    assert job["metadata"]["labels"][naming.LABEL_UID] == "uid-123"
+    assert job["spec"]["template"]["metadata"]["annotations"][naming.ANNOTATION_NAME] == "demo"
 
 
 def test_kueue_labels_pass_through_other_labels_do_not() -> None:
     labels = {"kueue.x-k8s.io/queue-name": "gpu-queue", "app.kubernetes.io/instance": "argo-app"}
-    job = builders.build_job(ftj(labels=labels), SETTINGS)
+    job = objects.build_job(ftj(labels=labels), SETTINGS)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert "app.kubernetes.io/instance" not in job["metadata"]["labels"]
 
 
 def test_trainer_command_is_an_args_list_reading_the_mounted_job_file() -> None:
-    c = container(builders.build_job(ftj(), SETTINGS))
+    c = container(objects.build_job(ftj(), SETTINGS))
     assert c["command"] == ["finetune-train"]
     assert c["args"] == ["-f", "/etc/finetune/job.yaml", "--report", "jsonl"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
@@ -76,7 +82,7 @@ def test_trainer_command_is_an_args_list_reading_the_mounted_job_file() -> None:
 
 def test_hostile_strings_never_reach_a_shell() -> None:
     spec = {"dataset": {"path": "/data/$(rm -rf ~); echo pwned"}, "image": "img; rm -rf /"}
-    job = builders.build_job(ftj(spec), SETTINGS)
+    job = objects.build_job(ftj(spec), SETTINGS)
     c = container(job)
     assert c["args"] == ["-f", "/etc/finetune/job.yaml", "--report", "jsonl"]
     assert c["image"] == "img; rm -rf /"  # the runtime rejects it as InvalidImageName; no shell sees it
@@ -84,16 +90,16 @@ def test_hostile_strings_never_reach_a_shell() -> None:
 
 
 def test_image_from_settings_overridable_by_spec() -> None:
-    assert container(builders.build_job(ftj(), SETTINGS))["image"] == "registry.local/trainer:1.0"
+    assert container(objects.build_job(ftj(), SETTINGS))["image"] == "registry.local/trainer:1.0"
     spec = {"dataset": {"builtin": "digits"}, "image": "mine:2"}
-    assert container(builders.build_job(ftj(spec), SETTINGS))["image"] == "mine:2"
+    assert container(objects.build_job(ftj(spec), SETTINGS))["image"] == "mine:2"
 
 
 def test_gpu_resources_only_when_gpus_requested() -> None:
-    cpu_only = container(builders.build_job(ftj(), SETTINGS))
+    cpu_only = container(objects.build_job(ftj(), SETTINGS))
     assert "nvidia.com/gpu" not in json.dumps(cpu_only["resources"])
     spec = {"dataset": {"builtin": "digits"}, "resources": {"gpus": 2, "cpu": "4", "memory": "16Gi"}}
-    res = container(builders.build_job(ftj(spec), SETTINGS))["resources"]
+    res = container(objects.build_job(ftj(spec), SETTINGS))["resources"]
     assert res["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 2}
     assert res["requests"] == {"cpu": "4", "memory": "16Gi"}
 
@@ -108,16 +114,16 @@ def test_scheduling_fields_are_passed_through() -> None:
             "priorityClassName": "training",
         },
     }
-    pod = builders.build_job(ftj(spec), SETTINGS)["spec"]["template"]["spec"]
+    pod = objects.build_job(ftj(spec), SETTINGS)["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"gpu": "a100"}
     assert pod["tolerations"] == [tol]
     assert pod["priorityClassName"] == "training"
-    plain = builders.build_job(ftj(), SETTINGS)["spec"]["template"]["spec"]
+    plain = objects.build_job(ftj(), SETTINGS)["spec"]["template"]["spec"]
     assert "nodeSelector" not in plain and "tolerations" not in plain and "priorityClassName" not in plain
 
 
 def test_pod_is_restricted() -> None:
-    pod = builders.build_job(ftj(), SETTINGS)["spec"]["template"]["spec"]
+    pod = objects.build_job(ftj(), SETTINGS)["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert pod["restartPolicy"] == "Never"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -143,18 +149,18 @@ def test_run_policy_maps_to_the_job() -> None:
             "suspend": True,
         },
     }
-    job = builders.build_job(ftj(spec), SETTINGS)["spec"]
+    job = objects.build_job(ftj(spec), SETTINGS)["spec"]
     assert job["backoffLimit"] == 5
     assert job["activeDeadlineSeconds"] == 3600
     assert job["ttlSecondsAfterFinished"] == 60
     assert job["suspend"] is True
-    defaults = builders.build_job(ftj(), SETTINGS)["spec"]
+    defaults = objects.build_job(ftj(), SETTINGS)["spec"]
     assert defaults["backoffLimit"] == 2 and defaults["suspend"] is False
     assert "activeDeadlineSeconds" not in defaults and "ttlSecondsAfterFinished" not in defaults
 
 
 def test_pod_failure_policy_ignores_disruptions_and_preemption_fails_fast_on_invalid_job() -> None:
-    rules = builders.build_job(ftj(), SETTINGS)["spec"]["podFailurePolicy"]["rules"]
+    rules = objects.build_job(ftj(), SETTINGS)["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "Ignore",
         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
@@ -173,7 +179,7 @@ def test_user_volumes_are_mounted() -> None:
         "persistentVolumeClaim": {"claimName": "imgs"},
     }
     spec = {"dataset": {"path": "/data/images"}, "volumes": [vol]}
-    pod = builders.build_job(ftj(spec), SETTINGS)["spec"]["template"]["spec"]
+    pod = objects.build_job(ftj(spec), SETTINGS)["spec"]["template"]["spec"]
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "imgs"}} in pod["volumes"]
     assert {"name": "data", "mountPath": "/data", "readOnly": True} in pod["containers"][0]["volumeMounts"]
 
@@ -185,32 +191,31 @@ def _output_mount(job: dict[str, Any], path: str = "/output") -> tuple[dict[str,
 
 
 def test_output_defaults_to_an_emptydir_and_says_so() -> None:
-    _, volume = _output_mount(builders.build_job(ftj(), SETTINGS))
-    assert volume == {"name": builders.VOL_OUTPUT, "emptyDir": {}}
-    spec = builders.parsed_spec(ftj())
-    assert builders.output_location(ftj(), spec, SETTINGS)["ephemeral"] is True
+    _, volume = _output_mount(objects.build_job(ftj(), SETTINGS))
+    assert volume == {"name": objects.VOL_OUTPUT, "emptyDir": {}}
+    assert objects.output_location(ftj(), SETTINGS)["ephemeral"] is True
 
 
 def test_output_on_a_user_volume_gets_no_extra_mount() -> None:
     vol = {"name": "models", "mountPath": "/models", "persistentVolumeClaim": {"claimName": "m"}}
     spec = {"dataset": {"builtin": "digits"}, "output": {"path": "/models/run1"}, "volumes": [vol]}
-    pod = builders.build_job(ftj(spec), SETTINGS)["spec"]["template"]["spec"]
-    assert builders.VOL_OUTPUT not in {v["name"] for v in pod["volumes"]}
-    loc = builders.output_location(ftj(spec), builders.parsed_spec(ftj(spec)), SETTINGS)
+    pod = objects.build_job(ftj(spec), SETTINGS)["spec"]["template"]["spec"]
+    assert objects.VOL_OUTPUT not in {v["name"] for v in pod["volumes"]}
+    loc = objects.output_location(ftj(spec), SETTINGS)
     assert loc == {"path": "/models/run1", "volume": "models", "ephemeral": False}
 
 
 def test_output_pvc_setting_uses_a_subpath_per_job() -> None:
     settings = Settings(output_pvc="models")
-    mount, volume = _output_mount(builders.build_job(ftj(), settings))
+    mount, volume = _output_mount(objects.build_job(ftj(), settings))
     assert volume["persistentVolumeClaim"] == {"claimName": "models"}
     assert mount["subPath"] == "demo"
 
 
 def test_configmap_holds_the_resolved_job_file_the_trainer_can_load(tmp_path: Any) -> None:
-    cm = builders.build_configmap(ftj({"dataset": {"builtin": "digits"}, "training": {"epochs": 3}}), SETTINGS)
+    cm = objects.build_configmap(ftj({"dataset": {"builtin": "digits"}, "training": {"epochs": 3}}))
     assert cm["metadata"]["name"] == "demo-spec"
-    assert cm["metadata"]["labels"][builders.LABEL_UID] == "uid-123"
+    assert cm["metadata"]["labels"][naming.LABEL_UID] == "uid-123"
     doc = yaml.safe_load(cm["data"]["job.yaml"])
     assert doc["spec"]["training"]["epochs"] == 3
     assert doc["spec"]["training"]["batchSize"] == 32  # defaults resolved
@@ -221,14 +226,14 @@ def test_configmap_holds_the_resolved_job_file_the_trainer_can_load(tmp_path: An
 
 
 def test_configmap_volume_points_at_the_configmap() -> None:
-    job = builders.build_job(ftj(), SETTINGS)
+    job = objects.build_job(ftj(), SETTINGS)
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
-    assert volumes[builders.VOL_JOB_FILE]["configMap"]["name"] == builders.configmap_name(ftj())
+    assert volumes[objects.VOL_JOB_FILE]["configMap"]["name"] == naming.configmap_name(ftj().name)
 
 
 def test_invalid_spec_raises_a_field_naming_error() -> None:
     with pytest.raises(JobFileError, match=r"spec\.training\.epochs"):
-        builders.build_job(ftj({"dataset": {"builtin": "digits"}, "training": {"epochs": 0}}), SETTINGS)
+        objects.build_job(ftj({"dataset": {"builtin": "digits"}, "training": {"epochs": 0}}), SETTINGS)
 
 
 @pytest.mark.parametrize(
@@ -257,67 +262,56 @@ def test_invalid_spec_raises_a_field_naming_error() -> None:
     ],
 )
 def test_cluster_problems_name_the_field(spec_extra: dict[str, Any], field: str) -> None:
-    spec = builders.parsed_spec(ftj({"dataset": {"builtin": "digits"}, **spec_extra}))
-    problems = builders.cluster_problems(spec, SETTINGS)
+    spec = ftj({"dataset": {"builtin": "digits"}, **spec_extra}).valid_spec()
+    problems = admission.cluster_problems(spec, SETTINGS)
     assert any(p.startswith(field + ":") for p in problems), problems
 
 
 def test_a_plain_spec_has_no_cluster_problems_and_hostpath_can_be_allowed() -> None:
-    assert builders.cluster_problems(builders.parsed_spec(ftj()), SETTINGS) == []
+    assert admission.cluster_problems(ftj().valid_spec(), SETTINGS) == []
     spec = {
         "dataset": {"builtin": "digits"},
         "volumes": [{"name": "h", "mountPath": "/h", "hostPath": {"path": "/d"}}],
     }
-    assert builders.cluster_problems(builders.parsed_spec(ftj(spec)), Settings(allow_host_path=True)) == []
+    assert admission.cluster_problems(ftj(spec).valid_spec(), Settings(allow_host_path=True)) == []
 
 
 def test_changed_fields_names_what_changed_and_ignores_suspend() -> None:
-    original = ftj({"dataset": {"builtin": "digits"}, "training": {"epochs": 3}})
-    job = builders.build_job(original, SETTINGS)
-    assert builders.changed_fields(original, job) == []
+    original = body({"dataset": {"builtin": "digits"}, "training": {"epochs": 3}})
+    job = objects.build_job(FineTuneJob.from_body(original), SETTINGS)
+    assert drift.changed_fields(FineTuneJob.from_body(original), job) == []
     suspended = copy.deepcopy(original)
     suspended["spec"]["runPolicy"] = {"suspend": True}
-    assert builders.changed_fields(suspended, job) == []
+    assert drift.changed_fields(FineTuneJob.from_body(suspended), job) == []
     longer = copy.deepcopy(original)
     longer["spec"]["training"]["epochs"] = 30
-    assert builders.changed_fields(longer, job) == ["training"]
+    assert drift.changed_fields(FineTuneJob.from_body(longer), job) == ["training"]
     # A default written out explicitly is not a change (the server fills CRD defaults in).
     explicit = copy.deepcopy(original)
     explicit["spec"]["training"]["batchSize"] = 32
-    assert builders.changed_fields(explicit, job) == []
-
-
-def test_settings_from_env() -> None:
-    s = Settings.from_env({"FINETUNE_TRAINER_IMAGE": "t:1", "FINETUNE_NAMESPACES": "a, b", "FINETUNE_OUTPUT_PVC": ""})
-    assert s.trainer_image == "t:1" and s.namespaces == ("a", "b") and not s.clusterwide
-    assert Settings.from_env({}).clusterwide
-    assert Settings.from_env({}).startup_deadline_seconds == 600
-    with pytest.raises(SettingsError, match="FINETUNE_STARTUP_DEADLINE_SECONDS"):
-        Settings.from_env({"FINETUNE_STARTUP_DEADLINE_SECONDS": "soon"})
-    with pytest.raises(SettingsError, match="FINETUNE_IMAGE_PULL_POLICY"):
-        Settings.from_env({"FINETUNE_IMAGE_PULL_POLICY": "Sometimes"})
+    assert drift.changed_fields(FineTuneJob.from_body(explicit), job) == []
 
 
 def test_progress_wiring_mounts_only_this_jobs_token() -> None:
     settings = Settings(progress_url="http://finetune-operator.ops.svc:8081/")
     obj = ftj(namespace="team")
-    job = builders.build_job(obj, settings)
+    job = objects.build_job(obj, settings)
     pod = job["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in container(job)["env"]}
     assert env["FINETUNE_PROGRESS_URL"] == "http://finetune-operator.ops.svc:8081/v1/progress/team/demo"
-    assert env["FINETUNE_PROGRESS_TOKEN_FILE"] == builders.PROGRESS_TOKEN_FILE
-    vol = next(v for v in pod["volumes"] if v["name"] == builders.VOL_PROGRESS)
-    assert vol["secret"]["secretName"] == builders.token_secret_name(obj) == "demo-progress"
-    mount = next(m for m in container(job)["volumeMounts"] if m["name"] == builders.VOL_PROGRESS)
-    assert mount["readOnly"] is True and builders.PROGRESS_TOKEN_FILE.startswith(mount["mountPath"])
+    assert env["FINETUNE_PROGRESS_TOKEN_FILE"] == objects.PROGRESS_TOKEN_FILE
+    vol = next(v for v in pod["volumes"] if v["name"] == objects.VOL_PROGRESS)
+    assert vol["secret"]["secretName"] == naming.token_secret_name(obj.name) == "demo-progress"
+    mount = next(m for m in container(job)["volumeMounts"] if m["name"] == objects.VOL_PROGRESS)
+    assert mount["readOnly"] is True and objects.PROGRESS_TOKEN_FILE.startswith(mount["mountPath"])
     assert pod["automountServiceAccountToken"] is False  # the token file is the only credential
-    secret = builders.build_token_secret(obj, "abc")
+    secret = objects.build_token_secret(obj, "abc")
     assert secret["stringData"] == {"token": "abc"} and secret["metadata"]["namespace"] == "team"
-    assert builders.LABEL_UID in secret["metadata"]["labels"]
+    assert naming.LABEL_UID in secret["metadata"]["labels"]
 
 
 def test_torch_threads_follow_the_cpu_limit_not_the_node() -> None:
-    job = builders.build_job(ftj({"dataset": {"builtin": "digits"}, "resources": {"cpu": "1500m"}}), SETTINGS)
+    job = objects.build_job(ftj({"dataset": {"builtin": "digits"}, "resources": {"cpu": "1500m"}}), SETTINGS)
     (omp,) = [e for e in container(job)["env"] if e["name"] == "OMP_NUM_THREADS"]
     assert omp["valueFrom"]["resourceFieldRef"] == {"containerName": "trainer", "resource": "limits.cpu",
                                                      "divisor": "1"}
@@ -325,16 +319,16 @@ def test_torch_threads_follow_the_cpu_limit_not_the_node() -> None:
 
 
 def test_no_progress_url_means_no_token_and_no_push_env() -> None:
-    job = builders.build_job(ftj(), Settings(progress_url=""))
+    job = objects.build_job(ftj(), Settings(progress_url=""))
     names = {e["name"] for e in container(job)["env"]}
     assert "FINETUNE_PROGRESS_URL" not in names and "FINETUNE_PROGRESS_TOKEN_FILE" not in names
-    assert builders.VOL_PROGRESS not in {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert objects.VOL_PROGRESS not in {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]}
 
 
 def test_trainer_service_account_from_settings() -> None:
-    pod = builders.build_job(ftj(), Settings(trainer_service_account="finetune-trainer"))["spec"]["template"]["spec"]
+    pod = objects.build_job(ftj(), Settings(trainer_service_account="finetune-trainer"))["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "finetune-trainer" and pod["automountServiceAccountToken"] is False
-    assert "serviceAccountName" not in builders.build_job(ftj(), Settings())["spec"]["template"]["spec"]
+    assert "serviceAccountName" not in objects.build_job(ftj(), Settings())["spec"]["template"]["spec"]
 
 
 # ------------------------------------------------------------------ multi-worker (spec.workers > 1)
@@ -343,41 +337,41 @@ WORKERS = {"dataset": {"builtin": "digits"}, "workers": 3, "training": {"batchSi
 
 
 def test_single_worker_job_stays_a_plain_job() -> None:
-    job = builders.build_job(ftj(), SETTINGS)
+    job = objects.build_job(ftj(), SETTINGS)
     assert "completionMode" not in job["spec"] and "backoffLimitPerIndex" not in job["spec"]
     assert "subdomain" not in job["spec"]["template"]["spec"] and "ports" not in container(job)
 
 
 def test_workers_make_an_indexed_job_that_fails_and_succeeds_as_a_group() -> None:
     spec = {**WORKERS, "runPolicy": {"backoffLimit": 4}}
-    job = builders.build_job(ftj(spec), SETTINGS)["spec"]
+    job = objects.build_job(ftj(spec), SETTINGS)["spec"]
     assert (job["completionMode"], job["completions"], job["parallelism"]) == ("Indexed", 3, 3)
     # Retries are counted per worker (each group restart fails every index once) and one worker out of
     # retries fails the whole Job: no half-alive group.
     assert job["backoffLimitPerIndex"] == 4 and job["maxFailedIndexes"] == 0 and "backoffLimit" not in job
     assert job["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
     # The exit-code rules are the single-worker ones: exit 2 fails the Job, 75 and disruptions don't count.
-    assert job["podFailurePolicy"] == builders.pod_failure_policy()
+    assert job["podFailurePolicy"] == objects.pod_failure_policy()
 
 
 def test_workers_find_worker_0_through_a_headless_service() -> None:
     body = ftj(WORKERS, name="resnet-dp")
-    svc = builders.build_service(body)
+    svc = objects.build_service(body)
     assert svc["metadata"]["name"] == "resnet-dp" and svc["metadata"]["namespace"] == "ml"
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
-    assert svc["spec"]["selector"] == builders.selector_labels(body)
-    assert svc["spec"]["ports"][0]["port"] == builders.RENDEZVOUS_PORT
-    job = builders.build_job(body, SETTINGS)
+    assert svc["spec"]["selector"] == naming.selector_labels(body.uid)
+    assert svc["spec"]["ports"][0]["port"] == objects.RENDEZVOUS_PORT
+    job = objects.build_job(body, SETTINGS)
     pod = job["spec"]["template"]["spec"]
     assert pod["subdomain"] == "resnet-dp"
     # The Job controller names pod i's host resnet-dp-i: worker 0 is resnet-dp-0.resnet-dp in the namespace.
-    assert builders.master_address(body) == "resnet-dp-0.resnet-dp"
-    assert builders.selector_labels(body).items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    assert naming.master_address(body.name) == "resnet-dp-0.resnet-dp"
+    assert naming.selector_labels(body.uid).items() <= job["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_workers_run_the_trainer_under_torchrun_with_static_rendezvous_on_worker_0() -> None:
     settings = Settings(trainer_image="t:1", termination_grace_seconds=90, startup_deadline_seconds=300)
-    c = container(builders.build_job(ftj(WORKERS, name="dp"), settings))
+    c = container(objects.build_job(ftj(WORKERS, name="dp"), settings))
     assert c["command"] == ["finetune-train"]
     assert c["args"] == [
         "torchrun", "--nnodes=3", "--nproc-per-node=1", "--node-rank=$(JOB_COMPLETION_INDEX)",
@@ -391,30 +385,30 @@ def test_workers_run_the_trainer_under_torchrun_with_static_rendezvous_on_worker
 def test_gpu_workers_run_one_process_per_gpu_and_resources_are_per_pod() -> None:
     spec = {**WORKERS, "workers": 2, "resources": {"gpus": 4, "cpu": "8", "memory": "32Gi"},
             "training": {"batchSize": 64}}
-    c = container(builders.build_job(ftj(spec), SETTINGS))
+    c = container(objects.build_job(ftj(spec), SETTINGS))
     assert "--nproc-per-node=4" in c["args"]
     assert c["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 4}
 
 
 def test_global_batch_must_split_evenly_over_the_training_processes() -> None:
     with pytest.raises(JobFileError, match=r"batchSize .*multiple of the 3 training processes"):
-        builders.parsed_spec(ftj({**WORKERS, "training": {"batchSize": 32}}))
+        ftj({**WORKERS, "training": {"batchSize": 32}}).valid_spec()
     with pytest.raises(JobFileError, match="multiple of the 8 training processes"):
-        builders.parsed_spec(ftj({**WORKERS, "workers": 2, "resources": {"gpus": 4}, "training": {"batchSize": 36}}))
-    builders.parsed_spec(ftj({"dataset": {"builtin": "digits"}, "resources": {"gpus": 3}}))  # one worker: as before
+        ftj({**WORKERS, "workers": 2, "resources": {"gpus": 4}, "training": {"batchSize": 36}}).valid_spec()
+    ftj({"dataset": {"builtin": "digits"}, "resources": {"gpus": 3}}).valid_spec()  # one worker: as before
 
 
 @pytest.mark.parametrize("name", ["my.job", "a" * 62, "b" * 100])
 def test_worker_hostnames_need_a_short_dotless_name(name: str) -> None:
-    spec = builders.parsed_spec(ftj(WORKERS, name=name))
-    (problem,) = builders.cluster_problems(spec, SETTINGS, name)
+    spec = ftj(WORKERS, name=name).valid_spec()
+    (problem,) = admission.cluster_problems(spec, SETTINGS, name)
     assert problem.startswith("spec.workers: a FineTuneJob with 3 workers needs a name without dots of at most 61")
-    assert builders.cluster_problems(builders.parsed_spec(ftj({"dataset": {"builtin": "digits"}})), SETTINGS, name) \
+    assert admission.cluster_problems(ftj({"dataset": {"builtin": "digits"}}).valid_spec(), SETTINGS, name) \
         == []  # one worker: any name
 
 
 def test_a_name_starting_with_a_digit_gets_a_valid_service_name() -> None:
     body = ftj(WORKERS, name="1st-run")
-    assert builders.service_name(body) == "ftj-1st-run"
-    assert builders.master_address(body) == "1st-run-0.ftj-1st-run"
-    assert builders.build_job(body, SETTINGS)["spec"]["template"]["spec"]["subdomain"] == "ftj-1st-run"
+    assert naming.service_name(body.name) == "ftj-1st-run"
+    assert naming.master_address(body.name) == "1st-run-0.ftj-1st-run"
+    assert objects.build_job(body, SETTINGS)["spec"]["template"]["spec"]["subdomain"] == "ftj-1st-run"

@@ -5,14 +5,14 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from finetune_api.progress import ProgressEvent as ProgressPush
+from finetune_api.progress import parse_event as parse_push
 from finetune_operator.metrics import JOB_GAUGES, Metrics
 from finetune_operator.progress import (
     JobProgress,
-    ProgressPush,
     TokenBucket,
     estimate_eta,
     fraction_done,
-    parse_push,
     token_digest,
 )
 from finetune_operator.server import ProgressService, make_app

@@ -10,15 +10,15 @@ from typing import Any
 import kopf
 import pytest
 
-from finetune_operator import builders
 from finetune_operator.events import build_event
 from finetune_operator.handlers import _owner_name
 from finetune_operator.kube import ApiError, merge_patch_for
+from finetune_operator.naming import ANNOTATION_NAME, LABEL_UID
 from finetune_operator.reconcile import Runtime, reconcile, reconcile_on_event
 from finetune_operator.settings import Settings
 
 pytestmark = pytest.mark.unit
-NOW = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
 LOG = logging.getLogger("test")
 
 
@@ -88,7 +88,7 @@ def test_creates_configmap_and_owned_job_once() -> None:
     assert [c for c in kube.calls if c[0] == "POST" and "jobs" in c[1]] == [
         ("POST", "/apis/batch/v1/namespaces/ml/jobs")
     ]
-    assert rt.unfinished() == [("ml", "demo")]
+    assert rt.queue.unfinished() == [("ml", "demo")]
 
 
 def test_invalid_spec_fails_without_children_and_is_not_tracked() -> None:
@@ -98,7 +98,7 @@ def test_invalid_spec_fails_without_children_and_is_not_tracked() -> None:
     assert kube.objects[FTJ_PATH]["status"]["reason"] == "InvalidSpec"
     assert JOB_PATH not in kube.objects
     assert ("Warning", "InvalidSpec") in kube.events()
-    assert rt.unfinished() == []
+    assert rt.queue.unfinished() == []
 
 
 def test_a_job_owned_by_someone_else_is_waited_for() -> None:
@@ -126,7 +126,7 @@ def test_startup_deadline_failure_deletes_the_job() -> None:
     job["metadata"]["creationTimestamp"] = "2025-03-01T11:00:00Z"  # an hour ago
     job["status"] = {"active": 1}
     kube.objects["/api/v1/namespaces/ml/pods/demo-x"] = {
-        "metadata": {"name": "demo-x", "labels": {builders.LABEL_UID: "uid-1"}},
+        "metadata": {"name": "demo-x", "labels": {LABEL_UID: "uid-1"}},
         "status": {
             "phase": "Pending",
             "containerStatuses": [
@@ -137,7 +137,7 @@ def test_startup_deadline_failure_deletes_the_job() -> None:
     outcome = reconcile(rt, "ml", "demo", LOG)
     assert (outcome.status["phase"], outcome.status["reason"]) == ("Failed", "ErrImagePull")
     assert JOB_PATH not in kube.objects
-    assert rt.unfinished() == []
+    assert rt.queue.unfinished() == []
     reconcile(rt, "ml", "demo", LOG)  # the Job is gone; the failure stays and nothing is re-created
     assert JOB_PATH not in kube.objects
 
@@ -147,7 +147,7 @@ def test_deleted_finetunejob_is_forgotten() -> None:
     reconcile(rt, "ml", "demo", LOG)
     del kube.objects[FTJ_PATH]
     assert reconcile(rt, "ml", "demo", LOG).status is None
-    assert rt.unfinished() == []
+    assert rt.queue.unfinished() == []
 
 
 def test_merge_patch_sends_only_changes_and_nulls_removed_keys() -> None:
@@ -164,7 +164,7 @@ def test_owner_name_from_job_owner_reference_or_pod_annotation() -> None:
         }
     }
     assert _owner_name(job) == "demo"
-    pod = {"metadata": {"annotations": {builders.ANNOTATION_NAME: "x" * 100}}}
+    pod = {"metadata": {"annotations": {ANNOTATION_NAME: "x" * 100}}}
     assert _owner_name(pod) == "x" * 100
     assert _owner_name({"metadata": {}}) is None
 
@@ -235,6 +235,6 @@ def test_a_burst_of_watch_events_during_a_pass_costs_one_more_pass_not_one_each(
 def test_resync_takes_only_jobs_no_event_has_refreshed_within_the_period() -> None:
     rt, _ = setup()
     reconcile(rt, "ml", "demo", LOG)
-    assert rt.unfinished() == [("ml", "demo")]
-    assert rt.due(30.0) == []  # just derived
-    assert rt.due(0.0) == [("ml", "demo")]
+    assert rt.queue.unfinished() == [("ml", "demo")]
+    assert rt.queue.due(30.0) == []  # just derived
+    assert rt.queue.due(0.0) == [("ml", "demo")]

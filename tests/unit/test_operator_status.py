@@ -12,15 +12,18 @@ from typing import Any
 
 import pytest
 
-from finetune_operator import builders, observe
+from finetune_operator import observe
 from finetune_operator.crd import crd
+from finetune_operator.naming import LABEL_UID
+from finetune_operator.objects import VOL_OUTPUT, build_job
+from finetune_operator.parsed import FineTuneJob
 from finetune_operator.settings import Settings
 from finetune_operator.status import derive_status, invalid_spec_status, should_stop_job, transition_events
 
 pytestmark = pytest.mark.unit
 
 SETTINGS = Settings(startup_deadline_seconds=600)
-T0 = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
 CREATED = "2025-03-01T12:00:00Z"
 
 
@@ -41,7 +44,7 @@ def ftj(spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None
 
 
 def job(suspend: bool = False, conditions: list[dict] | None = None, spec: dict | None = None, **counts: Any) -> dict:
-    obj = builders.build_job(ftj(spec), SETTINGS)
+    obj = build_job(FineTuneJob.from_body(ftj(spec)), SETTINGS)
     obj["metadata"]["creationTimestamp"] = CREATED
     obj["metadata"]["uid"] = "job-uid"
     obj["spec"]["suspend"] = suspend
@@ -63,7 +66,7 @@ def pod(name: str = "demo-abcde", phase: str = "Pending", created: str = CREATED
             "name": name,
             "namespace": "ml",
             "creationTimestamp": created,
-            "labels": {builders.LABEL_UID: "uid-1"},
+            "labels": {LABEL_UID: "uid-1"},
         },
         "status": {"phase": phase, **status},
     }
@@ -119,7 +122,7 @@ UNSCHEDULABLE_POD = pod(
 
 
 def derive(body: dict, j: dict | None, pods: list[dict], seconds: float = 30, settings: Settings = SETTINGS) -> dict:
-    return derive_status(body, j, pods, at(seconds), settings)
+    return derive_status(FineTuneJob.from_body(body), j, pods, at(seconds), settings)
 
 
 def cond(status: dict, kind: str) -> dict:
@@ -165,7 +168,7 @@ def test_completed_job_succeeds_with_output_location() -> None:
     status = derive(ftj(), done, pods)
     assert (status["phase"], status["reason"]) == ("Succeeded", "Succeeded")
     assert status["completionTime"] == "2025-03-01T12:31:00Z"
-    assert status["output"] == {"path": "/output", "volume": builders.VOL_OUTPUT, "ephemeral": True}
+    assert status["output"] == {"path": "/output", "volume": VOL_OUTPUT, "ephemeral": True}
     assert "emptyDir" in status["message"]  # the user is told the model is not kept
     assert true_conditions(status) == {"Ready", "Succeeded"}
 
@@ -429,7 +432,7 @@ def test_suspend_change_is_not_a_refused_spec_change() -> None:
 
 
 def test_invalid_spec_status_and_recovery_once_fixed() -> None:
-    bad = invalid_spec_status(ftj(), "spec.training.epochs: Input should be >= 1 (got 0)", T0)
+    bad = invalid_spec_status(FineTuneJob.from_body(ftj()), "spec.training.epochs: Input should be >= 1 (got 0)", T0)
     assert (bad["phase"], bad["reason"]) == ("Failed", "InvalidSpec")
     assert true_conditions(bad) == {"Stalled", "Failed"}
     fixed = derive(ftj(status=bad, generation=2), None, [])
@@ -553,7 +556,7 @@ def test_every_status_field_written_is_declared_with_its_type() -> None:
             [pod(phase="Succeeded", **terminated(0, "Completed", summary))],
         ),
         derive(ftj(), job(active=1), [UNSCHEDULABLE_POD], seconds=700),
-        invalid_spec_status(ftj(), "bad", T0),
+        invalid_spec_status(FineTuneJob.from_body(ftj()), "bad", T0),
     ]
     for status in samples:
         assert_declared(copy.deepcopy(status), STATUS_SCHEMA)

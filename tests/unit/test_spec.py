@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune_trainer.errors import JobFileError
-from finetune_trainer.spec import FineTuneJobSpec, load_job, parse_job, parse_spec
+from finetune_api.errors import JobFileError
+from finetune_api.spec import FineTuneJobSpec, load_job, parse_job, parse_spec
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,14 +77,14 @@ def test_resume_fingerprint_ignores_epochs_but_not_learning_rate():
 
 
 def test_spec_module_imports_no_torch():
-    code = "import sys, finetune_trainer.spec; assert 'torch' not in sys.modules, 'spec imported torch'"
+    code = "import sys, finetune_api.spec; assert 'torch' not in sys.modules, 'spec imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_architecture_list_matches_torchvision():
     import torchvision.models as tvm
 
-    from finetune_trainer.architectures import ARCHITECTURES
+    from finetune_api.architectures import ARCHITECTURES
 
     assert set(ARCHITECTURES) == set(tvm.list_models(module=tvm))
     assert isinstance(FineTuneJobSpec.model_fields["model"].default_factory().architecture, str)

@@ -20,10 +20,11 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from finetune_operator import builders
+from finetune_api.errors import JobFileError
+from finetune_api.spec import parse_job, parse_spec
+from finetune_operator import admission, objects
+from finetune_operator.parsed import FineTuneJob
 from finetune_operator.settings import Settings
-from finetune_trainer.errors import JobFileError
-from finetune_trainer.spec import parse_job, parse_spec
 
 pytestmark = pytest.mark.unit
 
@@ -133,18 +134,18 @@ def test_every_accepted_spec_builds_a_valid_job(name: str, spec: dict[str, Any],
         assert "\n" not in str(err) and str(err).startswith("spec")
         event("refused by the spec model")
         return
-    problems = builders.cluster_problems(parsed, operator_settings, name)
+    problems = admission.cluster_problems(parsed, operator_settings, name)
     if problems:
         assert all(p.startswith("spec.") for p in problems)
         event("refused by cluster_problems")
         return
     event("built")
-    ftj = manifest(name, spec)
-    job = builders.build_job(ftj, operator_settings)
-    config = builders.build_configmap(ftj, operator_settings)
+    ftj = FineTuneJob.from_body(manifest(name, spec))
+    job = objects.build_job(ftj, operator_settings)
+    config = objects.build_configmap(ftj)
     assert_valid_object(job, max_name=63)
     assert_valid_object(config, max_name=253)
-    assert_valid_object(builders.build_token_secret(ftj, "t0ken"), max_name=253)
+    assert_valid_object(objects.build_token_secret(ftj, "t0ken"), max_name=253)
     assert_valid_pod(job["spec"]["template"]["spec"], job["spec"]["template"]["metadata"])
     if parsed.workers > 1:
         event("built with several workers")
@@ -200,9 +201,9 @@ def assert_restricted(pod: dict[str, Any], container: dict[str, Any]) -> None:
     assert all("hostPath" not in v for v in pod["volumes"])
 
 
-def assert_valid_workers(ftj: dict[str, Any], job: dict[str, Any], workers: int) -> None:
+def assert_valid_workers(ftj: FineTuneJob, job: dict[str, Any], workers: int) -> None:
     """What the API server and cluster DNS need for N pods that find worker 0 by name."""
-    service = builders.build_service(ftj)
+    service = objects.build_service(ftj)
     assert_valid_object(service, max_name=63)
     assert re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", service["metadata"]["name"])  # DNS-1035: a Service name
     assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
@@ -232,12 +233,12 @@ def test_every_accepted_worker_layout_builds_a_valid_group(name: str, workers: i
         assert str(err).startswith("spec: training.batchSize") and workers > 1
         assert batch % (workers * max(1, gpus))
         return
-    problems = builders.cluster_problems(parsed, SETTINGS[which], name)
+    problems = admission.cluster_problems(parsed, SETTINGS[which], name)
     if problems:
         assert workers > 1 and problems[0].startswith("spec.workers:")
         return
-    ftj = manifest(name, spec)
-    job = builders.build_job(ftj, SETTINGS[which])
+    ftj = FineTuneJob.from_body(manifest(name, spec))
+    job = objects.build_job(ftj, SETTINGS[which])
     assert_valid_object(job, max_name=63)
     assert_valid_pod(job["spec"]["template"]["spec"], job["spec"]["template"]["metadata"])
     if workers > 1:

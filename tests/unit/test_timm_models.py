@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from trainer_util import tiny_spec, write_job
 
-from finetune_trainer.errors import JobFileError
+from finetune_api.errors import JobFileError
+from finetune_api.spec import parse_spec
 from finetune_trainer.fit import fit
 from finetune_trainer.freeze import apply_freeze, param_groups, plan_freeze
 from finetune_trainer.model import build_model
 from finetune_trainer.predict import Predictor
 from finetune_trainer.report import Reporter
-from finetune_trainer.spec import parse_spec
 
 pytestmark = pytest.mark.unit
 TRAINER = Path(sys.executable).with_name("finetune-train")

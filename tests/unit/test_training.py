@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 from trainer_util import tiny_spec
 
+from finetune_api.errors import JobFileError, Preempted
 from finetune_trainer import fit as fit_module
 from finetune_trainer.checkpoint import latest_checkpoint
 from finetune_trainer.data import load_splits
-from finetune_trainer.errors import JobFileError, Preempted
 from finetune_trainer.fit import fit
 from finetune_trainer.model import build_model
 from finetune_trainer.predict import Predictor

@@ -8,7 +8,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from finetune_trainer.spec import FineTuneJobSpec, parse_spec
+from finetune_api.spec import FineTuneJobSpec, parse_spec
 
 
 def tiny_spec(output: Path | str, **overrides) -> FineTuneJobSpec:

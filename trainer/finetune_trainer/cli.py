@@ -23,14 +23,14 @@ from typing import Any
 
 import yaml
 
-from finetune_trainer.errors import (
+from finetune_api.errors import (
     EXIT_INVALID_JOB,
     EXIT_OK,
     EXIT_RUNTIME_ERROR,
     FinetuneError,
     JobFileError,
 )
-from finetune_trainer.spec import parse_job, read_job_document
+from finetune_api.spec import parse_job, read_job_document
 
 TERMINATION_LOG = "/dev/termination-log"
 

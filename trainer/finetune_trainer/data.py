@@ -22,9 +22,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from finetune_trainer.errors import JobFileError, TrainingError
+from finetune_api.errors import JobFileError, TrainingError
+from finetune_api.spec import Dataset as DatasetSpec
 from finetune_trainer.sampling import EpochSampler
-from finetune_trainer.spec import Dataset as DatasetSpec
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from finetune_trainer.errors import FinetuneError, JobFileError
+from finetune_api.errors import FinetuneError, JobFileError
 
 TIMEOUT_ENV = "FINETUNE_COLLECTIVE_TIMEOUT_SECONDS"
 # Longest legitimate gap between two collectives: rank 0 writing a checkpoint or the export while the

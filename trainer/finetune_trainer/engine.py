@@ -33,6 +33,21 @@ class Precision:
         return self.dtype == torch.float16 and self.device_type == "cuda"
 
 
+@dataclass(frozen=True)
+class Compute:
+    """Where and how a pass runs: device, numeric mode, memory layout of image batches."""
+
+    device: torch.device
+    precision: Precision
+    channels_last: bool = False
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -74,18 +89,18 @@ def train_one_epoch(
     loader,
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
-    device: torch.device,
-    precision: Precision,
-    scaler: torch.amp.GradScaler | None,
+    scaler: torch.amp.GradScaler,
+    compute: Compute,
+    *,
     on_log: Callable[[int, int, float, float], None] | None = None,
     log_every: int = 10,
     should_stop: Callable[[], bool] = lambda: False,
-    channels_last: bool = False,
     begin: EpochStart | None = None,
 ) -> EpochStats:
     """Train over `loader` (which already skips what `begin` says was done). Stops after the step
     during which should_stop() became true; the returned stats then say where it stopped."""
     begin = begin or EpochStart()
+    device = compute.device
     total_loss = torch.full((), begin.loss_sum, device=device)
     samples, skipped, start = begin.samples, begin.skipped_batches, time.perf_counter()
     total_steps = begin.step + len(loader)
@@ -94,19 +109,13 @@ def train_one_epoch(
         if batch is None:  # every image of this batch was unreadable
             skipped += 1
             continue
-        images, targets = (t.to(device, non_blocking=True) for t in batch)
-        if channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with precision.autocast():
+        images, targets = compute.batch(batch[0]), batch[1].to(device, non_blocking=True)
+        with compute.precision.autocast():
             loss = criterion(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        scaler.scale(loss).backward()  # a disabled scaler (all but fp16 on CUDA) passes straight through
+        scaler.step(optimizer)
+        scaler.update()
         total_loss += loss.detach() * targets.shape[0]
         samples += targets.shape[0]
         if on_log and (step % log_every == 0 or step == total_steps):
@@ -122,12 +131,12 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, precision: Precision,
-             num_classes: int, channels_last: bool = False,
+def evaluate(model: nn.Module, loader, criterion: nn.Module, compute: Compute, num_classes: int,
              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
     """Loss, accuracy, top-5 and per-class accuracy over `loader`. With `reduce` (data parallel: each
     rank holds a shard of the val set), the raw sums are combined across ranks before dividing."""
     model.eval()
+    device = compute.device
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     correct5 = torch.zeros((), device=device)
@@ -137,10 +146,8 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
     for batch in loader:
         if batch is None:
             continue
-        images, targets = (t.to(device, non_blocking=True) for t in batch)
-        if channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with precision.autocast():
+        images, targets = compute.batch(batch[0]), batch[1].to(device, non_blocking=True)
+        with compute.precision.autocast():
             logits = model(images)
         logits = logits.float()
         total_loss += criterion(logits, targets) * targets.shape[0]

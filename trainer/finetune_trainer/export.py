@@ -14,10 +14,10 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import __version__
 from finetune_trainer.checkpoint import atomic_write
 from finetune_trainer.data import Preprocessing
-from finetune_trainer.spec import FineTuneJobSpec
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"

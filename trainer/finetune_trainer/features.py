@@ -20,11 +20,11 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, TensorDataset
 
+from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import timm_models
 from finetune_trainer.engine import Precision
 from finetune_trainer.freeze import FreezePlan
 from finetune_trainer.sampling import EpochSampler
-from finetune_trainer.spec import FineTuneJobSpec
 
 MAX_CACHE_BYTES = 4 << 30
 

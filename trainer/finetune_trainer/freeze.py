@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from finetune_api.errors import JobFileError
+from finetune_api.spec import Freeze, Training
 from finetune_trainer import timm_models
-from finetune_trainer.errors import JobFileError
-from finetune_trainer.spec import Freeze, Training
 
 # Modules that hold parameters but are too small to count as a stage of their own.
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)

@@ -17,14 +17,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from finetune_api.progress import PROGRESS_FIELDS, ProgressEvent
 from finetune_trainer.report import Reporter
 
 log = logging.getLogger(__name__)
 
 URL_ENV = "FINETUNE_PROGRESS_URL"
 TOKEN_FILE_ENV = "FINETUNE_PROGRESS_TOKEN_FILE"
-FIELDS = ("epoch", "totalEpochs", "step", "totalSteps", "trainLoss", "valLoss", "valAccuracy",
-          "bestValAccuracy", "samplesPerSecond", "resumeCount", "lastCheckpoint")
+FIELDS = PROGRESS_FIELDS
 
 
 class HttpReporter(Reporter):
@@ -65,7 +65,12 @@ class HttpReporter(Reporter):
         if kind == "start":
             self._known.update(epoch=fields.get("startEpoch", 1) - 1, totalEpochs=fields["totalEpochs"])
         # A checkpoint taken on SIGTERM goes out as a step push (the operator knows four kinds), at once.
-        payload = {"event": "step" if kind == "checkpoint" else kind, "sentAt": time.time(), **self._known}
+        try:  # the operator parses the body with this model: what it would refuse is not sent
+            body = ProgressEvent.model_validate({"event": "step" if kind == "checkpoint" else kind, **self._known})
+        except ValueError as err:
+            log.warning("progress push skipped: %s", str(err).splitlines()[0])
+            return
+        payload = {**body.model_dump(mode="json", exclude_none=True), "sentAt": time.time()}
         urgent = kind in ("epoch", "end", "start", "checkpoint")
         with self._cond:
             self._pending = payload

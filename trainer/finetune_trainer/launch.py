@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from finetune_trainer.errors import EXIT_OK, EXIT_PREEMPTED
+from finetune_api.errors import EXIT_OK, EXIT_PREEMPTED
 
 log = logging.getLogger("finetune")
 

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from finetune_api.errors import JobFileError, TrainingError
+from finetune_api.spec import FineTuneJobSpec, Head, Weights
 from finetune_trainer import timm_models
 from finetune_trainer.data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from finetune_trainer.errors import JobFileError, TrainingError
-from finetune_trainer.spec import FineTuneJobSpec, Head, Weights
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from finetune_trainer.checkpoint import atomic_write
-from finetune_trainer.engine import Precision
+from finetune_trainer.engine import Compute
 from finetune_trainer.evaluation import evaluation_report, summary_line
 
 log = logging.getLogger(__name__)
@@ -28,19 +28,15 @@ CURVES_PNG = "training_curves.png"
 
 
 @torch.inference_mode()
-def predict_probabilities(model: nn.Module, loader, device: torch.device, precision: Precision,
-                          channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict_probabilities(model: nn.Module, loader, compute: Compute) -> tuple[np.ndarray, np.ndarray]:
     """(labels, softmax probabilities) for every readable image of `loader`, in order."""
     model.eval()
     labels, probs = [], []
     for batch in loader:
         if batch is None:
             continue
-        images, targets = batch
-        images = images.to(device, non_blocking=True)
-        if channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with precision.autocast():
+        images, targets = compute.batch(batch[0]), batch[1]
+        with compute.precision.autocast():
             logits = model(images)
         probs.append(logits.float().softmax(dim=1).cpu())
         labels.append(targets)

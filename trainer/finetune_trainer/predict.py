@@ -10,11 +10,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
 
+from finetune_api.errors import JobFileError
+from finetune_api.spec import Head
 from finetune_trainer.data import Preprocessing
-from finetune_trainer.errors import JobFileError
 from finetune_trainer.export import META_FILE, sha256_file
 from finetune_trainer.model import new_model, replace_head
-from finetune_trainer.spec import Head
 
 
 @dataclass
@@ -71,7 +71,7 @@ def evaluate_folder(model_dir: Path, data: Path, report_dir: str | Path | None =
                     batch_size: int = 64) -> dict:
     """The export's evaluation report on an ImageFolder whose class folders are (some of) the model's classes."""
     from finetune_trainer.data import eval_loader, folder_samples_for
-    from finetune_trainer.engine import Precision
+    from finetune_trainer.engine import Compute, Precision
     from finetune_trainer.model_report import predict_probabilities, write_report
 
     predictor = Predictor.load(model_dir)
@@ -82,7 +82,8 @@ def evaluate_folder(model_dir: Path, data: Path, report_dir: str | Path | None =
     except OSError as err:
         raise JobFileError(f"--report-dir: cannot create {folder} ({err.strerror})") from None
     loader = eval_loader(samples, predictor.preprocessing, batch_size)
-    labels, probs = predict_probabilities(predictor.model, loader, torch.device("cpu"), Precision("fp32", None, "cpu"))
+    cpu = Compute(torch.device("cpu"), Precision("fp32", None, "cpu"))
+    labels, probs = predict_probabilities(predictor.model, loader, cpu)
     summary = write_report(folder, labels, probs, predictor.classes, split=f"folder:{data}",
                            extra={"model": str(model_dir), "skippedImages": skipped})
     return {**summary, "reportDir": str(folder)}

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from finetune_trainer.errors import JobFileError, TrainingError
+from finetune_api.errors import JobFileError, TrainingError
 
 
 def is_timm(model: nn.Module) -> bool:

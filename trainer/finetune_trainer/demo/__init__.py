@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_api.errors import FinetuneError
 from finetune_trainer.cli import load_job_with_overrides
 from finetune_trainer.demo import backbone, photos
-from finetune_trainer.errors import FinetuneError
 from finetune_trainer.fit import fit
 from finetune_trainer.predict import Predictor
 from finetune_trainer.report import ConsoleReporter, Reporter

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from finetune_api.errors import JobFileError
 from finetune_trainer.checkpoint import atomic_write
-from finetune_trainer.errors import JobFileError
 from finetune_trainer.export import sha256_file
 
 ARCHITECTURE = "tf_efficientnet_lite0"

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from finetune_api.errors import FinetuneError
 from finetune_trainer.cli import load_job_with_overrides
-from finetune_trainer.errors import FinetuneError
 from finetune_trainer.fit import fit
 from finetune_trainer.predict import Predictor
 from finetune_trainer.report import ConsoleReporter

@@ -1,0 +1,131 @@
+"""prepare(): what the training loop trains and what it loads, with the feature cache on or off.
+
+With a frozen prefix and fixed inputs (features.decide), the frozen part runs once over train and val;
+the loop then trains the head (or an fx tail from the freeze boundary) on cached tensors. Otherwise it
+trains the whole model on images. Either way the loop gets a module and two loaders and does not know
+which it got. The cache is kept on disk (feature_store) for a retry or resume of a single process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune_api.errors import TrainingError
+from finetune_api.spec import FineTuneJobSpec
+from finetune_trainer import feature_store, features
+from finetune_trainer.data import Preprocessing, Splits
+from finetune_trainer.distributed import Dist, shard
+from finetune_trainer.freeze import FreezePlan
+from finetune_trainer.runtime import Env
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    net: nn.Module  # what trains: the model, its head, or an fx tail after the freeze boundary
+    train_loader: DataLoader
+    val_loader: DataLoader
+    decision: features.CacheDecision
+    stored: str | None = None  # "reused" | "written" | None: what the on-disk cache did
+    note: str | None = None  # what the frozen pass did, for the run's log (reported after its start event)
+
+    def describe(self) -> dict:
+        d = self.decision
+        return {"enabled": d.enabled, "reason": d.reason, "boundary": d.boundary, "stored": self.stored}
+
+
+@dataclass
+class CacheInputs:
+    """What the on-disk cache key is made of, besides the frozen weights' digest."""
+
+    splits: Splits
+    preprocessing: Preprocessing
+    frozen_digest: str
+    output: Path
+
+
+def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: tuple[DataLoader, DataLoader],
+            env: Env, batch_size: int, dist: Dist, inputs: CacheInputs, needed: bool = True,
+            announce: Callable[[features.CacheDecision], None] = lambda decision: None) -> Prepared:
+    """`needed`: epochs are left to train (a finished run skips the frozen pass). `announce` is called
+    with the decision as soon as it is made, before the (possibly long) frozen pass."""
+    train_loader, val_loader = loaders
+    decision, net = _plan(spec, model, plan)
+    announce(decision)
+    if not decision.enabled or not needed:
+        return Prepared(net, train_loader, val_loader, decision)
+    # On disk for one process only: ranks of a group may not share a writable output volume.
+    store = None if dist.active else (inputs.output, feature_store.cache_key(
+        inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, env.frozen_precision.name,
+        env.channels_last))
+    found = feature_store.load(*store) if store else None
+    if found is not None:
+        note = (f"frozen-part outputs for {len(found[0][1]) + len(found[1][1])} images reused from "
+                f"{feature_store.path_for(*store).relative_to(store[0])}; training continues from {decision.boundary}")
+        return Prepared(net, *features.cached_loaders(found[0], found[1], batch_size, 1, 0), decision, "reused", note)
+    train, val, note = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size, dist)
+    loaders = features.cached_loaders(train, val, batch_size, dist.world, dist.rank)
+    return Prepared(net, *loaders, decision, _store(store, train, val), note)
+
+
+def _plan(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan) -> tuple[features.CacheDecision, nn.Module]:
+    """What the loop trains: the head, an fx tail after the freeze boundary, or the whole model."""
+    cache = features.decide(spec, model, plan)
+    if not cache.enabled:
+        return cache, model
+    if cache.boundary == plan.head_name:
+        return cache, model.get_submodule(plan.head_name)
+    tail = features.build_tail(model, cache.boundary)
+    if tail is None:
+        return features.CacheDecision(False, f"the model cannot be split at {cache.boundary}"), model
+    return cache, tail
+
+
+def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_loader: DataLoader, env: Env,
+                 batch_size: int, dist: Dist):
+    """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
+
+    Data parallel: each rank computes a contiguous slice of train, and the slices are gathered in rank
+    order (= dataset order), so every rank holds the whole train cache and samples it exactly as one
+    process would; each rank keeps only the features of its own val shard.
+    """
+    start = time.perf_counter()
+    dataset = train_loader.dataset
+    order = {"sampler": shard(len(dataset), dist.world, dist.rank)} if dist.active else {"shuffle": False}
+    in_order = DataLoader(dataset, batch_size=batch_size, collate_fn=train_loader.collate_fn,
+                          num_workers=train_loader.num_workers, **order)
+    limit = features.MAX_CACHE_BYTES // dist.world
+    frozen = features.frozen_pass_model(model, env.frozen_precision)  # one copy for train and val
+    try:
+        train = features.extract(frozen, boundary, in_order, env.device, env.frozen_precision, env.channels_last,
+                                 limit)
+        val = features.extract(frozen, boundary, val_loader, env.device, env.frozen_precision, env.channels_last,
+                               limit)
+    except MemoryError as err:
+        raise TrainingError(f"feature cache: {err}; set training.featureCache: off") from None
+    if dist.active:
+        train = (dist.concat_rows(train[0]), dist.concat_rows(train[1]))
+    n_val = len(val_loader.dataset) if dist.active else len(val[1])
+    note = (f"frozen-part outputs for {len(train[1]) + n_val} images computed once in "
+            f"{time.perf_counter() - start:.1f}s ({env.frozen_precision.name}); training continues from {boundary}")
+    return train, val, note
+
+
+def _store(store: tuple[Path, str] | None, train, val) -> str | None:
+    """Keep the features for a retry; a full or read-only volume only costs the next attempt the pass."""
+    if store is None:
+        return None
+    try:
+        feature_store.save(*store, train, val)
+    except OSError as err:
+        log.warning("feature cache not saved (%s): a retry computes it again", err)
+        return None
+    return "written"

@@ -1,0 +1,94 @@
+"""The end of a run: the best weights back in the model, the test evaluation, the export, the Result.
+
+Rank 0 alone runs write_result (fit hands the others its model.json). The export is committed last
+(model.json), after the evaluation report beside it, so a reader that finds model.json finds all of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from finetune_api.errors import JobFileError
+from finetune_api.spec import FineTuneJobSpec
+from finetune_trainer import feature_store
+from finetune_trainer.data import Splits, eval_loader
+from finetune_trainer.export import read_export, write_export
+from finetune_trainer.model import BuiltModel
+from finetune_trainer.model_report import predict_probabilities, write_report
+from finetune_trainer.report import Reporter
+from finetune_trainer.runtime import Env
+from finetune_trainer.train_state import TrainState
+
+
+@dataclass
+class Result:
+    output: Path
+    weights_file: str
+    sha256: str
+    best_epoch: int
+    val_accuracy: float
+    val_loss: float
+    train_loss: float
+    epochs_run: int
+    resumed_from: int | None = None
+    reused_export: bool = False
+    history: list[dict] = field(default_factory=list)
+    test_accuracy: float | None = None  # the held-out test split, evaluated once with the best weights
+
+
+def finished_export(output: Path, spec: FineTuneJobSpec) -> dict | None:
+    """The export already in `output` when it is this spec's and complete; refuses another spec's."""
+    previous = read_export(output)
+    if previous and previous.get("fingerprint") != spec.resume_fingerprint():
+        raise JobFileError(f"{output} already holds a model exported from a different spec; it is kept — "
+                           "use a new output path or remove that model")
+    if previous and previous.get("epochs", 0) >= spec.training.epochs:
+        return previous
+    return None
+
+
+def write_result(output: Path, spec: FineTuneJobSpec, name: str, model: nn.Module, built: BuiltModel,
+                 splits: Splits, state: TrainState, env: Env, resumed: int | None, reporter: Reporter,
+                 extra: dict) -> dict:
+    """Best weights → evaluation report → export; returns model.json's content."""
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state, strict=False)
+    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
+    evaluation = _evaluate_best(output, model, splits, built, env, state.history, spec)
+    reporter.event("message", level="info", text=evaluation["summary"])
+    meta = write_export(
+        output, model, name=name, spec=spec, classes=splits.classes, preprocessing=built.preprocessing,
+        best=best, history=state.history, evaluation=evaluation, extra={
+            "weightsSource": built.weights_note,
+            "freeze": {"policy": spec.freeze.policy, "headModule": built.head_name},
+            "dataset": {"source": splits.source, "train": len(splits.train), "val": len(splits.val),
+                        "test": len(splits.test), "skippedImages": splits.skipped},
+            "resumedFromEpoch": resumed, "epochs": state.epoch, **extra,
+        },
+    )
+    feature_store.discard(output)  # the export is committed: no retry will need the features
+    per_class = dict(zip(splits.classes, best["perClassAccuracy"], strict=True))
+    reporter.event("end", valAccuracy=best["valAccuracy"], valLoss=best["valLoss"], bestEpoch=state.best_epoch,
+                   trainLoss=best["trainLoss"], perClassAccuracy=per_class, totalEpochs=spec.training.epochs,
+                   epoch=state.epoch, testAccuracy=meta["metrics"].get("testAccuracy"),
+                   weightsFile=meta["weightsFile"], sha256=meta["sha256"], output=str(output))
+    return meta
+
+
+def _evaluate_best(output: Path, model: nn.Module, splits: Splits, built: BuiltModel, env: Env,
+                   history: list[dict], spec: FineTuneJobSpec) -> dict:
+    """The report on the held-out test split (val when there is none), best weights, full model on images."""
+    split, samples = ("test", splits.test) if splits.test else ("val", splits.val)
+    loader = eval_loader(samples, built.preprocessing, spec.training.batch_size, spec.dataset.num_workers)
+    labels, probs = predict_probabilities(model, loader, env.compute)
+    return write_report(output, labels, probs, splits.classes, split=split, history=history)
+
+
+def result_from_export(output: Path, meta: dict, resumed: int | None = None, reused: bool = False) -> Result:
+    m = meta["metrics"]
+    return Result(output, meta["weightsFile"], meta["sha256"], meta["bestEpoch"], m["valAccuracy"], m["valLoss"],
+                  m["trainLoss"], meta.get("epochs", 0), resumed, reused, history=meta.get("history", []),
+                  test_accuracy=m.get("testAccuracy"))
