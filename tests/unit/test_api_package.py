@@ -48,3 +48,31 @@ def test_the_claimed_python_is_the_one_the_code_is_written_for() -> None:
     assert project["tool"]["ruff"]["target-version"] == f"py3{floor[1]}"
     assert sys.version_info >= (3, int(floor[1]))
     assert f"Python ≥ 3.{floor[1]}" in (ROOT / "README.md").read_text()
+
+
+def test_the_status_schema_in_the_crd_is_generated_from_the_status_model() -> None:
+    import yaml
+
+    from finetune_api.status import FineTuneJobStatus, Progress
+    from finetune_operator import crd
+
+    checked_in = yaml.safe_load((ROOT / "charts/finetune-operator/crds/finetunejobs.finetune.dev.yaml").read_text())
+    status = checked_in["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert status == crd.status_schema()
+    assert set(status["properties"]) == set(FineTuneJobStatus.model_fields)
+    assert set(status["properties"]["progress"]["properties"]) == set(Progress.model_fields)
+
+    def keys(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield k
+                if k != "properties":
+                    yield from keys(v)
+                else:
+                    for sub in v.values():
+                        yield from keys(sub)
+        elif isinstance(node, list):
+            for v in node:
+                yield from keys(v)
+
+    assert "default" not in set(keys(status)), "the API server must add nothing to a status"
