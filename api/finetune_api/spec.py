@@ -19,6 +19,15 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from finetune_api.architectures import ARCHITECTURES
+from finetune_api.augment import ADDED_FIELDS as AUGMENT_ADDED_FIELDS
+from finetune_api.augment import (  # noqa: F401  (re-exported: dataset.augment is part of the spec)
+    AUTO_AUGMENT_POLICIES,
+    Affine,
+    Augment,
+    AutoAugment,
+    ColorJitterDetail,
+    GaussianBlur,
+)
 from finetune_api.base import (  # noqa: F401  (re-exported: the patterns and limits are part of the spec's API)
     DNS_LABEL_PATTERN,
     MAX_NAME,
@@ -30,6 +39,7 @@ from finetune_api.base import (  # noqa: F401  (re-exported: the patterns and li
 )
 from finetune_api.cluster import VOLUME_SOURCES, K8sObject, Resources, RunPolicy, Scheduling, Volume  # noqa: F401
 from finetune_api.errors import JobFileError
+from finetune_api.head import Head
 
 API_GROUP = "finetune.dev"
 API_VERSION = "v1alpha1"
@@ -101,16 +111,6 @@ class ModelSpec(_Model):
         return self
 
 
-class Augment(_Model):
-    random_resized_crop: bool = Field(False, description="RandomResizedCrop on training images")
-    horizontal_flip: bool = Field(False, description="RandomHorizontalFlip on training images")
-    color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="ColorJitter strength (0 = off)")
-
-    @property
-    def any_random(self) -> bool:
-        return self.random_resized_crop or self.horizontal_flip or self.color_jitter > 0
-
-
 class Dataset(_Model):
     builtin: Literal["digits"] | None = Field(None, description="bundled demo data (no network)")
     path: PathStr | None = Field(None, description="ImageFolder root: train/ and val/, or class folders")
@@ -141,6 +141,15 @@ class Dataset(_Model):
             raise ValueError("dataset.testFraction plus dataset.valFraction must be below 1")
         return self
 
+    @model_validator(mode="after")
+    def _blur_fits(self) -> Dataset:
+        # A kernel wider than the image cannot be reflect-padded: refused here rather than mid-training.
+        blur = self.augment.gaussian_blur
+        if blur is not None and blur.kernel_size > self.image_size:
+            raise ValueError(f"dataset.augment.gaussianBlur.kernelSize ({blur.kernel_size}) must be at most "
+                             f"dataset.imageSize ({self.image_size})")
+        return self
+
 
 class Freeze(_Model):
     policy: Literal["head", "partial", "full"] = Field(
@@ -152,11 +161,19 @@ class Freeze(_Model):
     backbone_lr_scale: float = Field(
         0.1, gt=0.0, le=10.0, description="partial/full: learning-rate multiplier for backbone parameters"
     )
+    layerwise_lr_decay: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="partial/full: each backbone stage further from the head trains at its neighbour's "
+        "learning rate times this (learningRate x backboneLrScale x decay^depth, one param group per stage); "
+        "1 = off",
+    )
 
     @model_validator(mode="after")
     def _stages_only_with_partial(self) -> Freeze:
         if self.trainable_stages is not None and self.policy != "partial":
             raise ValueError("freeze.trainableStages is only valid with freeze.policy 'partial'")
+        if self.layerwise_lr_decay != 1.0 and self.policy == "head":
+            raise ValueError("freeze.layerwiseLrDecay is only valid with freeze.policy 'partial' or 'full'")
         return self
 
     @property
@@ -164,9 +181,8 @@ class Freeze(_Model):
         return self.trainable_stages or 1
 
 
-class Head(_Model):
-    hidden_units: int = Field(0, ge=0, le=65536, description="0 = one Linear layer")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+class Ema(_Model):
+    decay: float = Field(0.999, gt=0.0, lt=1.0, description="weight of the running average at each optimizer step")
 
 
 class EarlyStopping(_Model):
@@ -199,6 +215,23 @@ class Training(_Model):
     feature_cache: Literal["auto", "off"] = Field(
         "auto", description="auto: with a frozen backbone and fixed inputs, compute backbone features once"
     )
+    warmup_epochs: int = Field(
+        0, ge=0, le=1000,
+        description="linear learning-rate warm-up: epoch e of the first N trains at learningRate x e/(N+1), "
+        "then the scheduler runs over the remaining epochs (0 = off)",
+    )
+    grad_clip_norm: float | None = Field(
+        None, gt=0.0, le=1e6, description="clip the global gradient norm to this before each step (default: off)")
+    ema: Ema | None = Field(
+        None, description="keep an exponential moving average of the trained weights, evaluated every epoch; "
+        "exported instead of the raw weights when it scores better (default: off)")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> Training:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"training.warmupEpochs ({self.warmup_epochs}) must be below training.epochs "
+                             f"({self.epochs})")
+        return self
 
 
 class Output(_Model):
@@ -262,20 +295,28 @@ class FineTuneJobSpec(_Model):
         Epochs, early stopping, logging and cluster settings may change between attempts
         (e.g. extend training); architecture, data, freezing, head and optimisation may not.
         """
-        t = self.training.model_dump(exclude={"epochs", "early_stopping", "log_every_steps", "device", "feature_cache"})
         # Fields added after v1alpha1's first release leave the fingerprint of a spec that does not use
         # them unchanged, so outputs written by an earlier trainer still resume.
+        t = _dump(self.training, {"warmup_epochs": 0, "grad_clip_norm": None, "ema": None},
+                  {"epochs", "early_stopping", "log_every_steps", "device", "feature_cache"})
         model = self.model.model_dump(exclude={"library"} if self.model.library == "torchvision" else set())
-        dataset = self.dataset.model_dump(exclude={"num_workers", *(() if self.dataset.test_fraction else
-                                                                      ("test_fraction",))})
+        dataset = self.dataset.model_dump(exclude={"num_workers", "augment", *(() if self.dataset.test_fraction else
+                                                                                 ("test_fraction",))})
+        dataset["augment"] = _dump(self.dataset.augment, AUGMENT_ADDED_FIELDS)
         relevant = {
             "model": model,
             "dataset": dataset,
-            "freeze": self.freeze.model_dump(),
-            "head": self.head.model_dump(),
+            "freeze": _dump(self.freeze, {"layerwise_lr_decay": 1.0}),
+            "head": _dump(self.head, {"layers": None, "activation": "relu", "norm": "none"}),
             "training": t,
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dump(model: _Model, added: dict[str, Any], exclude: set[str] = frozenset()) -> dict[str, Any]:
+    """model_dump for the fingerprint, without fields added later while they hold their defaults."""
+    unused = {name for name, default in added.items() if getattr(model, name) == default}
+    return model.model_dump(exclude=set(exclude) | unused)
 
 
 class JobFile(BaseModel):

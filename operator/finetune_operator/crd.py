@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from finetune_api.architectures import ARCHITECTURES
-from finetune_api.spec import API_GROUP, API_VERSION, KIND, LIBRARIES, FineTuneJobSpec
+from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
 from finetune_api.status import FineTuneJobStatus
+from finetune_operator.cel_rules import CEL_RULES, CONTROL_CHARACTER, PARENT_SEGMENT  # noqa: F401  (tests read them here)
 
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
@@ -33,119 +33,6 @@ CATEGORIES = ["finetune"]
 CRD_NAME = f"{PLURAL}.{API_GROUP}"
 
 Schema = dict[str, Any]
-
-# The model's path rule (spec._no_parent_segments): no '..' segment between either kind of slash and no
-# control characters. Raw strings: Python keeps the backslashes, the CEL literal halves them for RE2.
-PARENT_SEGMENT = r"(^|[/\\\\])\\.\\.([/\\\\]|$)"
-CONTROL_CHARACTER = r"[\\x00-\\x1f]"
-
-
-def _path_rules(field: str, where: str, optional: bool = True) -> list[Schema]:
-    guard = f"!has(self.{field}) || " if optional else ""
-    return [
-        {
-            "rule": f"{guard}!self.{field}.matches('{PARENT_SEGMENT}')",
-            "message": f"{where} must not contain '..' segments",
-            "fieldPath": f".{field}",
-        },
-        {
-            "rule": f"{guard}!self.{field}.matches('{CONTROL_CHARACTER}')",
-            "message": f"{where} must not contain control characters",
-            "fieldPath": f".{field}",
-        },
-    ]
-
-
-# Cross-field rules the model enforces in Python, keyed by the schema path (dotted,
-# `[]` for list items) they attach to. Messages name the field, as the model's do.
-CEL_RULES: dict[str, list[Schema]] = {
-    "": [
-        {
-            "rule": "!has(self.workers) || self.workers <= 1 || !has(self.training) || !has(self.training.batchSize)"
-            " || self.training.batchSize % (self.workers * (has(self.resources) && has(self.resources.gpus)"
-            " && self.resources.gpus > 1 ? self.resources.gpus : 1)) == 0",
-            "message": "spec.training.batchSize is the global batch and must be a multiple of the training "
-            "processes (workers times max(1, resources.gpus))",
-            "fieldPath": ".training",
-        },
-    ],
-    "model": [
-        {
-            # The model checks torchvision names; timm names are checked by the trainer (it has timm).
-            "rule": "(has(self.library) && self.library == 'timm') || !has(self.architecture) || self.architecture in ["
-            + ", ".join(f"'{a}'" for a in ARCHITECTURES) + "]",
-            "message": "spec.model.architecture must be a torchvision classification model name "
-            "(or set model.library: timm)",
-            "fieldPath": ".architecture",
-        },
-        {
-            "rule": "!has(self.weights) || !has(self.weights.source) || !(self.weights.source in LIBS) "
-            "|| self.weights.source == (has(self.library) ? self.library : 'torchvision')".replace(
-                "LIBS", "[" + ", ".join(f"'{x}'" for x in LIBRARIES) + "]"),
-            "message": "spec.model.weights.source torchvision or timm needs the same model.library",
-            "fieldPath": ".library",
-        },
-    ],
-    "model.weights": [
-        {
-            "rule": "!has(self.source) || self.source != 'file' || has(self.path)",
-            "message": "spec.model.weights.path is required when weights.source is 'file'",
-            "fieldPath": ".path",
-        },
-        *_path_rules("path", "spec.model.weights.path"),
-    ],
-    "dataset": [
-        {
-            "rule": "has(self.builtin) != has(self.path)",
-            "message": "spec.dataset: set exactly one of dataset.builtin or dataset.path",
-        },
-        {
-            "rule": "!has(self.testFraction) || self.testFraction + (has(self.valFraction) ? self.valFraction : 0.2)"
-            " < 1.0",
-            "message": "spec.dataset.testFraction plus dataset.valFraction must be below 1",
-            "fieldPath": ".testFraction",
-        },
-        *_path_rules("path", "spec.dataset.path"),
-    ],
-    "freeze": [
-        {
-            "rule": "!has(self.trainableStages) || (has(self.policy) && self.policy == 'partial')",
-            "message": "spec.freeze.trainableStages is only valid with freeze.policy 'partial'",
-            "fieldPath": ".trainableStages",
-        },
-    ],
-    "output": [
-        *_path_rules("path", "spec.output.path"),
-    ],
-    "volumes[]": [
-        {
-            "rule": "["
-            + ", ".join(
-                f"has(self.{s})"
-                for s in (
-                    "persistentVolumeClaim",
-                    "emptyDir",
-                    "configMap",
-                    "secret",
-                    "nfs",
-                    "csi",
-                    "hostPath",
-                    "ephemeral",
-                )
-            )
-            + "].filter(x, x).size() == 1",
-            "message": "spec.volumes[]: each volume needs exactly one source of persistentVolumeClaim, "
-            "emptyDir, configMap, secret, nfs, csi, hostPath, ephemeral",
-        },
-        {
-            "rule": "self.mountPath.startsWith('/')",
-            "message": "spec.volumes[].mountPath must be an absolute path",
-            "fieldPath": ".mountPath",
-        },
-        *_path_rules("mountPath", "spec.volumes[].mountPath", optional=False),
-    ],
-}
-
 
 def spec_schema() -> Schema:
     """The structural OpenAPI v3 schema of `spec`, from FineTuneJobSpec."""
@@ -201,8 +88,8 @@ def _structural(node: Any, defs: dict[str, Schema]) -> Any:
         return _structural(merged, defs)
     if "anyOf" in node:
         node = _drop_null_branch(node)
-        if "$ref" in node:  # an optional nested model: resolve the branch that is left
-            return _structural(node, defs)
+        if "$ref" in node:  # an optional nested model: resolve the branch that is left, absent by default
+            return {**_structural(node, defs), _OPTIONAL: True}
     out: Schema = {}
     for key, value in node.items():
         if key in ("title", "$defs"):
@@ -226,7 +113,13 @@ def _structural(node: Any, defs: dict[str, Schema]) -> Any:
         else:
             out[key] = _structural(value, defs) if key == "items" else value
     _default_empty_containers(out)
+    if isinstance(out.get("items"), dict):
+        out["items"].pop(_OPTIONAL, None)
     return out
+
+
+# Marks an optional nested model until its parent has seen it (then removed): it gets no `default: {}`.
+_OPTIONAL = "x-finetune-optional"
 
 
 def _drop_null_branch(node: Schema) -> Schema:
@@ -251,7 +144,8 @@ def _default_empty_containers(schema: Schema) -> None:
         return
     required = set(schema.get("required", []))
     for name, sub in props.items():
-        if name in required or "default" in sub:
+        # An optional model (`X | None = None`, e.g. training.ema) means "off" when absent: no default.
+        if sub.pop(_OPTIONAL, False) or name in required or "default" in sub:
             continue
         if sub.get("type") == "object" and "properties" in sub:
             sub["default"] = {}

@@ -196,7 +196,38 @@ CEL_MIRRORS = {
     "spec.dataset.testFraction plus": {"dataset": {"builtin": "digits", "testFraction": 0.5, "valFraction": 0.5}},
     "spec.dataset.path must not contain '..'": {"dataset": {"path": "/data\\..\\etc"}},
     "spec.dataset.path must not contain control": {"dataset": {"path": "/data\n"}},
+    "spec.dataset.augment.gaussianBlur.kernelSize must be at most": {
+        "dataset": {"builtin": "digits", "imageSize": 8, "augment": {"gaussianBlur": {"kernelSize": 9}}},
+    },
+    "spec.dataset.augment.gaussianBlur.kernelSize must be odd": {
+        "dataset": {"builtin": "digits", "augment": {"gaussianBlur": {"kernelSize": 4}}},
+    },
+    "spec.dataset.augment.randomResizedCropScale and": {
+        "dataset": {"builtin": "digits", "augment": {"randomResizedCropScale": [0.5, 1.0]}},
+    },
+    "spec.dataset.augment.colorJitterDetail replaces": {
+        "dataset": {"builtin": "digits", "augment": {"colorJitter": 0.2, "colorJitterDetail": {"hue": 0.1}}},
+    },
+    "spec.dataset.augment.autoAugment.numOps": {
+        "dataset": {"builtin": "digits", "augment": {"autoAugment": {"policy": "trivialAugmentWide", "numOps": 2}}},
+    },
+    "spec.dataset.augment.randomResizedCropScale must be": {
+        "dataset": {"builtin": "digits", "augment": {"randomResizedCrop": True, "randomResizedCropScale": [0.9, 0.5]}},
+    },
+    "spec.dataset.augment.randomResizedCropRatio must be": {
+        "dataset": {"builtin": "digits", "augment": {"randomResizedCrop": True, "randomResizedCropRatio": [2.0, 0.5]}},
+    },
+    "spec.dataset.augment.affine.scale must be": {
+        "dataset": {"builtin": "digits", "augment": {"affine": {"scale": [1.2, 0.8]}}},
+    },
+    "spec.dataset.augment.gaussianBlur.sigma must be": {
+        "dataset": {"builtin": "digits", "augment": {"gaussianBlur": {"sigma": [2.0, 0.1]}}},
+    },
     "spec.freeze.trainableStages": {"dataset": {"builtin": "digits"}, "freeze": {"trainableStages": 2}},
+    "spec.freeze.layerwiseLrDecay": {"dataset": {"builtin": "digits"}, "freeze": {"layerwiseLrDecay": 0.5}},
+    "spec.head: set one of": {"dataset": {"builtin": "digits"}, "head": {"layers": [8], "hiddenUnits": 8}},
+    "spec.head.activation and head.norm": {"dataset": {"builtin": "digits"}, "head": {"norm": "layernorm"}},
+    "spec.training.warmupEpochs": {"dataset": {"builtin": "digits"}, "training": {"epochs": 3, "warmupEpochs": 3}},
     "spec.output.path must not contain '..'": {"dataset": {"builtin": "digits"}, "output": {"path": "../x"}},
     "spec.output.path must not contain control": {"dataset": {"builtin": "digits"}, "output": {"path": "/o\x1bx"}},
     "spec.volumes[]: each volume": {

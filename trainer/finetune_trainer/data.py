@@ -8,6 +8,7 @@ never crashing the epoch.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import os
@@ -24,6 +25,7 @@ from torchvision.transforms import v2 as T
 
 from finetune_api.errors import JobFileError, TrainingError
 from finetune_api.spec import Dataset as DatasetSpec
+from finetune_trainer import augment
 from finetune_trainer.sampling import EpochSampler
 
 log = logging.getLogger(__name__)
@@ -55,20 +57,6 @@ class Preprocessing:
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(self.mean, self.std),
         ])
-
-    def train_transform(self, augment) -> Callable:
-        ops: list = [T.ToImage()]
-        if augment.random_resized_crop:
-            ops.append(T.RandomResizedCrop(self.crop, interpolation=self._mode, antialias=True))
-        else:
-            ops += [T.Resize(self.resize, interpolation=self._mode, antialias=True), T.CenterCrop(self.crop)]
-        if augment.horizontal_flip:
-            ops.append(T.RandomHorizontalFlip())
-        if augment.color_jitter > 0:
-            j = augment.color_jitter
-            ops.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
-        ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std)]
-        return T.Compose(ops)
 
     def to_json(self) -> dict:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
@@ -348,7 +336,7 @@ def build_dataloaders(
     num_replicas-th val image (no padding, so the summed counts equal a single-process pass).
     """
     fixed = not spec.augment.any_random
-    train_ds = ImageDataset(splits.train, prep.train_transform(spec.augment), fixed, prep.crop)
+    train_ds = ImageDataset(splits.train, augment.train_transform(prep, spec.augment), fixed, prep.crop)
     val_ds = ImageDataset(splits.val, prep.eval_transform(), True, prep.crop)
     common = {
         "batch_size": batch_size,
@@ -357,8 +345,13 @@ def build_dataloaders(
         "pin_memory": pin_memory,
         "persistent_workers": spec.num_workers > 0,
     }
-    train = DataLoader(train_ds, sampler=EpochSampler(len(train_ds), num_replicas, rank), generator=torch.Generator(),
-                       **common)
+    # Workers seed themselves when they start, from the loader's generator: with random augmentation they
+    # are restarted each epoch, so they start from the generator fit() reseeds per epoch and an epoch's
+    # augmentations depend on (seed, epoch) alone. Fixed transforms keep their workers (and their memo).
+    mix = augment.batch_mix(spec.augment, len(splits.classes))
+    loader = DataLoader if mix is None else functools.partial(augment.MixingLoader, mix=mix)
+    train = loader(train_ds, sampler=EpochSampler(len(train_ds), num_replicas, rank), generator=torch.Generator(),
+                   **{**common, "persistent_workers": spec.num_workers > 0 and fixed})
     if num_replicas == 1:
         val = DataLoader(val_ds, shuffle=False, **common)
     else:

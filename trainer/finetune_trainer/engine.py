@@ -96,15 +96,21 @@ def train_one_epoch(
     log_every: int = 10,
     should_stop: Callable[[], bool] = lambda: False,
     begin: EpochStart | None = None,
+    clip_norm: float | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """Train over `loader` (which already skips what `begin` says was done). Stops after the step
-    during which should_stop() became true; the returned stats then say where it stopped."""
+    during which should_stop() became true; the returned stats then say where it stopped.
+
+    `clip_norm`: the global gradient norm is clipped to it before each step, on unscaled gradients.
+    `after_step`: called after every optimizer step (the weight average's update)."""
     begin = begin or EpochStart()
     device = compute.device
     total_loss = torch.full((), begin.loss_sum, device=device)
     samples, skipped, start = begin.samples, begin.skipped_batches, time.perf_counter()
     total_steps = begin.step + len(loader)
     step, stopped = begin.step, False
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for step, batch in enumerate(loader, start=begin.step + 1):
         if batch is None:  # every image of this batch was unreadable
             skipped += 1
@@ -114,8 +120,13 @@ def train_one_epoch(
             loss = criterion(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # a disabled scaler (all but fp16 on CUDA) passes straight through
+        if clip_norm is not None:
+            scaler.unscale_(optimizer)  # clip what the step will apply, not the loss-scaled gradients
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         scaler.step(optimizer)
         scaler.update()
+        if after_step is not None:
+            after_step()
         total_loss += loss.detach() * targets.shape[0]
         samples += targets.shape[0]
         if on_log and (step % log_every == 0 or step == total_steps):

@@ -42,7 +42,8 @@ def decide(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan) -> CacheDe
     if plan.policy == "full":
         return CacheDecision(False, "freeze.policy full: nothing is frozen")
     if spec.dataset.augment.any_random:
-        return CacheDecision(False, "random augmentation changes backbone inputs every epoch")
+        on = ", ".join(spec.dataset.augment.random_fields)
+        return CacheDecision(False, f"random augmentation ({on}) changes backbone inputs every epoch")
     if plan.policy == "head":
         if isinstance(model.get_submodule(plan.head_name), nn.Conv2d):
             return CacheDecision(False, "this architecture pools after its classifier")

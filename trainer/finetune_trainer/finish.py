@@ -54,9 +54,9 @@ def write_result(output: Path, spec: FineTuneJobSpec, name: str, model: nn.Modul
                  splits: Splits, state: TrainState, env: Env, resumed: int | None, reporter: Reporter,
                  extra: dict) -> dict:
     """Best weights → evaluation report → export; returns model.json's content."""
-    if state.best_state is not None:
-        model.load_state_dict(state.best_state, strict=False)
-    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
+    weights, best, ema_note = _exported(spec, state)
+    if weights is not None:
+        model.load_state_dict(weights, strict=False)
     evaluation = _evaluate_best(output, model, splits, built, env, state.history, spec)
     reporter.event("message", level="info", text=evaluation["summary"])
     meta = write_export(
@@ -67,15 +67,35 @@ def write_result(output: Path, spec: FineTuneJobSpec, name: str, model: nn.Modul
             "dataset": {"source": splits.source, "train": len(splits.train), "val": len(splits.val),
                         "test": len(splits.test), "skippedImages": splits.skipped},
             "resumedFromEpoch": resumed, "epochs": state.epoch, **extra,
+            **({"ema": ema_note} if ema_note else {}),
         },
     )
     feature_store.discard(output)  # the export is committed: no retry will need the features
     per_class = dict(zip(splits.classes, best["perClassAccuracy"], strict=True))
-    reporter.event("end", valAccuracy=best["valAccuracy"], valLoss=best["valLoss"], bestEpoch=state.best_epoch,
+    reporter.event("end", valAccuracy=best["valAccuracy"], valLoss=best["valLoss"], bestEpoch=best["epoch"],
                    trainLoss=best["trainLoss"], perClassAccuracy=per_class, totalEpochs=spec.training.epochs,
                    epoch=state.epoch, testAccuracy=meta["metrics"].get("testAccuracy"),
                    weightsFile=meta["weightsFile"], sha256=meta["sha256"], output=str(output))
     return meta
+
+
+def _exported(spec: FineTuneJobSpec, state: TrainState) -> tuple[dict | None, dict, dict | None]:
+    """The weights to export (the raw best epoch's, or the weight average's when it scores better), the
+    history record whose metrics they carry, and model.json's `ema` entry saying which it was."""
+    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
+    if spec.training.ema is None:
+        return state.best_state, best, None
+    use_ema = state.ema_scores_better()
+    e = state.ema_best
+    note = {"decay": spec.training.ema.decay, "exported": "ema" if use_ema else "raw",
+            "emaValAccuracy": e["accuracy"], "emaBestEpoch": e["epoch"],
+            "rawValAccuracy": state.best_accuracy, "rawBestEpoch": state.best_epoch}
+    if not use_ema:
+        return state.best_state, best, note
+    record = next(h for h in state.history if h["epoch"] == e["epoch"])
+    averaged = {**record, "valAccuracy": e["accuracy"], "valLoss": e["loss"], "valTop5": e["top5"],
+                "perClassAccuracy": e["perClass"]}
+    return state.ema_best_state, averaged, note
 
 
 def _evaluate_best(output: Path, model: nn.Module, splits: Splits, built: BuiltModel, env: Env,

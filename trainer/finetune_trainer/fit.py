@@ -28,7 +28,7 @@ from finetune_trainer.engine import EpochStart, EpochStats, evaluate, train_one_
 from finetune_trainer.feature_cache import CacheInputs, prepare
 from finetune_trainer.finish import Result, finished_export, result_from_export, write_result
 from finetune_trainer.freeze import apply_freeze, param_groups, plan_freeze, set_train_mode
-from finetune_trainer.model import build_model
+from finetune_trainer.model import build_model, check_head_batches
 from finetune_trainer.report import Reporter
 from finetune_trainer.runtime import Env, build_optimizer, build_scheduler, device_for, seed_everything
 from finetune_trainer.train_state import TrainState, frozen_digest, rng_state, set_rng_state
@@ -61,6 +61,7 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
     batch = dist.per_rank_batch(t.batch_size)
     seed_everything(t.seed)  # the same on every rank: identical model initialisation everywhere
     splits = load_splits(spec.dataset, t.seed)
+    check_head_batches(spec.head, len(splits.train), t.batch_size)
     built = build_model(spec, len(splits.classes))
     model = built.model
     plan = plan_freeze(model, built.head_name, spec.freeze)
@@ -73,7 +74,8 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
     env = Env.create(spec, model, device=device)
     loaders = build_dataloaders(splits, built.preprocessing, spec.dataset, batch, pin_memory=env.device.type == "cuda",
                                 num_replicas=dist.world, rank=dist.rank)
-    optimizer = build_optimizer(param_groups(model, plan, t, spec.freeze.backbone_lr_scale), t)
+    optimizer = build_optimizer(param_groups(model, plan, t, spec.freeze.backbone_lr_scale,
+                                             spec.freeze.layerwise_lr_decay), t)
     state = TrainState(model, optimizer, build_scheduler(optimizer, t), env.scaler(),
                        frozen_digest=_frozen_digest_everywhere(model, dist))  # frozen part: hashed once
     resumed = _resume(output, spec, state, reporter, dist)
@@ -83,9 +85,17 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
                                                             state, output, dist, batch))
     if prepared.note:
         reporter.event("message", level="info", text=prepared.note)
+    if t.ema is not None:
+        state.attach_ema(prepared.net, t.ema.decay)
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     trained = dist.wrap(prepared.net, env.device)  # DDP syncs gradients of what trains; `net` evaluates
     on_log = _step_reporter(reporter, t.epochs, state.epoch, dist.world)
+    average = (lambda: state.ema.update_parameters(prepared.net)) if state.ema is not None else None
+
+    def validate(net: nn.Module):
+        dist.sync_buffers(net)  # BatchNorm statistics of training layers: rank 0's everywhere
+        return evaluate(net, prepared.val_loader, criterion, env.compute, len(splits.classes),
+                        reduce=dist.sum if dist.active else None)
 
     while not state.done(t):
         epoch = state.epoch + 1
@@ -93,16 +103,15 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
         set_train_mode(model, plan)
         stats = train_one_epoch(trained, prepared.train_loader, optimizer, criterion, state.scaler, env.compute,
                                 on_log=on_log(epoch), log_every=t.log_every_steps, should_stop=should_stop,
-                                begin=begin)
+                                begin=begin, clip_norm=t.grad_clip_norm, after_step=average)
         stats = _global_stats(stats, dist)
         if stats.stopped:
             raise _stop_mid_epoch(output, spec, epoch, stats, state, reporter, dist)
         if state.scheduler is not None:
             state.scheduler.step()
-        dist.sync_buffers(prepared.net)  # BatchNorm statistics of training layers: rank 0's everywhere
-        ev = evaluate(prepared.net, prepared.val_loader, criterion, env.compute, len(splits.classes),
-                      reduce=dist.sum if dist.active else None)
-        record, is_best = state.end_epoch(epoch, stats, ev, keep_best=dist.main)
+        ev = validate(prepared.net)
+        ema_ev = validate(state.ema.module) if state.ema is not None else None  # the average, beside the raw
+        record, is_best = state.end_epoch(epoch, stats, ev, keep_best=dist.main, ema_ev=ema_ev)
         saved = ckpt.save_checkpoint(output, epoch, state.state_dict(), spec) if dist.main else None
         reporter.event("epoch", totalEpochs=t.epochs, isBest=is_best, bestValAccuracy=state.best_accuracy,
                        skippedBatches=stats.skipped_batches, lastCheckpoint=checkpoint_note(saved),

@@ -120,14 +120,37 @@ def set_train_mode(model: nn.Module, plan: FreezePlan) -> None:
             module.eval()
 
 
-def param_groups(model: nn.Module, plan: FreezePlan, training: Training, backbone_lr_scale: float) -> list[dict]:
-    """Only trainable parameters reach the optimizer; the backbone gets lr × backboneLrScale."""
+def param_groups(model: nn.Module, plan: FreezePlan, training: Training, backbone_lr_scale: float,
+                 layerwise_decay: float = 1.0) -> list[dict]:
+    """Only trainable parameters reach the optimizer; the backbone gets lr × backboneLrScale.
+
+    With a layer-wise decay below 1, each trainable stage has a group of its own (named after it): the
+    stage next to the head gets lr × backboneLrScale, each one further away that times the decay once
+    more. Trainable parameters outside every stage (e.g. a ViT's class token) sit with the input side."""
     head_prefix = plan.head_name + "."
     head, backbone = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (head if name.startswith(head_prefix) else backbone).append(p)
-    groups = [{"name": "head", "params": head, "lr": training.learning_rate}]
-    if backbone:
-        groups.append({"name": "backbone", "params": backbone, "lr": training.learning_rate * backbone_lr_scale})
+            (head if name.startswith(head_prefix) else backbone).append((name, p))
+    groups = [{"name": "head", "params": [p for _, p in head], "lr": training.learning_rate}]
+    backbone_lr = training.learning_rate * backbone_lr_scale
+    if backbone and layerwise_decay == 1.0:
+        groups.append({"name": "backbone", "params": [p for _, p in backbone], "lr": backbone_lr})
+    elif backbone:
+        groups += _stage_groups(plan, backbone, backbone_lr, layerwise_decay)
+    return groups
+
+
+def _stage_groups(plan: FreezePlan, backbone: list, lr: float, decay: float) -> list[dict]:
+    """One param group per trainable stage, nearest the head first: lr × decay^depth."""
+    trainable = [s for s in plan.stages if s.name in plan.trainable_stages][::-1]
+    by_stage: dict[str, list] = {s.name: [] for s in trainable}
+    outside = []
+    for name, p in backbone:
+        stage = next((s for s in trainable if any(_contains(m, name) for m in s.modules)), None)
+        (by_stage[stage.name] if stage else outside).append(p)
+    groups = [{"name": s.name, "params": by_stage[s.name], "lr": lr * decay ** depth}
+              for depth, s in enumerate(trainable) if by_stage[s.name]]
+    if outside:
+        groups.append({"name": "backbone", "params": outside, "lr": lr * decay ** max(len(trainable) - 1, 0)})
     return groups

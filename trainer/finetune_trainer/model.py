@@ -47,17 +47,39 @@ def find_head(model: nn.Module) -> str:
     return last
 
 
+_ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "silu": lambda: nn.SiLU(inplace=True)}
+_NORMS = {"none": None, "batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}
+
+
 def make_head(in_features: int, num_classes: int, cfg: Head, conv: bool = False) -> nn.Module:
+    """One Linear, or per hidden width Linear → norm → activation → dropout, then the output Linear.
+
+    The module order (and so the state_dict keys) of the integer form `hiddenUnits: N` is the one it has
+    always had, so exports and checkpoints of earlier versions load unchanged."""
     if conv:  # SqueezeNet classifies with a 1×1 conv followed by global pooling
         return nn.Conv2d(in_features, num_classes, kernel_size=1)
     layers: list[nn.Module] = []
-    if cfg.hidden_units:
-        layers += [nn.Linear(in_features, cfg.hidden_units), nn.ReLU(inplace=True)]
-        in_features = cfg.hidden_units
-    if cfg.dropout:
+    norm = _NORMS[cfg.norm]
+    for width in cfg.widths:
+        layers.append(nn.Linear(in_features, width))
+        if norm is not None:
+            layers.append(norm(width))
+        layers.append(_ACTIVATIONS[cfg.activation]())
+        if cfg.dropout:
+            layers.append(nn.Dropout(cfg.dropout))
+        in_features = width
+    if cfg.dropout and not cfg.widths:
         layers.append(nn.Dropout(cfg.dropout))
     layers.append(nn.Linear(in_features, num_classes))
     return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+
+
+def check_head_batches(cfg: Head, train_images: int, batch_size: int) -> None:
+    """BatchNorm in a training head cannot normalise a batch of one image: refused before anything runs."""
+    if cfg.norm == "batchnorm" and train_images % batch_size == 1:
+        raise JobFileError(f"head.norm: batchnorm cannot train on the last batch of 1 image ({train_images} "
+                           f"training images, training.batchSize {batch_size}); change the batch size or use "
+                           "layernorm")
 
 
 def replace_head(model: nn.Module, num_classes: int, cfg: Head) -> str:

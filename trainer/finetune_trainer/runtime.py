@@ -104,11 +104,21 @@ def build_optimizer(groups: list[dict], t: Training) -> torch.optim.Optimizer:
 
 
 def build_scheduler(opt: torch.optim.Optimizer, t: Training):
+    """The per-epoch schedule (None: constant). A warm-up of N epochs ramps every group linearly,
+    epoch e at its lr × e/(N+1), then hands over to the main schedule, which runs over the epochs left."""
+    lr = torch.optim.lr_scheduler
+    epochs = t.epochs - t.warmup_epochs
+    main = None
     if t.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
-    if t.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=t.step_size, gamma=t.gamma)
-    return None
+        main = lr.CosineAnnealingLR(opt, T_max=epochs)
+    elif t.scheduler == "step":
+        main = lr.StepLR(opt, step_size=t.step_size, gamma=t.gamma)
+    if not t.warmup_epochs:
+        return main
+    warmup = lr.LinearLR(opt, start_factor=1 / (t.warmup_epochs + 1), end_factor=1.0, total_iters=t.warmup_epochs)
+    if main is None:  # LinearLR holds the full rate once its ramp is done
+        return warmup
+    return lr.SequentialLR(opt, [warmup, main], milestones=[t.warmup_epochs])
 
 
 def seed_everything(seed: int) -> None:

@@ -7,6 +7,10 @@ checkpoint.py can load it with `torch.load(weights_only=True)` (nothing in a che
 
 Frozen parts are not saved: they are rebuilt from the weights source on resume and checked against
 `frozen_digest`, so a head-only checkpoint is kilobytes instead of the whole backbone every epoch.
+
+With training.ema the state also owns the weight average (torch's AveragedModel over what the loop
+trains), its best epoch and that epoch's averaged weights; the checkpoint holds the average's trainable
+tensors and step count, so a resumed run continues the same average.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from finetune_trainer.engine import EpochStart, EpochStats, EvalResult
 
@@ -77,6 +82,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 _BEST = ("best_accuracy", "best_loss", "best_epoch", "since_best")
 
 
+def _beats(accuracy: float, loss: float, best_accuracy: float, best_loss: float) -> bool:
+    """Better accuracy, or the same with a lower loss."""
+    return accuracy > best_accuracy or (accuracy == best_accuracy and loss < best_loss)
+
+
+def _no_ema_best() -> dict[str, Any]:
+    return {"accuracy": -1.0, "loss": float("inf"), "epoch": 0, "top5": None, "perClass": []}
+
+
 @dataclass
 class TrainState:
     model: nn.Module
@@ -94,13 +108,40 @@ class TrainState:
     resume_count: int = 0  # status.resumeCount
     begin: EpochStart | None = None  # the next epoch starts mid-way (a checkpoint taken on SIGTERM)
     rng: dict | None = None  # random states at that point, so the rest of the epoch replays exactly
+    ema: AveragedModel | None = None  # the weight average (training.ema), built by attach_ema
+    ema_best: dict[str, Any] = field(default_factory=_no_ema_best)  # the average's best epoch and scores
+    ema_best_state: dict[str, torch.Tensor] | None = None  # its weights then, named as in `model`
+    _ema_names: dict[str, str] = field(default_factory=dict)  # the average's tensor names → the model's
+    _saved_ema: dict | None = None  # a resumed checkpoint's average, loaded once attach_ema builds it
 
     def improved(self, ev: EvalResult) -> bool:
-        return ev.accuracy > self.best_accuracy or (ev.accuracy == self.best_accuracy and ev.loss < self.best_loss)
+        return _beats(ev.accuracy, ev.loss, self.best_accuracy, self.best_loss)
 
-    def end_epoch(self, epoch: int, stats: EpochStats, ev: EvalResult, keep_best: bool = True) -> tuple[dict, bool]:
+    def attach_ema(self, net: nn.Module, decay: float) -> None:
+        """Average `net` — what the loop trains: the model, its head or an fx tail — from here on."""
+        self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        where = {id(t): name for name, t in self.model.state_dict(keep_vars=True).items()}
+        self._ema_names = {name: where[id(t)] for name, t in net.state_dict(keep_vars=True).items() if id(t) in where}
+        if self._saved_ema is not None:
+            self.ema.module.load_state_dict(self._saved_ema["model"], strict=False)
+            self.ema.n_averaged.fill_(self._saved_ema["nAveraged"])
+
+    def ema_scores_better(self) -> bool:
+        """The average's best epoch beats the raw weights' best (accuracy, then loss): it is exported."""
+        return _beats(self.ema_best["accuracy"], self.ema_best["loss"], self.best_accuracy, self.best_loss)
+
+    def end_epoch(self, epoch: int, stats: EpochStats, ev: EvalResult, keep_best: bool = True,
+                  ema_ev: EvalResult | None = None) -> tuple[dict, bool]:
         """Record a finished epoch; returns its history record and whether it is the best so far.
-        `keep_best`: this process keeps the best weights (rank 0 of a group; it alone exports)."""
+        `keep_best`: this process keeps the best weights (rank 0 of a group; it alone exports).
+        `ema_ev`: the weight average's evaluation of the same epoch."""
+        e = self.ema_best
+        if ema_ev is not None and _beats(ema_ev.accuracy, ema_ev.loss, e["accuracy"], e["loss"]):
+            self.ema_best = {"accuracy": ema_ev.accuracy, "loss": ema_ev.loss, "epoch": epoch, "top5": ema_ev.top5,
+                             "perClass": ema_ev.per_class}
+            if keep_best and self.ema is not None:
+                self.ema_best_state = {self._ema_names[k]: v.detach().cpu().clone()
+                                       for k, v in trainable_state(self.ema.module).items() if k in self._ema_names}
         is_best = self.improved(ev)
         if is_best:
             self.best_accuracy, self.best_loss, self.best_epoch, self.since_best = ev.accuracy, ev.loss, epoch, 0
@@ -111,6 +152,8 @@ class TrainState:
         record = {"epoch": epoch, "trainLoss": stats.loss, "valLoss": ev.loss, "valAccuracy": ev.accuracy,
                   "valTop5": ev.top5, "samplesPerSecond": stats.samples_per_second, "epochSeconds": stats.seconds,
                   "perClassAccuracy": ev.per_class}
+        if ema_ev is not None:
+            record.update(emaValLoss=ema_ev.loss, emaValAccuracy=ema_ev.accuracy)
         self.history.append(record)
         self.epoch = epoch
         return record, is_best
@@ -133,6 +176,9 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "best": {k: getattr(self, k) for k in _BEST}, "best_state": self.best_state,
             "history": self.history, "resumeCount": self.resume_count,
+            "ema": None if self.ema is None else {
+                "model": trainable_state(self.ema.module), "nAveraged": int(self.ema.n_averaged),
+                "best": self.ema_best, "bestState": self.ema_best_state},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -146,3 +192,5 @@ class TrainState:
             setattr(self, k, v)
         self.best_state, self.history, self.epoch = state["best_state"], state["history"], state["epoch"]
         self.resume_count = state.get("resumeCount", 0) + 1
+        if saved := state.get("ema"):
+            self.ema_best, self.ema_best_state, self._saved_ema = saved["best"], saved["bestState"], saved

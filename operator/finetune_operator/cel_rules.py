@@ -1,0 +1,194 @@
+"""The cross-field rules of the spec model, mirrored as CEL `x-kubernetes-validations` for the CRD.
+
+Keyed by the schema path (dotted, `[]` for list items) they attach to; messages name the field, as the
+model's errors do. tests/unit/test_crd.py checks every rule has a Python mirror case the model refuses too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_api.architectures import ARCHITECTURES
+from finetune_api.spec import LIBRARIES, Dataset
+
+Schema = dict[str, Any]
+
+# The model's path rule (spec._no_parent_segments): no '..' segment between either kind of slash and no
+# control characters. Raw strings: Python keeps the backslashes, the CEL literal halves them for RE2.
+PARENT_SEGMENT = r"(^|[/\\\\])\\.\\.([/\\\\]|$)"
+CONTROL_CHARACTER = r"[\\x00-\\x1f]"
+# The model's default image size, for rules that read dataset.imageSize when it is absent.
+IMAGE_SIZE = Dataset.model_fields["image_size"].default
+
+
+def _path_rules(field: str, where: str, optional: bool = True) -> list[Schema]:
+    guard = f"!has(self.{field}) || " if optional else ""
+    return [
+        {
+            "rule": f"{guard}!self.{field}.matches('{PARENT_SEGMENT}')",
+            "message": f"{where} must not contain '..' segments",
+            "fieldPath": f".{field}",
+        },
+        {
+            "rule": f"{guard}!self.{field}.matches('{CONTROL_CHARACTER}')",
+            "message": f"{where} must not contain control characters",
+            "fieldPath": f".{field}",
+        },
+    ]
+
+
+def _ordered_rule(path: str) -> list[Schema]:
+    """A [min, max] pair (a two-item list) must be ordered, as the model's validator says."""
+    return [{"rule": "self[0] <= self[1]", "message": f"spec.{path} must be [min, max] with min <= max"}]
+
+
+# Cross-field rules the model enforces in Python, keyed by the schema path (dotted,
+# `[]` for list items) they attach to. Messages name the field, as the model's do.
+CEL_RULES: dict[str, list[Schema]] = {
+    "": [
+        {
+            "rule": "!has(self.workers) || self.workers <= 1 || !has(self.training) || !has(self.training.batchSize)"
+            " || self.training.batchSize % (self.workers * (has(self.resources) && has(self.resources.gpus)"
+            " && self.resources.gpus > 1 ? self.resources.gpus : 1)) == 0",
+            "message": "spec.training.batchSize is the global batch and must be a multiple of the training "
+            "processes (workers times max(1, resources.gpus))",
+            "fieldPath": ".training",
+        },
+    ],
+    "model": [
+        {
+            # The model checks torchvision names; timm names are checked by the trainer (it has timm).
+            "rule": "(has(self.library) && self.library == 'timm') || !has(self.architecture) || self.architecture in ["
+            + ", ".join(f"'{a}'" for a in ARCHITECTURES) + "]",
+            "message": "spec.model.architecture must be a torchvision classification model name "
+            "(or set model.library: timm)",
+            "fieldPath": ".architecture",
+        },
+        {
+            "rule": "!has(self.weights) || !has(self.weights.source) || !(self.weights.source in LIBS) "
+            "|| self.weights.source == (has(self.library) ? self.library : 'torchvision')".replace(
+                "LIBS", "[" + ", ".join(f"'{x}'" for x in LIBRARIES) + "]"),
+            "message": "spec.model.weights.source torchvision or timm needs the same model.library",
+            "fieldPath": ".library",
+        },
+    ],
+    "model.weights": [
+        {
+            "rule": "!has(self.source) || self.source != 'file' || has(self.path)",
+            "message": "spec.model.weights.path is required when weights.source is 'file'",
+            "fieldPath": ".path",
+        },
+        *_path_rules("path", "spec.model.weights.path"),
+    ],
+    "dataset": [
+        {
+            "rule": "has(self.builtin) != has(self.path)",
+            "message": "spec.dataset: set exactly one of dataset.builtin or dataset.path",
+        },
+        {
+            "rule": "!has(self.testFraction) || self.testFraction + (has(self.valFraction) ? self.valFraction : 0.2)"
+            " < 1.0",
+            "message": "spec.dataset.testFraction plus dataset.valFraction must be below 1",
+            "fieldPath": ".testFraction",
+        },
+        *_path_rules("path", "spec.dataset.path"),
+        {
+            "rule": "!has(self.augment) || !has(self.augment.gaussianBlur)"
+            " || !has(self.augment.gaussianBlur.kernelSize)"
+            f" || self.augment.gaussianBlur.kernelSize <= (has(self.imageSize) ? self.imageSize : {IMAGE_SIZE})",
+            "message": "spec.dataset.augment.gaussianBlur.kernelSize must be at most dataset.imageSize",
+            "fieldPath": ".augment",
+        },
+    ],
+    "dataset.augment": [
+        {
+            "rule": "(!has(self.randomResizedCropScale) && !has(self.randomResizedCropRatio))"
+            " || (has(self.randomResizedCrop) && self.randomResizedCrop)",
+            "message": "spec.dataset.augment.randomResizedCropScale and randomResizedCropRatio need "
+            "randomResizedCrop: true",
+            "fieldPath": ".randomResizedCrop",
+        },
+        {
+            "rule": "!has(self.colorJitterDetail) || !has(self.colorJitter) || self.colorJitter == 0.0",
+            "message": "spec.dataset.augment.colorJitterDetail replaces colorJitter: set one of them",
+            "fieldPath": ".colorJitterDetail",
+        },
+    ],
+    "dataset.augment.autoAugment": [
+        {
+            "rule": "(!has(self.numOps) && !has(self.magnitude)) || self.policy == 'randAugment'",
+            "message": "spec.dataset.augment.autoAugment.numOps and magnitude are only valid with policy "
+            "'randAugment'",
+            "fieldPath": ".policy",
+        },
+    ],
+    "dataset.augment.gaussianBlur.kernelSize": [
+        {"rule": "self % 2 == 1", "message": "spec.dataset.augment.gaussianBlur.kernelSize must be odd"},
+    ],
+    **{path: _ordered_rule(path) for path in ("dataset.augment.randomResizedCropScale",
+                                              "dataset.augment.randomResizedCropRatio",
+                                              "dataset.augment.affine.scale", "dataset.augment.gaussianBlur.sigma")},
+    "freeze": [
+        {
+            "rule": "!has(self.trainableStages) || (has(self.policy) && self.policy == 'partial')",
+            "message": "spec.freeze.trainableStages is only valid with freeze.policy 'partial'",
+            "fieldPath": ".trainableStages",
+        },
+        {
+            "rule": "!has(self.layerwiseLrDecay) || self.layerwiseLrDecay == 1.0 || (has(self.policy) && "
+            "self.policy != 'head')",
+            "message": "spec.freeze.layerwiseLrDecay is only valid with freeze.policy 'partial' or 'full'",
+            "fieldPath": ".layerwiseLrDecay",
+        },
+    ],
+    "head": [
+        {
+            "rule": "!has(self.layers) || !has(self.hiddenUnits) || self.hiddenUnits == 0",
+            "message": "spec.head: set one of head.layers or head.hiddenUnits (hiddenUnits N is layers [N])",
+            "fieldPath": ".layers",
+        },
+        {
+            "rule": "has(self.layers) || (has(self.hiddenUnits) && self.hiddenUnits > 0) || "
+            "((!has(self.activation) || self.activation == 'relu') && (!has(self.norm) || self.norm == 'none'))",
+            "message": "spec.head.activation and head.norm need hidden layers (head.layers or head.hiddenUnits)",
+            "fieldPath": ".activation",
+        },
+    ],
+    "training": [
+        {
+            "rule": "!has(self.warmupEpochs) || self.warmupEpochs < (has(self.epochs) ? self.epochs : 10)",
+            "message": "spec.training.warmupEpochs must be below training.epochs",
+            "fieldPath": ".warmupEpochs",
+        },
+    ],
+    "output": [
+        *_path_rules("path", "spec.output.path"),
+    ],
+    "volumes[]": [
+        {
+            "rule": "["
+            + ", ".join(
+                f"has(self.{s})"
+                for s in (
+                    "persistentVolumeClaim",
+                    "emptyDir",
+                    "configMap",
+                    "secret",
+                    "nfs",
+                    "csi",
+                    "hostPath",
+                    "ephemeral",
+                )
+            )
+            + "].filter(x, x).size() == 1",
+            "message": "spec.volumes[]: each volume needs exactly one source of persistentVolumeClaim, "
+            "emptyDir, configMap, secret, nfs, csi, hostPath, ephemeral",
+        },
+        {
+            "rule": "self.mountPath.startsWith('/')",
+            "message": "spec.volumes[].mountPath must be an absolute path",
+            "fieldPath": ".mountPath",
+        },
+        *_path_rules("mountPath", "spec.volumes[].mountPath", optional=False),
+    ],
+}
