@@ -156,7 +156,9 @@ CEL_RULES: dict[str, list[Schema]] = {
     ],
     "training": [
         {
-            "rule": "!has(self.warmupEpochs) || self.warmupEpochs < (has(self.epochs) ? self.epochs : 10)",
+            # 0 (the default the API server fills in) never conflicts: an invalid epochs is reported alone.
+            "rule": "!has(self.warmupEpochs) || self.warmupEpochs == 0 || self.warmupEpochs < (has(self.epochs) ? "
+            "self.epochs : 10)",
             "message": "spec.training.warmupEpochs must be below training.epochs",
             "fieldPath": ".warmupEpochs",
         },
