@@ -190,6 +190,9 @@ class EarlyStopping(_Model):
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0, description="stop once val accuracy reaches it")
 
 
+MAX_CACHE_VIEWS = 64  # training.featureCacheViews
+
+
 class Training(_Model):
     epochs: int = Field(10, ge=1, le=10000)
     batch_size: int = Field(
@@ -215,6 +218,9 @@ class Training(_Model):
     feature_cache: Literal["auto", "off"] = Field(
         "auto", description="auto: with a frozen backbone and fixed inputs, compute backbone features once"
     )
+    feature_cache_views: int = Field(0, ge=0, le=MAX_CACHE_VIEWS, description="random augmentation with a frozen "
+                                     "part: it runs once over K augmented copies per training image, each epoch "
+                                     "samples one (0 = off: random augmentation turns the cache off)")
     warmup_epochs: int = Field(
         0, ge=0, le=1000,
         description="linear learning-rate warm-up: epoch e of the first N trains at learningRate x e/(N+1), "
@@ -297,7 +303,8 @@ class FineTuneJobSpec(_Model):
         """
         # Fields added after v1alpha1's first release leave the fingerprint of a spec that does not use
         # them unchanged, so outputs written by an earlier trainer still resume.
-        t = _dump(self.training, {"warmup_epochs": 0, "grad_clip_norm": None, "ema": None},
+        t = _dump(self.training, {"warmup_epochs": 0, "grad_clip_norm": None, "ema": None,
+                                  "feature_cache_views": 0},
                   {"epochs", "early_stopping", "log_every_steps", "device", "feature_cache"})
         model = self.model.model_dump(exclude={"library"} if self.model.library == "torchvision" else set())
         dataset = self.dataset.model_dump(exclude={"num_workers", "augment", *(() if self.dataset.test_fraction else

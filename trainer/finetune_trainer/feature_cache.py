@@ -8,18 +8,21 @@ which it got. The cache is kept on disk (feature_store) for a retry or resume of
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune_api.errors import TrainingError
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import feature_store, features
+from finetune_trainer.cached_views import SeededViews
 from finetune_trainer.data import Preprocessing, Splits
 from finetune_trainer.distributed import Dist, shard
 from finetune_trainer.freeze import FreezePlan
@@ -39,7 +42,8 @@ class Prepared:
 
     def describe(self) -> dict:
         d = self.decision
-        return {"enabled": d.enabled, "reason": d.reason, "boundary": d.boundary, "stored": self.stored}
+        return {"enabled": d.enabled, "reason": d.reason, "boundary": d.boundary, "stored": self.stored,
+                "views": d.views}
 
 
 @dataclass
@@ -63,16 +67,19 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
     if not decision.enabled or not needed:
         return Prepared(net, train_loader, val_loader, decision)
     # On disk for one process only: ranks of a group may not share a writable output volume.
+    views = decision.views
     store = None if dist.active else (inputs.output, feature_store.cache_key(
         inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, env.frozen_precision.name,
-        env.channels_last))
+        env.channels_last, views=feature_store.views_key(spec, inputs.preprocessing) if views else None))
     found = feature_store.load(*store) if store else None
-    if found is not None:
-        note = (f"frozen-part outputs for {len(found[0][1]) + len(found[1][1])} images reused from "
+    if found is not None and (not views or tuple(found[0][0].shape[:2]) == (views, len(found[0][1]))):
+        note = (f"frozen-part outputs for {len(found[0][1]) + len(found[1][1])} images{_of(views)} reused from "
                 f"{feature_store.path_for(*store).relative_to(store[0])}; training continues from {decision.boundary}")
-        return Prepared(net, *features.cached_loaders(found[0], found[1], batch_size, 1, 0), decision, "reused", note)
-    train, val, note = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size, dist)
-    loaders = features.cached_loaders(train, val, batch_size, dist.world, dist.rank)
+        loaders = features.cached_loaders(found[0], found[1], batch_size, 1, 0, views)
+        return Prepared(net, *loaders, decision, "reused", note)
+    train, val, note = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size, dist,
+                                    views, spec.training.seed)
+    loaders = features.cached_loaders(train, val, batch_size, dist.world, dist.rank, views)
     return Prepared(net, *loaders, decision, _store(store, train, val), note)
 
 
@@ -89,9 +96,16 @@ def _plan(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan) -> tuple[fe
     return cache, tail
 
 
+def _of(views: int) -> str:
+    return f" (train: {views} augmented views each)" if views else ""
+
+
 def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_loader: DataLoader, env: Env,
-                 batch_size: int, dist: Dist):
+                 batch_size: int, dist: Dist, views: int = 0, seed: int = 0):
     """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
+
+    `views` > 0: train is passed `views` times, view k under cached_views.SeededViews(seed, k), and its
+    features are stacked to (views, N, ...); val is passed once, unaugmented, as always.
 
     Data parallel: each rank computes a contiguous slice of train, and the slices are gathered in rank
     order (= dataset order), so every rank holds the whole train cache and samples it exactly as one
@@ -100,21 +114,31 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
     start = time.perf_counter()
     dataset = train_loader.dataset
     order = {"sampler": shard(len(dataset), dist.world, dist.rank)} if dist.active else {"shuffle": False}
-    in_order = DataLoader(dataset, batch_size=batch_size, collate_fn=train_loader.collate_fn,
+
+    def in_order(data) -> DataLoader:
+        return DataLoader(data, batch_size=batch_size, collate_fn=train_loader.collate_fn,
                           num_workers=train_loader.num_workers, **order)
+
     limit = features.MAX_CACHE_BYTES // dist.world
     frozen = features.frozen_pass_model(model, env.frozen_precision)  # one copy for train and val
+    run = functools.partial(features.extract, frozen, boundary, device=env.device, precision=env.frozen_precision,
+                            channels_last=env.channels_last)
     try:
-        train = features.extract(frozen, boundary, in_order, env.device, env.frozen_precision, env.channels_last,
-                                 limit)
-        val = features.extract(frozen, boundary, val_loader, env.device, env.frozen_precision, env.channels_last,
-                               limit)
+        if views:
+            with torch.random.fork_rng(devices=[]):  # the per-image seeds leave the run's own stream as it was
+                passes = [run(in_order(SeededViews(dataset, seed, k)), limit=limit // views) for k in range(views)]
+            train = (torch.stack([x for x, _ in passes]), passes[0][1])
+        else:
+            train = run(in_order(dataset), limit=limit)
+        val = run(val_loader, limit=limit)
     except MemoryError as err:
-        raise TrainingError(f"feature cache: {err}; set training.featureCache: off") from None
+        fix = f"use fewer training.featureCacheViews (now {views})" if views else "set training.featureCache: off"
+        raise TrainingError(f"feature cache: {err}{' (all views together)' if views else ''}; {fix}") from None
     if dist.active:
-        train = (dist.concat_rows(train[0]), dist.concat_rows(train[1]))
+        train = (dist.concat_rows(train[0].transpose(0, 1)).transpose(0, 1).contiguous() if views
+                 else dist.concat_rows(train[0]), dist.concat_rows(train[1]))
     n_val = len(val_loader.dataset) if dist.active else len(val[1])
-    note = (f"frozen-part outputs for {len(train[1]) + n_val} images computed once in "
+    note = (f"frozen-part outputs for {len(train[1]) + n_val} images{_of(views)} computed once in "
             f"{time.perf_counter() - start:.1f}s ({env.frozen_precision.name}); training continues from {boundary}")
     return train, val, note
 

@@ -3,7 +3,8 @@
 The key hashes everything the cached activations depend on: the frozen weights (their digest), every
 image (file path, size and mtime, or the pixels of in-memory images), labels and class names, the
 preprocessing, the freeze boundary, the precision and memory layout of the frozen pass, and the torch
-version. Anything changed gives a new key; the file of an old key is deleted when the new one is written,
+version; with augmented views (cached_views) also their count, the whole augmentation spec, the seed and
+torchvision's version. Anything changed gives a new key; the file of an old key is deleted when the new one is written,
 and every file once the export is committed (no retry needs them; they can be gigabytes). A file that
 fails to load (truncated, another format, another key) is treated as absent, never trusted. One process
 only: the ranks of a data-parallel group keep their features in memory.
@@ -19,7 +20,9 @@ import os
 from pathlib import Path
 
 import torch
+import torchvision
 
+from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer.checkpoint import atomic_write
 from finetune_trainer.data import Preprocessing, Sample, Splits
 
@@ -31,17 +34,28 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 def cache_key(splits: Splits, prep: Preprocessing, boundary: str, frozen_digest: str, precision: str,
-              channels_last: bool) -> str:
+              channels_last: bool, views: dict | None = None) -> str:
+    """`views`: views_key() when the train cache holds augmented views (None: one unaugmented pass)."""
     h = hashlib.sha256()
     header = {"format": FORMAT, "torch": torch.__version__, "classes": splits.classes, "boundary": boundary,
               "frozen": frozen_digest, "precision": precision, "channelsLast": channels_last,
               "preprocessing": [prep.resize, prep.crop, list(prep.mean), list(prep.std)]}
+    if views is not None:  # only then, so the key of an unaugmented cache is what it always was
+        header["views"] = views
     h.update(json.dumps(header, sort_keys=True).encode())
     for split in (splits.train, splits.val):
         h.update(b"|split|")
         for sample in split:
             _hash_sample(h, sample)
     return h.hexdigest()
+
+
+def views_key(spec: FineTuneJobSpec, prep: Preprocessing) -> dict:
+    """What augmented views depend on besides the images and weights: their number, every augmentation
+    field, the seed they derive from, the interpolation of the crops, and torchvision's version."""
+    return {"count": spec.training.feature_cache_views, "seed": spec.training.seed,
+            "augment": spec.dataset.augment.model_dump(mode="json"), "interpolation": prep.interpolation,
+            "torchvision": torchvision.__version__}
 
 
 def _hash_sample(h, sample: Sample) -> None:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import timm_models
+from finetune_trainer.cached_views import ViewSampler, ViewsDataset
 from finetune_trainer.engine import Precision
 from finetune_trainer.freeze import FreezePlan
 from finetune_trainer.sampling import EpochSampler
@@ -34,6 +35,7 @@ class CacheDecision:
     enabled: bool
     reason: str
     boundary: str | None = None  # module whose input is cached
+    views: int = 0  # augmented views per training image (0: the images' one fixed transform)
 
 
 def decide(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan) -> CacheDecision:
@@ -41,16 +43,24 @@ def decide(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan) -> CacheDe
         return CacheDecision(False, "training.featureCache is off")
     if plan.policy == "full":
         return CacheDecision(False, "freeze.policy full: nothing is frozen")
-    if spec.dataset.augment.any_random:
-        on = ", ".join(spec.dataset.augment.random_fields)
+    augment, views = spec.dataset.augment, spec.training.feature_cache_views
+    on = ", ".join(augment.random_fields)
+    if augment.any_random and not views:
         return CacheDecision(False, f"random augmentation ({on}) changes backbone inputs every epoch")
+    if augment.any_random and augment.mixes_batches:
+        return CacheDecision(False, f"random augmentation ({on}): MixUp/CutMix mix the pixels of several images "
+                             "per batch, which cached views of single images cannot replay")
+    views = views if augment.any_random else 0  # fixed inputs: one view is all there is
+    what = (f"random augmentation ({on}): {views} augmented views per training image computed once by the "
+            "frozen part, one sampled per image each epoch; " if views else "")
     if plan.policy == "head":
         if isinstance(model.get_submodule(plan.head_name), nn.Conv2d):
             return CacheDecision(False, "this architecture pools after its classifier")
-        return CacheDecision(True, "backbone frozen and inputs fixed: penultimate features computed once",
-                             plan.head_name)
+        return CacheDecision(True, what + ("backbone frozen: penultimate features" if views else
+                                           "backbone frozen and inputs fixed: penultimate features computed once"),
+                             plan.head_name, views)
     first = next(s for s in plan.stages if s.name in plan.trainable_stages)
-    return CacheDecision(True, f"frozen stages before {first.name} computed once", first.modules[0])
+    return CacheDecision(True, what + f"frozen stages before {first.name} computed once", first.modules[0], views)
 
 
 class _Stop(Exception):
@@ -164,10 +174,14 @@ def build_tail(model: nn.Module, boundary: str) -> nn.Module | None:
 
 
 def cached_loaders(train: tuple, val: tuple, batch_size: int, num_replicas: int = 1,
-                   rank: int = 0) -> tuple[DataLoader, DataLoader]:
-    """Loaders over cached tensors with the same shuffling contract as the image loaders."""
-    sampler = EpochSampler(len(train[1]), num_replicas, rank)
-    train_loader = DataLoader(TensorDataset(*train), batch_size=batch_size, sampler=sampler,
-                              generator=torch.Generator())
+                   rank: int = 0, views: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Loaders over cached tensors with the same shuffling contract as the image loaders.
+
+    `views` > 0: train features are (views, N, ...); each epoch's sampler picks one view per image."""
+    if views:
+        dataset, sampler = ViewsDataset(*train), ViewSampler(len(train[1]), views, num_replicas, rank)
+    else:
+        dataset, sampler = TensorDataset(*train), EpochSampler(len(train[1]), num_replicas, rank)
+    train_loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=torch.Generator())
     val_loader = DataLoader(TensorDataset(*val), batch_size=batch_size, shuffle=False)
     return train_loader, val_loader
