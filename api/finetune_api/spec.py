@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,7 +37,7 @@ from finetune_api.base import (  # noqa: F401  (re-exported: the patterns and li
     _no_parent_segments,
 )
 from finetune_api.cluster import VOLUME_SOURCES, K8sObject, Resources, RunPolicy, Scheduling, Volume  # noqa: F401
-from finetune_api.errors import JobFileError
+from finetune_api.errors import JobFileError, format_validation_error
 from finetune_api.head import Head
 
 API_GROUP = "finetune.dev"
@@ -331,32 +330,6 @@ class JobFile(BaseModel):
 
     name: str = "finetune"
     spec: FineTuneJobSpec
-
-
-def format_validation_error(err: ValidationError, prefix: str = "spec") -> str:
-    """One line per problem: `spec.training.epochs: Input should be >= 1 (got -3)`."""
-    lines = []
-    for e in err.errors(include_url=False):
-        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        msg = _shorten_choices(e["msg"].removeprefix("Value error, "))
-        got = e.get("input")
-        shown = "" if e["type"] == "missing" or isinstance(got, dict) else f" (got {_short(got)})"
-        lines.append(f"{loc}: {msg}{shown}")
-    return "; ".join(lines)
-
-
-def _shorten_choices(msg: str, keep: int = 8) -> str:
-    """Long enum lists (80 architectures) are cut to a readable sample plus a count."""
-    choices = re.findall(r"'([^']*)'", msg)
-    if not msg.startswith("Input should be") or len(choices) <= keep:
-        return msg
-    shown = ", ".join(choices[:keep])
-    return f"Input should be one of {len(choices)} names such as {shown}, …"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_spec(data: Any, prefix: str = "spec") -> FineTuneJobSpec:
