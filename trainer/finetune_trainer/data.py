@@ -243,16 +243,21 @@ def _hold_out(per_class: dict[str, list[Sample]], fraction: float | None,
     what remains is drawn exactly as it would be without a test set of the same images."""
     if not fraction:
         return per_class, []
-    rng = np.random.default_rng([seed, 7])
-    rest, held = {}, []
+    return _take(per_class, fraction, np.random.default_rng([seed, 7]), leave=2, splits="train/val/test")
+
+
+def _take(per_class: dict[str, list[Sample]], fraction: float, rng: np.random.Generator, leave: int,
+          splits: str) -> tuple[dict[str, list[Sample]], list[Sample]]:
+    """Per class, a seeded share `fraction` is taken out: at least one image, and at least `leave` stay."""
+    rest, taken = {}, []
     for c, samples in per_class.items():
-        if len(samples) < 3:
-            raise JobFileError(f"dataset: class {c!r} needs at least 3 images to split train/val/test")
+        if len(samples) < leave + 1:
+            raise JobFileError(f"dataset: class {c!r} needs at least {leave + 1} images to split {splits}")
         order = rng.permutation(len(samples))
-        n = min(max(1, round(len(samples) * fraction)), len(samples) - 2)
-        held += [samples[k] for k in order[:n]]
+        n = min(max(1, round(len(samples) * fraction)), len(samples) - leave)
+        taken += [samples[k] for k in order[:n]]
         rest[c] = [samples[k] for k in order[n:]]
-    return rest, held
+    return rest, taken
 
 
 def _require(classes: list[str], root: Path) -> None:
@@ -262,16 +267,8 @@ def _require(classes: list[str], root: Path) -> None:
 
 def _split(per_class: dict[str, list[Sample]], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Stratified, seeded split: every class keeps at least one image on each side."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c, samples in per_class.items():
-        if len(samples) < 2:
-            raise JobFileError(f"dataset: class {c!r} needs at least 2 images to split train/val")
-        order = rng.permutation(len(samples))
-        n_val = min(max(1, round(len(samples) * fraction)), len(samples) - 1)
-        val += [samples[k] for k in order[:n_val]]
-        train += [samples[k] for k in order[n_val:]]
-    return train, val
+    rest, val = _take(per_class, fraction, np.random.default_rng(seed), leave=1, splits="train/val")
+    return [s for samples in rest.values() for s in samples], val
 
 
 def _cap_per_class(samples: list[Sample], cap: int, seed: int) -> list[Sample]:
