@@ -121,8 +121,7 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
 
     limit = features.MAX_CACHE_BYTES // dist.world
     frozen = features.frozen_pass_model(model, env.frozen_precision)  # one copy for train and val
-    run = functools.partial(features.extract, frozen, boundary, device=env.device, precision=env.frozen_precision,
-                            channels_last=env.channels_last)
+    run = functools.partial(features.extract, frozen, boundary, compute=env.frozen_compute)
     try:
         if views:
             with torch.random.fork_rng(devices=[]):  # the per-image seeds leave the run's own stream as it was

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import timm_models
 from finetune_trainer.cached_views import ViewSampler, ViewsDataset
-from finetune_trainer.engine import Precision
+from finetune_trainer.engine import Compute, Precision
 from finetune_trainer.freeze import FreezePlan
 from finetune_trainer.sampling import EpochSampler
 
@@ -68,8 +68,8 @@ class _Stop(Exception):
 
 
 @torch.inference_mode()
-def extract(model: nn.Module, boundary: str, loader, device: torch.device, precision: Precision,
-            channels_last: bool = False, limit: int = MAX_CACHE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(model: nn.Module, boundary: str, loader, compute: Compute,
+            limit: int = MAX_CACHE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs of `boundary`, labels) for every image, frozen prefix in eval mode, kept on the CPU.
 
     `model` comes from `frozen_pass_model`. `limit` is this process's share of the budget (a data-parallel
@@ -87,11 +87,8 @@ def extract(model: nn.Module, boundary: str, loader, device: torch.device, preci
         for batch in loader:
             if batch is None:
                 continue
-            images, targets = batch
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with precision.autocast(), contextlib.suppress(_Stop):
+            images, targets = compute.batch(batch[0]), batch[1]
+            with compute.precision.autocast(), contextlib.suppress(_Stop):
                 model(images)
             labels.append(targets)
             total += captured[-1].numel() * 4

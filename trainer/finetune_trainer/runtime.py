@@ -87,6 +87,11 @@ class Env:
         """How training steps and evaluations run."""
         return Compute(self.device, self.precision, self.channels_last)
 
+    @property
+    def frozen_compute(self) -> Compute:
+        """How the frozen pass runs (its own precision: no gradients to protect)."""
+        return Compute(self.device, self.frozen_precision, self.channels_last)
+
     def scaler(self) -> torch.amp.GradScaler:
         """A GradScaler that is a no-op unless fp16 on CUDA needs one: the loop never branches on it."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
