@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from finetune_api.architectures import ARCHITECTURES
 from finetune_api.augment import ADDED_FIELDS as AUGMENT_ADDED_FIELDS
 from finetune_api.augment import (  # noqa: F401  (re-exported: dataset.augment is part of the spec)
     AUTO_AUGMENT_POLICIES,
@@ -27,6 +26,7 @@ from finetune_api.augment import (  # noqa: F401  (re-exported: dataset.augment 
     ColorJitterDetail,
     GaussianBlur,
 )
+from finetune_api.backbone import LIBRARIES, TIMM_NAME_PATTERN, ModelSpec, Weights  # noqa: F401
 from finetune_api.base import (  # noqa: F401  (re-exported: the patterns and limits are part of the spec's API)
     DNS_LABEL_PATTERN,
     MAX_NAME,
@@ -37,77 +37,14 @@ from finetune_api.base import (  # noqa: F401  (re-exported: the patterns and li
     _no_parent_segments,
 )
 from finetune_api.cluster import VOLUME_SOURCES, K8sObject, Resources, RunPolicy, Scheduling, Volume  # noqa: F401
+from finetune_api.distill import Distillation, Teacher  # noqa: F401
 from finetune_api.errors import JobFileError, format_validation_error
+from finetune_api.freeze import Freeze, UnfreezeStep  # noqa: F401
 from finetune_api.head import Head
 
 API_GROUP = "finetune.dev"
 API_VERSION = "v1alpha1"
 KIND = "FineTuneJob"
-
-
-class Weights(_Model):
-    """Where the pretrained backbone comes from."""
-
-    # Unset means "the library's own pretrained weights" (torchvision, or timm for a timm model); the model
-    # resolves it, so the CRD carries no default the API server would fill in for a timm model.
-    source: Literal["torchvision", "timm", "file", "none"] | None = Field(
-        None,
-        description="torchvision: a named weights enum; timm: timm's pretrained weights (hub download and cache); "
-        "file: a local state_dict; none: random init. Default: the model.library's own weights",
-    )
-    name: str = Field(
-        "DEFAULT",
-        max_length=64,
-        pattern=r"^[A-Za-z0-9_]+$",
-        description="torchvision: weights enum member, e.g. IMAGENET1K_V1; timm: pretrained tag, e.g. in1k; "
-        "DEFAULT: the library's default weights",
-    )
-    path: PathStr | None = Field(None, description="file: a state_dict, checkpoint or .safetensors file")
-
-    @model_validator(mode="after")
-    def _path_rules(self) -> Weights:
-        _no_parent_segments(self.path)
-        if self.source == "file" and not self.path:
-            raise ValueError("weights.path is required when weights.source is 'file'")
-        return self
-
-
-LIBRARIES = ("torchvision", "timm")
-# timm model names: lower-case words, digits and underscores (the pretrained tag goes in weights.name).
-TIMM_NAME_PATTERN = r"^[a-z0-9][a-z0-9_]*$"
-
-
-class ModelSpec(_Model):
-    library: Literal[LIBRARIES] = Field(  # type: ignore[valid-type]
-        "torchvision", description="where the architecture comes from: torchvision or timm"
-    )
-    architecture: str = Field(
-        "resnet18",
-        min_length=1,
-        max_length=128,
-        pattern=TIMM_NAME_PATTERN,
-        description="torchvision: a torchvision classification model name; timm: any timm classification model",
-    )
-    weights: Weights = Field(default_factory=Weights)
-
-    @field_validator("architecture")
-    @classmethod
-    def _known_torchvision_name(cls, value: str, info: ValidationInfo) -> str:
-        # timm names are checked by the trainer, which has timm (the operator does not).
-        if info.data.get("library", "torchvision") == "torchvision" and value not in ARCHITECTURES:
-            sample = ", ".join(ARCHITECTURES[:8])
-            raise ValueError(f"Input should be one of {len(ARCHITECTURES)} torchvision names such as {sample}, … "
-                             "(or set model.library: timm)")
-        return value
-
-    @model_validator(mode="after")
-    def _weights_match_library(self) -> ModelSpec:
-        if self.weights.source is None:
-            self.weights.source = self.library
-        if self.weights.source in LIBRARIES and self.weights.source != self.library:
-            raise ValueError(f"model.weights.source {self.weights.source!r} needs model.library "
-                             f"{self.weights.source!r} (got {self.library!r})")
-        return self
 
 
 class Dataset(_Model):
@@ -148,36 +85,6 @@ class Dataset(_Model):
             raise ValueError(f"dataset.augment.gaussianBlur.kernelSize ({blur.kernel_size}) must be at most "
                              f"dataset.imageSize ({self.image_size})")
         return self
-
-
-class Freeze(_Model):
-    policy: Literal["head", "partial", "full"] = Field(
-        "head", description="head: backbone frozen; partial: last N stages train; full: all train"
-    )
-    trainable_stages: int | None = Field(
-        None, ge=1, le=32, description="partial: how many of the backbone's last stages train (default 1)"
-    )
-    backbone_lr_scale: float = Field(
-        0.1, gt=0.0, le=10.0, description="partial/full: learning-rate multiplier for backbone parameters"
-    )
-    layerwise_lr_decay: float = Field(
-        1.0, gt=0.0, le=1.0,
-        description="partial/full: each backbone stage further from the head trains at its neighbour's "
-        "learning rate times this (learningRate x backboneLrScale x decay^depth, one param group per stage); "
-        "1 = off",
-    )
-
-    @model_validator(mode="after")
-    def _stages_only_with_partial(self) -> Freeze:
-        if self.trainable_stages is not None and self.policy != "partial":
-            raise ValueError("freeze.trainableStages is only valid with freeze.policy 'partial'")
-        if self.layerwise_lr_decay != 1.0 and self.policy == "head":
-            raise ValueError("freeze.layerwiseLrDecay is only valid with freeze.policy 'partial' or 'full'")
-        return self
-
-    @property
-    def stages(self) -> int:
-        return self.trainable_stages or 1
 
 
 class Ema(_Model):
@@ -257,6 +164,8 @@ class FineTuneJobSpec(_Model):
     head: Head = Field(default_factory=Head)
     training: Training = Field(default_factory=Training)
     output: Output = Field(default_factory=Output)
+    distillation: Distillation | None = Field(
+        None, description="learn from a teacher model as well as from the labels (default: off)")
     # cluster-only: ignored by local runs
     image: str | None = Field(None, max_length=512, description="trainer image (default: operator setting)")
     resources: Resources = Field(default_factory=Resources)
@@ -286,6 +195,14 @@ class FineTuneJobSpec(_Model):
                              "(workers times max(1, resources.gpus))")
         return self
 
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> FineTuneJobSpec:
+        schedule = self.freeze.schedule
+        if schedule and schedule[-1].epoch > self.training.epochs:
+            raise ValueError(f"freeze.schedule: epoch {schedule[-1].epoch} is after the last of training.epochs "
+                             f"({self.training.epochs})")
+        return self
+
     @property
     def processes(self) -> int:
         """Training processes in a cluster run: one per GPU (or one) in each of `workers` pods.
@@ -312,9 +229,10 @@ class FineTuneJobSpec(_Model):
         relevant = {
             "model": model,
             "dataset": dataset,
-            "freeze": _dump(self.freeze, {"layerwise_lr_decay": 1.0}),
+            "freeze": _dump(self.freeze, {"layerwise_lr_decay": 1.0, "schedule": None}),
             "head": _dump(self.head, {"layers": None, "activation": "relu", "norm": "none"}),
             "training": t,
+            **({"distillation": self.distillation.model_dump()} if self.distillation else {}),
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

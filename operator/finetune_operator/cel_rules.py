@@ -42,6 +42,38 @@ def _ordered_rule(path: str) -> list[Schema]:
     return [{"rule": "self[0] <= self[1]", "message": f"spec.{path} must be [min, max] with min <= max"}]
 
 
+def _model_rules(where: str) -> list[Schema]:
+    """spec.model's rules, also for the distillation teacher's model."""
+    return [
+        {
+            # The model checks torchvision names; timm names are checked by the trainer (it has timm).
+            "rule": "(has(self.library) && self.library == 'timm') || !has(self.architecture) || self.architecture in ["
+            + ", ".join(f"'{a}'" for a in ARCHITECTURES) + "]",
+            "message": f"{where}.architecture must be a torchvision classification model name "
+            "(or set model.library: timm)",
+            "fieldPath": ".architecture",
+        },
+        {
+            "rule": "!has(self.weights) || !has(self.weights.source) || !(self.weights.source in LIBS) "
+            "|| self.weights.source == (has(self.library) ? self.library : 'torchvision')".replace(
+                "LIBS", "[" + ", ".join(f"'{x}'" for x in LIBRARIES) + "]"),
+            "message": f"{where}.weights.source torchvision or timm needs the same library",
+            "fieldPath": ".library",
+        },
+    ]
+
+
+def _weights_rules(where: str) -> list[Schema]:
+    return [
+        {
+            "rule": "!has(self.source) || self.source != 'file' || has(self.path)",
+            "message": f"{where}.path is required when weights.source is 'file'",
+            "fieldPath": ".path",
+        },
+        *_path_rules("path", f"{where}.path"),
+    ]
+
+
 # Cross-field rules the model enforces in Python, keyed by the schema path (dotted,
 # `[]` for list items) they attach to. Messages name the field, as the model's do.
 CEL_RULES: dict[str, list[Schema]] = {
@@ -54,32 +86,16 @@ CEL_RULES: dict[str, list[Schema]] = {
             "processes (workers times max(1, resources.gpus))",
             "fieldPath": ".training",
         },
-    ],
-    "model": [
         {
-            # The model checks torchvision names; timm names are checked by the trainer (it has timm).
-            "rule": "(has(self.library) && self.library == 'timm') || !has(self.architecture) || self.architecture in ["
-            + ", ".join(f"'{a}'" for a in ARCHITECTURES) + "]",
-            "message": "spec.model.architecture must be a torchvision classification model name "
-            "(or set model.library: timm)",
-            "fieldPath": ".architecture",
-        },
-        {
-            "rule": "!has(self.weights) || !has(self.weights.source) || !(self.weights.source in LIBS) "
-            "|| self.weights.source == (has(self.library) ? self.library : 'torchvision')".replace(
-                "LIBS", "[" + ", ".join(f"'{x}'" for x in LIBRARIES) + "]"),
-            "message": "spec.model.weights.source torchvision or timm needs the same model.library",
-            "fieldPath": ".library",
+            "rule": "!has(self.freeze) || !has(self.freeze.schedule) || "
+            "self.freeze.schedule[size(self.freeze.schedule) - 1].epoch <= "
+            "(has(self.training) && has(self.training.epochs) ? self.training.epochs : 10)",
+            "message": "spec.freeze.schedule: its last epoch must be at most training.epochs",
+            "fieldPath": ".freeze",
         },
     ],
-    "model.weights": [
-        {
-            "rule": "!has(self.source) || self.source != 'file' || has(self.path)",
-            "message": "spec.model.weights.path is required when weights.source is 'file'",
-            "fieldPath": ".path",
-        },
-        *_path_rules("path", "spec.model.weights.path"),
-    ],
+    "model": _model_rules("spec.model"),
+    "model.weights": _weights_rules("spec.model.weights"),
     "dataset": [
         {
             "rule": "has(self.builtin) != has(self.path)",
@@ -136,11 +152,41 @@ CEL_RULES: dict[str, list[Schema]] = {
         },
         {
             "rule": "!has(self.layerwiseLrDecay) || self.layerwiseLrDecay == 1.0 || (has(self.policy) && "
-            "self.policy != 'head')",
-            "message": "spec.freeze.layerwiseLrDecay is only valid with freeze.policy 'partial' or 'full'",
+            "self.policy != 'head') || has(self.schedule)",
+            "message": "spec.freeze.layerwiseLrDecay is only valid with freeze.policy 'partial' or 'full' "
+            "(or with a freeze.schedule)",
             "fieldPath": ".layerwiseLrDecay",
         },
+        {
+            "rule": "!has(self.schedule) || !has(self.policy) || self.policy != 'full'",
+            "message": "spec.freeze.schedule is only valid with freeze.policy 'head' or 'partial'",
+            "fieldPath": ".schedule",
+        },
+        {
+            # The first step adds stages to those training from epoch 1 (head: 0, partial: trainableStages).
+            "rule": "!has(self.schedule) || self.schedule[0].trainableStages > ((has(self.policy) && "
+            "self.policy == 'partial') ? (has(self.trainableStages) ? self.trainableStages : 1) : 0)",
+            "message": "spec.freeze.schedule must increase: its first trainableStages must be above the stages "
+            "training from epoch 1",
+            "fieldPath": ".schedule",
+        },
     ],
+    "freeze.schedule": [
+        {
+            "rule": "self.map(s, s.epoch).isSorted() && self.map(s, s.trainableStages).isSorted() && "
+            "self.all(a, self.exists_one(b, b.epoch == a.epoch || b.trainableStages == a.trainableStages))",
+            "message": "spec.freeze.schedule must increase: epochs and trainableStages strictly increasing",
+        },
+    ],
+    "distillation.teacher": [
+        {
+            "rule": "has(self.fromJob) != has(self.model)",
+            "message": "spec.distillation.teacher: set exactly one of teacher.fromJob or teacher.model",
+        },
+        *_path_rules("fromJob", "spec.distillation.teacher.fromJob"),
+    ],
+    "distillation.teacher.model": _model_rules("spec.distillation.teacher.model"),
+    "distillation.teacher.model.weights": _weights_rules("spec.distillation.teacher.model.weights"),
     "head": [
         {
             "rule": "!has(self.layers) || !has(self.hiddenUnits) || self.hiddenUnits == 0",

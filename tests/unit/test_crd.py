@@ -225,6 +225,49 @@ CEL_MIRRORS = {
     },
     "spec.freeze.trainableStages": {"dataset": {"builtin": "digits"}, "freeze": {"trainableStages": 2}},
     "spec.freeze.layerwiseLrDecay": {"dataset": {"builtin": "digits"}, "freeze": {"layerwiseLrDecay": 0.5}},
+    "spec.freeze.schedule is only valid": {
+        "dataset": {"builtin": "digits"},
+        "freeze": {"policy": "full", "schedule": [{"epoch": 2, "trainableStages": 1}]},
+    },
+    "spec.freeze.schedule must increase: its first": {
+        "dataset": {"builtin": "digits"},
+        "freeze": {"policy": "partial", "trainableStages": 2, "schedule": [{"epoch": 2, "trainableStages": 2}]},
+    },
+    "spec.freeze.schedule must increase: epochs": {
+        "dataset": {"builtin": "digits"},
+        "freeze": {"schedule": [{"epoch": 3, "trainableStages": 1}, {"epoch": 3, "trainableStages": 2}]},
+    },
+    "spec.freeze.schedule: its last epoch": {
+        "dataset": {"builtin": "digits"}, "training": {"epochs": 4},
+        "freeze": {"schedule": [{"epoch": 5, "trainableStages": 1}]},
+    },
+    "spec.distillation.teacher: set exactly one": {
+        "dataset": {"builtin": "digits"}, "distillation": {"teacher": {"fromJob": "t", "model": {}}},
+    },
+    "spec.distillation.teacher.fromJob must not contain '..'": {
+        "dataset": {"builtin": "digits"}, "distillation": {"teacher": {"fromJob": "../t"}},
+    },
+    "spec.distillation.teacher.fromJob must not contain control": {
+        "dataset": {"builtin": "digits"}, "distillation": {"teacher": {"fromJob": "t\x01"}},
+    },
+    "spec.distillation.teacher.model.architecture": {
+        "dataset": {"builtin": "digits"}, "distillation": {"teacher": {"model": {"architecture": "resnet9000"}}},
+    },
+    "spec.distillation.teacher.model.weights.source": {
+        "dataset": {"builtin": "digits"},
+        "distillation": {"teacher": {"model": {"library": "timm", "weights": {"source": "torchvision"}}}},
+    },
+    "spec.distillation.teacher.model.weights.path is required": {
+        "dataset": {"builtin": "digits"}, "distillation": {"teacher": {"model": {"weights": {"source": "file"}}}},
+    },
+    "spec.distillation.teacher.model.weights.path must not contain '..'": {
+        "dataset": {"builtin": "digits"},
+        "distillation": {"teacher": {"model": {"weights": {"source": "file", "path": "/a/../b"}}}},
+    },
+    "spec.distillation.teacher.model.weights.path must not contain control": {
+        "dataset": {"builtin": "digits"},
+        "distillation": {"teacher": {"model": {"weights": {"source": "file", "path": "/a\x02"}}}},
+    },
     "spec.head: set one of": {"dataset": {"builtin": "digits"}, "head": {"layers": [8], "hiddenUnits": 8}},
     "spec.head.activation and head.norm": {"dataset": {"builtin": "digits"}, "head": {"norm": "layernorm"}},
     "spec.training.warmupEpochs": {"dataset": {"builtin": "digits"}, "training": {"epochs": 3, "warmupEpochs": 3}},
