@@ -27,7 +27,14 @@ from finetune_trainer.distributed import Dist
 from finetune_trainer.engine import EpochStart, EpochStats, evaluate, train_one_epoch
 from finetune_trainer.feature_cache import CacheInputs, prepare
 from finetune_trainer.finish import Result, finished_export, result_from_export, write_result
-from finetune_trainer.freeze import apply_freeze, param_groups, plan_freeze, set_train_mode
+from finetune_trainer.freeze import (
+    FreezeSchedule,
+    apply_freeze,
+    describe_schedule,
+    param_groups,
+    plan_freeze,
+    set_train_mode,
+)
 from finetune_trainer.model import build_model, check_head_batches
 from finetune_trainer.report import Reporter
 from finetune_trainer.runtime import Env, build_optimizer, build_scheduler, device_for, seed_everything
@@ -64,7 +71,7 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
     check_head_batches(spec.head, len(splits.train), t.batch_size)
     built = build_model(spec, len(splits.classes))
     model = built.model
-    plan = plan_freeze(model, built.head_name, spec.freeze)
+    plan = plan_freeze(model, built.head_name, spec.freeze)  # widest: every stage that trains at some epoch
     apply_freeze(model, plan)
     previous = dist.from_main(lambda: finished_export(output, spec))
     if previous is not None:
@@ -88,7 +95,6 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
     if t.ema is not None:
         state.attach_ema(prepared.net, t.ema.decay)
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    trained = dist.wrap(prepared.net, env.device)  # DDP syncs gradients of what trains; `net` evaluates
     on_log = _step_reporter(reporter, t.epochs, state.epoch, dist.world)
     average = (lambda: state.ema.update_parameters(prepared.net)) if state.ema is not None else None
 
@@ -97,10 +103,15 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
         return evaluate(net, prepared.val_loader, criterion, env.compute, len(splits.classes),
                         reduce=dist.sum if dist.active else None)
 
+    schedule, trained = FreezeSchedule(model, built.head_name, spec.freeze), None
     while not state.done(t):
         epoch = state.epoch + 1
+        if (unfrozen := schedule.enter(epoch)) or trained is None:
+            trained = dist.wrap(prepared.net, env.device)  # DDP syncs gradients of what trains; `net` evaluates
+            if unfrozen:
+                reporter.event("message", level="info", text=unfrozen)
         begin = _begin_epoch(state, prepared.train_loader, t.seed + epoch, dist)
-        set_train_mode(model, plan)
+        set_train_mode(model, schedule.plan)
         stats = train_one_epoch(trained, prepared.train_loader, optimizer, criterion, state.scaler, env.compute,
                                 on_log=on_log(epoch), log_every=t.log_every_steps, should_stop=should_stop,
                                 begin=begin, clip_norm=t.grad_clip_norm, after_step=average)
@@ -134,7 +145,8 @@ def _report_start(reporter, spec, name, splits, plan, env, built, cache, state, 
     latest = ckpt.latest_checkpoint(output) if dist.main else None
     reporter.event(
         "start", name=name, architecture=spec.model.architecture, numClasses=len(splits.classes),
-        classes=splits.classes, trainSize=len(splits.train), valSize=len(splits.val), freeze=plan.describe(),
+        classes=splits.classes, trainSize=len(splits.train), valSize=len(splits.val),
+        freeze=describe_schedule(built.model, built.head_name, spec.freeze),
         device=str(env.device), precision=env.precision.name, weights=built.weights_note,
         totalEpochs=spec.training.epochs, startEpoch=state.epoch + 1, skippedImages=splits.skipped,
         featureCache=cache.enabled, cacheReason=cache.reason,

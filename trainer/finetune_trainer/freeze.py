@@ -78,20 +78,30 @@ def backbone_stages(model: nn.Module, head_name: str) -> list[Stage]:
     return stages
 
 
-def plan_freeze(model: nn.Module, head_name: str, cfg: Freeze) -> FreezePlan:
+def plan_freeze(model: nn.Module, head_name: str, cfg: Freeze, epoch: int | None = None) -> FreezePlan:
+    """What trains in `epoch` (1-based) under freeze.policy and freeze.schedule; with no epoch, the widest
+    plan of the run — every stage that trains at some point — which the optimizer, the checkpoints and the
+    feature cache's boundary are built for, so they never change when a stage unfreezes."""
     stages = backbone_stages(model, head_name)
-    if cfg.policy == "head":
-        trainable: list[Stage] = []
-    elif cfg.policy == "full":
-        trainable = stages
+    count = cfg.most_stages if epoch is None else cfg.stages_at(epoch)
+    if cfg.policy == "full":
+        trainable: list[Stage] = stages
+    elif count > len(stages):
+        field = "freeze.schedule" if cfg.schedule and count > cfg.initial_stages else "freeze.trainableStages"
+        raise JobFileError(f"{field}: {count} exceeds the {len(stages)} stages of this backbone")
     else:
-        if cfg.stages > len(stages):
-            raise JobFileError(
-                f"freeze.trainableStages: {cfg.stages} exceeds the {len(stages)} stages of this backbone"
-            )
-        trainable = stages[-cfg.stages:]
+        trainable = stages[len(stages) - count:] if count else []
     frozen_modules = [m for s in stages if s not in trainable for m in s.modules]
-    return FreezePlan(cfg.policy, stages, [s.name for s in trainable], frozen_modules, head_name)
+    policy = "full" if cfg.policy == "full" else ("partial" if trainable else "head")
+    return FreezePlan(policy, stages, [s.name for s in trainable], frozen_modules, head_name)
+
+
+def describe_schedule(model: nn.Module, head_name: str, cfg: Freeze) -> str:
+    """freeze.schedule in words, e.g. "epoch 1: backbone frozen, training fc; epoch 3: training layer4 and fc"."""
+    if not cfg.schedule:
+        return plan_freeze(model, head_name, cfg).describe()
+    epochs = [1, *(s.epoch for s in cfg.schedule)]
+    return "; ".join(f"epoch {e}: {plan_freeze(model, head_name, cfg, e).describe()}" for e in epochs)
 
 
 def apply_freeze(model: nn.Module, plan: FreezePlan) -> None:
@@ -154,3 +164,24 @@ def _stage_groups(plan: FreezePlan, backbone: list, lr: float, decay: float) -> 
     if outside:
         groups.append({"name": "backbone", "params": outside, "lr": lr * decay ** max(len(trainable) - 1, 0)})
     return groups
+
+
+class FreezeSchedule:
+    """freeze.schedule over a run: each epoch's plan, applied to the model as the epoch starts.
+
+    The optimizer, checkpoints and feature cache are built once for the widest plan; a stage that has not
+    unfrozen yet only has requires_grad off (no gradients, so optimizers skip it) and stays in eval mode."""
+
+    def __init__(self, model: nn.Module, head_name: str, cfg: Freeze) -> None:
+        self.model, self.head_name, self.cfg = model, head_name, cfg
+        self.plan = plan_freeze(model, head_name, cfg)
+        self._count: int | None = None
+
+    def enter(self, epoch: int) -> str | None:
+        """Apply `epoch`'s plan; returns what now trains when that changed (None without a schedule)."""
+        if not self.cfg.schedule or self.cfg.stages_at(epoch) == self._count:
+            return None
+        self._count = self.cfg.stages_at(epoch)
+        self.plan = plan_freeze(self.model, self.head_name, self.cfg, epoch)
+        apply_freeze(self.model, self.plan)
+        return f"freeze.schedule, epoch {epoch}: {self.plan.describe()}"

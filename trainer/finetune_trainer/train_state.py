@@ -113,6 +113,17 @@ class TrainState:
     ema_best_state: dict[str, torch.Tensor] | None = None  # its weights then, named as in `model`
     _ema_names: dict[str, str] = field(default_factory=dict)  # the average's tensor names → the model's
     _saved_ema: dict | None = None  # a resumed checkpoint's average, loaded once attach_ema builds it
+    # What is saved and restored as "the trainable part": fixed when the state is made (with the widest freeze
+    # plan applied), so under gradual unfreezing the best epoch's weights and every checkpoint hold the stages
+    # that train later too, whatever trains at the moment.
+    _trainable_names: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self._trainable_names = frozenset(trainable_state(self.model))
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """The model's tensors that training can change over the whole run (see _trainable_names)."""
+        return {k: v.detach() for k, v in self.model.state_dict(keep_vars=True).items() if k in self._trainable_names}
 
     def improved(self, ev: EvalResult) -> bool:
         return _beats(ev.accuracy, ev.loss, self.best_accuracy, self.best_loss)
@@ -146,7 +157,7 @@ class TrainState:
         if is_best:
             self.best_accuracy, self.best_loss, self.best_epoch, self.since_best = ev.accuracy, ev.loss, epoch, 0
             if keep_best:
-                self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainable_state(self.model).items()})
+                self.best_state = copy.deepcopy({k: v.cpu() for k, v in self.trainable().items()})
         else:
             self.since_best += 1
         record = {"epoch": epoch, "trainLoss": stats.loss, "valLoss": ev.loss, "valAccuracy": ev.accuracy,
@@ -170,7 +181,7 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         """Everything resuming needs except the frozen weights (rebuilt from the weights source)."""
         return {
-            "epoch": self.epoch, "model": trainable_state(self.model), "frozenDigest": self.frozen_digest,
+            "epoch": self.epoch, "model": self.trainable(), "frozenDigest": self.frozen_digest,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
