@@ -61,6 +61,17 @@ class Reason(StrEnum):
     JOB_FAILED = "JobFailed"
     NO_PROGRESS = "NoProgress"
     SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+    # spec.distillation.teacher.fromJob on a cluster (no Job is created until the teacher's export is there)
+    WAITING_FOR_TEACHER = "WaitingForTeacher"  # Pending: the teacher FineTuneJob has not succeeded yet
+    TEACHER_NOT_FOUND = "TeacherNotFound"  # no FineTuneJob of that name in the namespace (re-checked on create)
+    TEACHER_FAILED = "TeacherFailed"  # the teacher FineTuneJob failed
+    TEACHER_NOT_MOUNTABLE = "TeacherNotMountable"  # its output is not on a PVC the student's pod can mount
+
+
+# Failed without ever creating a Job: re-judged from what exists on every pass (a fixed spec, a teacher that
+# appears), unlike a finished training, which stays finished.
+NOT_STARTED_REASONS = (Reason.INVALID_SPEC.value, Reason.TEACHER_NOT_FOUND.value, Reason.TEACHER_FAILED.value,
+                       Reason.TEACHER_NOT_MOUNTABLE.value)
 
 _TIME: dict[str, Any] = {"format": "date-time"}
 _INT64: dict[str, Any] = {"format": "int64"}
@@ -145,6 +156,25 @@ class Worker(_Status):
     lastFailure: str | None = _str("reason of its latest failed pod, e.g. OOMKilled or TrainerError")
 
 
+class Teacher(_Status):
+    """the teacher FineTuneJob of spec.distillation.teacher.fromJob, as resolved for this job's pod"""
+
+    job: str | None = _str("the teacher FineTuneJob (same namespace)")
+    phase: str | None = _str("its phase when last checked (while this job waits for it)")
+    path: str | None = _str("where this job's trainer reads the teacher's export (mounted read-only)")
+    claim: str | None = _str("the PersistentVolumeClaim holding the teacher's export")
+    subPath: str | None = _str("the export's folder inside that claim")
+    weightsFile: str | None = _str()
+    sha256: str | None = _str("the teacher's weights digest, from its status.output")
+    valAccuracy: float | None = _num("the teacher's validation accuracy")
+
+
+class Distillation(_Status):
+    """knowledge distillation (spec.distillation)"""
+
+    teacher: Teacher | None = None
+
+
 class FineTuneJobStatus(_Status):
     phase: Phase | None = Field(None, json_schema_extra={"description": "Pending | Running | Succeeded | Failed | "
                                                                         "Suspended"})
@@ -161,6 +191,7 @@ class FineTuneJobStatus(_Status):
     lastCheckpoint: LastCheckpoint | None = None
     progress: Progress | None = None
     output: Output | None = None
+    distillation: Distillation | None = None
     workers: list[Worker] | None = Field(None, json_schema_extra={
         "description": "multi-worker jobs (spec.workers > 1): one entry per worker pod",
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["index"]})

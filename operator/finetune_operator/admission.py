@@ -2,7 +2,8 @@
 
 The spec model (finetune_api.spec) decides what a valid spec is; this adds what it accepts but a cluster
 run cannot do (reserved volume names and mount points, hostPath when the operator forbids it, hostnames of
-multi-worker pods). Every problem names its field, since it ends up in status.message and an Event.
+multi-worker pods, a teacher fromJob that is no FineTuneJob name). Every problem names its field, since it
+ends up in status.message and an Event.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import posixpath
 
 from finetune_api.spec import FineTuneJobSpec
-from finetune_operator.naming import DNS_LABEL, MAX_HOSTNAME, job_name
+from finetune_operator.naming import DNS_LABEL, DNS_SUBDOMAIN, MAX_HOSTNAME, MAX_NAME, job_name
 from finetune_operator.objects import RESERVED_MOUNTS, RESERVED_VOLUMES, output_volume, within
 from finetune_operator.parsed import FineTuneJob
 from finetune_operator.settings import Settings
@@ -43,7 +44,21 @@ def cluster_problems(spec: FineTuneJobSpec, settings: Settings, name: str | None
         mounts.append(mount)
         if vol.host_path is not None and not settings.allow_host_path:
             problems.append(f"{where}.hostPath: hostPath volumes are disabled by the operator's settings")
-    return problems + _output_problems(spec)
+    return problems + _output_problems(spec) + _teacher_problems(spec, name)
+
+
+def _teacher_problems(spec: FineTuneJobSpec, name: str | None) -> list[str]:
+    """On a cluster, teacher.fromJob names a FineTuneJob of the namespace (a path is for local runs)."""
+    teacher = spec.distillation.teacher.from_job if spec.distillation is not None else None
+    if teacher is None:
+        return []
+    where = "spec.distillation.teacher.fromJob"
+    if len(teacher) > MAX_NAME or not DNS_SUBDOMAIN.match(teacher):
+        return [f"{where}: on a cluster this is the name of a FineTuneJob in the same namespace (lowercase "
+                f"letters, digits, '-' and '.'); got {teacher!r} (a path is for local runs)"]
+    if teacher == name:
+        return [f"{where}: a FineTuneJob cannot be its own teacher"]
+    return []
 
 
 def _worker_problems(spec: FineTuneJobSpec, name: str | None) -> list[str]:

@@ -5,7 +5,8 @@ own settings and API endpoint, and `__main__` / `kopf run -m finetune_operator.e
 kopf's default registry.
 
 Triggers: create/resume/update of a FineTuneJob, any event of an owned Job or Pod (selected
-by the finetune.dev/finetunejob-uid label), and an operator-level resync loop for deadlines.
+by the finetune.dev/finetunejob-uid label), any event of a FineTuneJob other students wait on
+as their distillation teacher, and an operator-level resync loop for deadlines.
 
 Handlers return None: kopf would store a return value in status.<handler-id>, which the
 CRD's strict status schema does not declare. Kopf's own bookkeeping goes to annotations.
@@ -80,10 +81,16 @@ def register(
                 task.cancel()
 
     @kopf.on.event(*FTJ, registry=registry)
-    def ftj_event(event: Mapping[str, Any], namespace: str, name: str, **_: Any) -> None:
-        """No finalizer: a deleted FineTuneJob is noticed here, and its series and state dropped."""
+    def ftj_event(event: Mapping[str, Any], namespace: str, name: str, logger: Any, **_: Any) -> None:
+        """No finalizer: a deleted FineTuneJob is noticed here, and its series and state dropped. A teacher's
+        change (it succeeded, failed, appeared, went) re-checks the students waiting on it at once."""
         if event.get("type") == "DELETED":
             rt.forget(namespace, name)
+        for student in rt.dependents.students(namespace, name):
+            try:
+                reconcile_on_event(rt, namespace, student, logger)
+            except kopf.TemporaryError as err:  # the resync loop (or the teacher's next event) tries again
+                logger.warning(f"re-checking student {namespace}/{student} of teacher {name}: {err}")
 
     @kopf.on.create(*FTJ, registry=registry)
     @kopf.on.resume(*FTJ, registry=registry)

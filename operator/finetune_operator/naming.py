@@ -26,6 +26,9 @@ MAX_JOB_NAME = 63  # the Job controller copies the name into a label value
 MAX_HOSTNAME = 63  # the Job controller names each pod's host <job>-<index>: a DNS label
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # Service names
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Object names such as a FineTuneJob's (DNS-1123 subdomain): dot-separated DNS labels, 253 characters at most.
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_NAME = 253
 
 
 def short_hash(text: str, n: int = 8) -> str:

@@ -8,7 +8,7 @@ always yields the same objects (names, labels, args), so a restarted operator re
 from __future__ import annotations
 
 import posixpath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -29,6 +29,9 @@ from finetune_operator.naming import (
 from finetune_operator.parsed import FineTuneJob, Obj
 from finetune_operator.settings import Settings
 
+if TYPE_CHECKING:
+    from finetune_operator.teacher import TeacherExport
+
 CONTAINER = "trainer"
 JOB_FILE_DIR = "/etc/finetune"
 JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
@@ -43,30 +46,40 @@ VOL_PROGRESS = "finetune-progress"
 # The per-job progress token (a Secret owned by the FineTuneJob), read by the trainer's HTTP reporter.
 PROGRESS_DIR = "/var/run/finetune/progress"
 PROGRESS_TOKEN_FILE = f"{PROGRESS_DIR}/token"
-RESERVED_VOLUMES = (VOL_JOB_FILE, VOL_TMP, VOL_SHM, VOL_OUTPUT, VOL_PROGRESS)
-RESERVED_MOUNTS = (JOB_FILE_DIR, TMP_DIR, SHM_DIR, PROGRESS_DIR)
+# spec.distillation.teacher.fromJob: the teacher FineTuneJob's export, mounted read-only from its PVC.
+VOL_TEACHER = "finetune-teacher"
+TEACHER_DIR = "/var/run/finetune/teacher"
+RESERVED_VOLUMES = (VOL_JOB_FILE, VOL_TMP, VOL_SHM, VOL_OUTPUT, VOL_PROGRESS, VOL_TEACHER)
+RESERVED_MOUNTS = (JOB_FILE_DIR, TMP_DIR, SHM_DIR, PROGRESS_DIR, TEACHER_DIR)
 # Multi-worker jobs: torchrun's static rendezvous on worker 0, reached as <job>-0.<service>.
 RENDEZVOUS_PORT = 29500
 
 
-def resolved_job_file(ftj: FineTuneJob) -> str:
-    """The job file the trainer reads: the validated spec with every default filled in."""
+def resolved_job_file(ftj: FineTuneJob, teacher: TeacherExport | None = None) -> str:
+    """The job file the trainer reads: the validated spec with every default filled in.
+
+    With a teacher FineTuneJob, distillation.teacher.fromJob becomes the folder its export is mounted at:
+    the trainer reads fromJob as an export folder, the same as in a local run.
+    """
+    spec = ftj.valid_spec().to_wire()
+    if teacher is not None:
+        spec["distillation"]["teacher"]["fromJob"] = TEACHER_DIR
     doc = {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": KIND,
         "metadata": {"name": ftj.name, "namespace": ftj.namespace},
-        "spec": ftj.valid_spec().to_wire(),
+        "spec": spec,
     }
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def build_configmap(ftj: FineTuneJob) -> Obj:
+def build_configmap(ftj: FineTuneJob, teacher: TeacherExport | None = None) -> Obj:
     """The ConfigMap holding the resolved job file (mounted read-only at /etc/finetune)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": child_metadata(ftj, configmap_name(ftj.name)),
-        "data": {"job.yaml": resolved_job_file(ftj)},
+        "data": {"job.yaml": resolved_job_file(ftj, teacher)},
     }
 
 
@@ -117,7 +130,7 @@ def pod_failure_policy() -> Obj:
     }
 
 
-def build_job(ftj: FineTuneJob, settings: Settings) -> Obj:
+def build_job(ftj: FineTuneJob, settings: Settings, teacher: TeacherExport | None = None) -> Obj:
     """The batch/v1 Job running `finetune-train -f /etc/finetune/job.yaml` for this FineTuneJob."""
     spec = ftj.valid_spec()
     run = spec.run_policy
@@ -129,7 +142,7 @@ def build_job(ftj: FineTuneJob, settings: Settings) -> Obj:
         "podFailurePolicy": pod_failure_policy(),
         "template": {
             "metadata": {"labels": common_labels(ftj), "annotations": {ANNOTATION_NAME: ftj.name}},
-            "spec": pod_spec(ftj, settings),
+            "spec": pod_spec(ftj, settings, teacher),
         },
     }
     if spec.workers > 1:
@@ -188,10 +201,14 @@ def build_service(ftj: FineTuneJob) -> Obj:
     }
 
 
-def pod_spec(ftj: FineTuneJob, settings: Settings) -> Obj:
+def pod_spec(ftj: FineTuneJob, settings: Settings, teacher: TeacherExport | None = None) -> Obj:
     """Restricted pod: non-root, no token, read-only root with writable /tmp and /dev/shm."""
     spec = ftj.valid_spec()
     volumes, mounts = _volumes(ftj, spec, settings)
+    if teacher is not None:
+        volume, mount = teacher.pod_mount(volumes)
+        volumes += [volume] if volume else []
+        mounts.append(mount)
     pod: Obj = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,

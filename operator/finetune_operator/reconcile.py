@@ -20,8 +20,8 @@ from typing import Any
 
 import kopf
 
-from finetune_api.status import TERMINAL_PHASES
-from finetune_operator import admission, naming, objects, progress, status
+from finetune_api.status import NOT_STARTED_REASONS, TERMINAL_PHASES
+from finetune_operator import admission, naming, objects, progress, status, teacher
 from finetune_operator.events import post_event
 from finetune_operator.kube import (
     ApiError,
@@ -51,6 +51,7 @@ class Runtime:
     kube: Kube | None = None
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     queue: WorkQueue = field(default_factory=WorkQueue)
+    dependents: teacher.Dependents = field(default_factory=teacher.Dependents)  # students waiting on teachers
     resync_task: asyncio.Task[None] | None = None
     http_task: asyncio.Task[None] | None = None
     metrics: Metrics = field(default_factory=Metrics)
@@ -62,6 +63,7 @@ class Runtime:
     def forget(self, namespace: str, name: str) -> None:
         """The FineTuneJob is gone: drop its queue entry, token digest, metrics series and progress state."""
         self.queue.forget((namespace, name))
+        self.dependents.done(namespace, name)
         with self._guard:
             self.tokens.pop((namespace, name), None)
         self.metrics.forget(namespace, name)
@@ -129,22 +131,55 @@ def _reconcile(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any) 
     ftj = FineTuneJob.from_body(body)  # the one parse of this pass
     job = kube.get(job_path(namespace, naming.job_name(ftj.name)))
     _check_owner(job, ftj, "Job")
+    export = None  # the teacher's export, when this pass resolved one
     if job is None and _may_create(ftj.status):
         problem = admission.spec_problem(ftj, rt.settings)
         if problem:
             rt.queue.track((namespace, name), unfinished=False)
             return _fail_invalid(kube, ftj, problem, rt.clock())
-        job = _create_children(rt, kube, ftj, logger)
+        resolution = _resolve_teacher(rt, kube, ftj)
+        if resolution is not None and resolution.export is None:
+            return _not_started(rt, kube, ftj, resolution)
+        export = resolution.export if resolution else None
+        job = _create_children(rt, kube, ftj, logger, export)
         _warn_if_ephemeral(kube, ftj, rt.settings, rt.clock())
         pods: list[Obj] = []  # just created: its pods' events bring the next pass
     else:
         pods = kube.list(pod_path(namespace), naming.selector_labels(ftj.uid)) if job else []
+        if job is not None and _teacher_unrecorded(ftj):  # a pass created the Job but did not write status
+            resolution = _resolve_teacher(rt, kube, ftj)
+            export = resolution.export if resolution else None
     new = status.derive_status(ftj, job, pods, rt.clock(), rt.settings)
+    if export is not None:
+        new["distillation"] = {"teacher": export.status()}
     if status.should_stop_job(new, job):
         logger.warning(f"Deleting Job {job['metadata']['name']}: {new['reason']}")
         kube.delete(job_path(namespace, job["metadata"]["name"]))
     _write_status(kube, ftj, new, rt.clock())
     rt.queue.track((namespace, name), unfinished=new["phase"] not in TERMINAL_PHASES)
+    _observe(rt, ftj, new)
+    return Outcome(status=new)
+
+
+def _resolve_teacher(rt: Runtime, kube: Kube, ftj: FineTuneJob) -> teacher.Resolution | None:
+    """The teacher FineTuneJob of spec.distillation.teacher.fromJob, read now (None: no such teacher)."""
+    name = teacher.teacher_name(ftj)
+    if name is None:
+        return None
+    return teacher.resolve(ftj, kube.get(ftj_path(ftj.namespace, name)), rt.settings)
+
+
+def _teacher_unrecorded(ftj: FineTuneJob) -> bool:
+    recorded = ((ftj.status.get("distillation") or {}).get("teacher") or {}).get("path")
+    return teacher.teacher_name(ftj) is not None and not recorded
+
+
+def _not_started(rt: Runtime, kube: Kube, ftj: FineTuneJob, resolution: teacher.Resolution) -> Outcome:
+    """Waiting for the teacher (tracked: resync re-checks it too) or failed on it; its events re-check both."""
+    rt.dependents.wait(ftj.namespace, resolution.teacher, ftj.name)
+    new = teacher.not_started_status(ftj, resolution, rt.clock())
+    _write_status(kube, ftj, new, rt.clock())
+    rt.queue.track((ftj.namespace, ftj.name), unfinished=new["phase"] not in TERMINAL_PHASES)
     _observe(rt, ftj, new)
     return Outcome(status=new)
 
@@ -173,7 +208,7 @@ def _may_create(prev: Mapping[str, Any]) -> bool:
     """Create the Job only if none ever existed and the job is not finished (or only invalid)."""
     if prev.get("jobName"):
         return False  # it existed: derive_status reports it gone rather than training again
-    return prev.get("phase") not in TERMINAL_PHASES or prev.get("reason") == status.INVALID_SPEC
+    return prev.get("phase") not in TERMINAL_PHASES or prev.get("reason") in NOT_STARTED_REASONS
 
 
 def _check_owner(child: Mapping[str, Any] | None, ftj: FineTuneJob, kind: str) -> None:
@@ -189,12 +224,14 @@ def _check_owner(child: Mapping[str, Any] | None, ftj: FineTuneJob, kind: str) -
         )
 
 
-def _create_children(rt: Runtime, kube: Kube, ftj: FineTuneJob, logger: Any) -> Obj:
+def _create_children(rt: Runtime, kube: Kube, ftj: FineTuneJob, logger: Any,
+                     export: teacher.TeacherExport | None = None) -> Obj:
     """ConfigMap, token Secret and (multi-worker) headless Service first — the pods mount the first two
     and find worker 0 through the third — then the Job; ours are reused."""
     settings = rt.settings
-    configmap = objects.build_configmap(ftj)
-    job = objects.build_job(ftj, settings)
+    rt.dependents.done(ftj.namespace, ftj.name)
+    configmap = objects.build_configmap(ftj, export)
+    job = objects.build_job(ftj, settings, export)
     service = objects.build_service(ftj) if ftj.valid_spec().workers > 1 else None
     # Owner references only: kopf.adopt would also copy the FineTuneJob's labels onto the
     # children, and labels such as Argo CD's app.kubernetes.io/instance must stay off them.

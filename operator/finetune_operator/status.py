@@ -5,8 +5,9 @@ Inputs are the FineTuneJob as parsed at the top of the pass (with its stored sta
 operator derives the same status. Only two things are sticky, on purpose:
 
 * a finished phase (Succeeded/Failed) never changes again — the Job may be deleted by
-  ttlSecondsAfterFinished and the FineTuneJob must keep its result (InvalidSpec with no
-  Job is the one exception: fixing the spec lets it start);
+  ttlSecondsAfterFinished and the FineTuneJob must keep its result (a failure before any Job
+  existed — InvalidSpec, a missing or failed teacher — is the exception: fixing the spec, or the
+  teacher, lets it start);
 * a Job that existed (status.jobName) and vanished before finishing is a failure
   (JobDeleted), never a reason to silently train again.
 """
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_api.status import TERMINAL_PHASES, ConditionType, Phase, Reason
+from finetune_api.status import NOT_STARTED_REASONS, TERMINAL_PHASES, ConditionType, Phase, Reason
 from finetune_operator import observe
 from finetune_operator.drift import changed_fields_message
 from finetune_operator.naming import job_name
@@ -61,7 +62,7 @@ def derive_status(
         "progress": _progress(ftj, prev),
         "workers": _workers(prev, job, pods),
     }
-    for key in ("resumeCount", "lastCheckpoint"):  # written by the progress endpoint
+    for key in ("resumeCount", "lastCheckpoint", "distillation"):  # the progress endpoint's; the teacher's
         if key in prev:
             status[key] = prev[key]
     output = {**(prev.get("output") or {}), **verdict.extra.get("output", {})}
@@ -76,8 +77,8 @@ def derive_status(
 def _keep_finished(prev: Mapping[str, Any], job: ObjView | None) -> Verdict | None:
     if prev.get("phase") not in TERMINAL_PHASES:
         return None
-    if prev.get("reason") == INVALID_SPEC and not prev.get("jobName"):
-        return None  # nothing ran for the invalid spec; a fixed spec has started (or may start) its Job
+    if prev.get("reason") in NOT_STARTED_REASONS and not prev.get("jobName"):
+        return None  # nothing ran (invalid spec, no teacher); a fixed spec has started (or may start) its Job
     return Verdict(prev["phase"], prev.get("reason", prev["phase"]), prev.get("message", ""))
 
 
@@ -316,6 +317,8 @@ def _phase_events(phase: str | None, new: Mapping[str, Any]) -> list[Event]:
         return [("Normal", "Suspended", message)]
     if phase == "Pending" and new.get("reason") in observe.STARTUP_PROBLEMS:
         return [("Warning", new["reason"], message)]
+    if phase == "Pending" and new.get("reason") == Reason.WAITING_FOR_TEACHER:
+        return [("Normal", Reason.WAITING_FOR_TEACHER.value, message)]
     return []
 
 
