@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from finetune_api.errors import TrainingError
 from finetune_api.spec import FineTuneJobSpec
-from finetune_trainer import feature_store, features
+from finetune_trainer import feature_store, features, frozen_pass
 from finetune_trainer.cached_views import SeededViews
 from finetune_trainer.data import Preprocessing, Splits
 from finetune_trainer.distributed import Dist, shard
@@ -39,11 +39,12 @@ class Prepared:
     decision: features.CacheDecision
     stored: str | None = None  # "reused" | "written" | None: what the on-disk cache did
     note: str | None = None  # what the frozen pass did, for the run's log (reported after its start event)
+    frozen_pass: dict | None = None  # how it ran: frozen_pass.FastPrefix.describe() (None: no pass this run)
 
     def describe(self) -> dict:
         d = self.decision
         return {"enabled": d.enabled, "reason": d.reason, "boundary": d.boundary, "stored": self.stored,
-                "views": d.views}
+                "views": d.views, **({"frozenPass": self.frozen_pass} if self.frozen_pass else {})}
 
 
 @dataclass
@@ -69,7 +70,7 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
     # On disk for one process only: ranks of a group may not share a writable output volume.
     views = decision.views
     store = None if dist.active else (inputs.output, feature_store.cache_key(
-        inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, env.frozen_precision.name,
+        inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, _precision_key(env),
         env.channels_last, views=feature_store.views_key(spec, inputs.preprocessing) if views else None))
     found = feature_store.load(*store) if store else None
     if found is not None and (not views or tuple(found[0][0].shape[:2]) == (views, len(found[0][1]))):
@@ -77,10 +78,16 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
                 f"{feature_store.path_for(*store).relative_to(store[0])}; training continues from {decision.boundary}")
         loaders = features.cached_loaders(found[0], found[1], batch_size, 1, 0, views)
         return Prepared(net, *loaders, decision, "reused", note)
-    train, val, note = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size, dist,
-                                    views, spec.training.seed)
+    train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size, dist,
+                                         views, spec.training.seed)
     loaders = features.cached_loaders(train, val, batch_size, dist.world, dist.rank, views)
-    return Prepared(net, *loaders, decision, _store(store, train, val), note)
+    return Prepared(net, *loaders, decision, _store(store, train, val), note, how)
+
+
+def _precision_key(env: Env) -> str:
+    """How the cached numbers were computed: the pass's precision, and its path when not eager."""
+    name = env.frozen_precision.name
+    return f"{name}+{frozen_pass.PATH}" if frozen_pass.intended(env.frozen_compute) else name
 
 
 def _plan(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan) -> tuple[features.CacheDecision, nn.Module]:
@@ -121,7 +128,8 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
 
     limit = features.MAX_CACHE_BYTES // dist.world
     frozen = features.frozen_pass_model(model, env.frozen_precision)  # one copy for train and val
-    run = functools.partial(features.extract, frozen, boundary, compute=env.frozen_compute)
+    fast = _fast_prefix(frozen, boundary, env)
+    run = functools.partial(features.extract, frozen, boundary, compute=env.frozen_compute, fast=fast)
     try:
         if views:
             with torch.random.fork_rng(devices=[]):  # the per-image seeds leave the run's own stream as it was
@@ -137,9 +145,23 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
         train = (dist.concat_rows(train[0].transpose(0, 1)).transpose(0, 1).contiguous() if views
                  else dist.concat_rows(train[0]), dist.concat_rows(train[1]))
     n_val = len(val_loader.dataset) if dist.active else len(val[1])
+    path = fast.describe()["path"] if fast is not None else "eager"
     note = (f"frozen-part outputs for {len(train[1]) + n_val} images{_of(views)} computed once in "
-            f"{time.perf_counter() - start:.1f}s ({env.frozen_precision.name}); training continues from {boundary}")
-    return train, val, note
+            f"{time.perf_counter() - start:.1f}s ({env.frozen_precision.name}, {path}); training continues from "
+            f"{boundary}")
+    return train, val, note, (fast.describe() if fast is not None else _EAGER)
+
+
+_EAGER = {"path": "eager", "reason": "fp32 (bit-for-bit the plain loop's numbers) or a CUDA pass"}
+
+
+def _fast_prefix(frozen: nn.Module, boundary: str, env: Env) -> frozen_pass.FastPrefix | None:
+    """The compiled-prefix fast path where it applies (bf16 on the CPU), else None (eager)."""
+    if not frozen_pass.intended(env.frozen_compute):
+        return None
+    prefix = features.build_prefix(frozen, boundary)
+    return frozen_pass.FastPrefix(prefix, "" if prefix is not None else
+                                  f"the frozen part cannot be cut out before {boundary} with torch.fx")
 
 
 def _store(store: tuple[Path, str] | None, train, val) -> str | None:

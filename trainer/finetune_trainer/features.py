@@ -25,6 +25,7 @@ from finetune_trainer import timm_models
 from finetune_trainer.cached_views import ViewSampler, ViewsDataset
 from finetune_trainer.engine import Compute, Precision
 from finetune_trainer.freeze import FreezePlan
+from finetune_trainer.frozen_pass import FastPrefix
 from finetune_trainer.sampling import EpochSampler
 
 MAX_CACHE_BYTES = 4 << 30
@@ -68,12 +69,13 @@ class _Stop(Exception):
 
 
 @torch.inference_mode()
-def extract(model: nn.Module, boundary: str, loader, compute: Compute,
-            limit: int = MAX_CACHE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(model: nn.Module, boundary: str, loader, compute: Compute, limit: int = MAX_CACHE_BYTES,
+            fast: FastPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs of `boundary`, labels) for every image, frozen prefix in eval mode, kept on the CPU.
 
     `model` comes from `frozen_pass_model`. `limit` is this process's share of the budget (a data-parallel
-    rank extracts a shard that is then gathered, so every rank ends up holding the whole cache)."""
+    rank extracts a shard that is then gathered, so every rank ends up holding the whole cache). `fast`:
+    the compiled prefix (frozen_pass), used once the first batch shows it agrees with the eager pass."""
     captured: list[torch.Tensor] = []
 
     def grab(module, args):
@@ -88,8 +90,14 @@ def extract(model: nn.Module, boundary: str, loader, compute: Compute,
             if batch is None:
                 continue
             images, targets = compute.batch(batch[0]), batch[1]
-            with compute.precision.autocast(), contextlib.suppress(_Stop):
-                model(images)
+            if fast is not None and fast.usable and fast.scripted is not None:
+                captured.append(fast(images).cpu())
+            else:
+                with compute.precision.autocast(), contextlib.suppress(_Stop):
+                    model(images)
+                if fast is not None and fast.usable is None and fast.compile(images) and \
+                        fast.check(fast(images).cpu(), captured[-1]):
+                    captured[-1] = fast(images).cpu()  # every row of the cache from the same path
             labels.append(targets)
             total += captured[-1].numel() * 4
             if total > limit:
@@ -97,6 +105,35 @@ def extract(model: nn.Module, boundary: str, loader, compute: Compute,
     finally:
         handle.remove()
     return torch.cat(captured), torch.cat(labels)
+
+
+def build_prefix(model: nn.Module, boundary: str) -> fx.GraphModule | None:
+    """A module computing the boundary's input from images (the frozen part alone), sharing the model's
+    parameters; None when the model cannot be traced or the boundary is not a single-input module call."""
+    try:
+        gm = trace(model)
+    except Exception:
+        return None
+    node = next((n for n in gm.graph.nodes if n.op == "call_module"
+                 and (n.target == boundary or n.target.startswith(boundary + "."))), None)
+    if node is None or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        return None
+    graph, env, needed = fx.Graph(), {}, _ancestors(node.args[0])
+    for n in gm.graph.nodes:
+        if n in needed:
+            env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(env[node.args[0]])
+    return fx.GraphModule(gm, graph)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
 
 
 def frozen_pass_model(model: nn.Module, precision: Precision) -> nn.Module:

@@ -1,0 +1,112 @@
+"""The frozen pass's compiled-prefix path (frozen_pass.FastPrefix): the prefix torch.fx cuts out computes the
+boundary's input exactly; the TorchScript bf16 prefix stays within bf16 tolerance of fp32 eager; a prefix that
+disagrees with eager on the first batch is dropped for eager with the reason; fp32 never takes it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.models import mobilenet_v3_small, resnet18
+from trainer_util import tiny_spec
+
+from finetune_trainer import frozen_pass
+from finetune_trainer.engine import Compute, Precision
+from finetune_trainer.features import build_prefix, extract, folded_copy, frozen_pass_model
+from finetune_trainer.fit import fit
+from finetune_trainer.model import new_model
+from finetune_trainer.report import Reporter
+
+pytestmark = pytest.mark.unit
+
+FP32 = Compute(torch.device("cpu"), Precision("fp32", None, "cpu"))
+BF16 = Compute(torch.device("cpu"), Precision("bf16", torch.bfloat16, "cpu"), channels_last=True)
+needs_bf16 = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not built in")
+
+
+def _pretrained_like(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    for m in model.modules():  # non-trivial statistics, as a pretrained backbone has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _loader(n: int = 16, size: int = 32) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    return DataLoader(TensorDataset(torch.rand(n, 3, size, size, generator=g), torch.arange(n) % 3), batch_size=8)
+
+
+CASES = [(lambda: resnet18(num_classes=5), "fc"), (lambda: resnet18(num_classes=5), "layer4"),
+         (lambda: mobilenet_v3_small(num_classes=5), "classifier"),
+         (lambda: new_model("test_efficientnet", "timm"), "classifier")]
+
+
+@pytest.mark.parametrize("make,boundary", CASES, ids=["resnet-fc", "resnet-layer4", "mobilenet", "timm"])
+def test_the_cut_out_prefix_computes_exactly_the_boundarys_input(make, boundary) -> None:
+    model = _pretrained_like(make())
+    prefix = build_prefix(model, boundary)
+    assert prefix is not None
+    hooked, _ = extract(model, boundary, _loader(), FP32)
+    with torch.inference_mode():
+        cut = torch.cat([prefix(x) for x, _ in _loader()])
+    assert torch.equal(cut, hooked)
+    assert all(a is b for a, b in zip(prefix.parameters(), model.parameters(), strict=False))  # shared, not copied
+
+
+@needs_bf16
+@pytest.mark.parametrize("make,boundary", CASES, ids=["resnet-fc", "resnet-layer4", "mobilenet", "timm"])
+def test_the_compiled_bf16_prefix_is_within_bf16_tolerance_of_fp32_eager(make, boundary) -> None:
+    model = _pretrained_like(make())
+    reference, labels = extract(model, boundary, _loader(), FP32)
+    frozen = frozen_pass_model(model, BF16.precision)
+    fast = frozen_pass.FastPrefix(build_prefix(frozen, boundary))
+    got, got_labels = extract(frozen, boundary, _loader(), BF16, fast=fast)
+    assert fast.describe()["path"] == frozen_pass.PATH, fast.reason
+    assert torch.equal(got_labels, labels) and got.shape == reference.shape and got.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: a few per cent of the largest activation after a dozen layers.
+    assert (got - reference).abs().max() <= 0.05 * reference.abs().max()
+    eager, _ = extract(frozen, boundary, _loader(), BF16)  # the eager bf16 pass: as close to fp32
+    assert (got - eager).abs().max() <= frozen_pass.TOLERANCE * eager.abs().max()
+
+
+@needs_bf16
+def test_a_prefix_that_disagrees_with_eager_is_dropped_for_eager(monkeypatch) -> None:
+    model = _pretrained_like(resnet18(num_classes=5))
+    frozen = frozen_pass_model(model, BF16.precision)
+    eager, _ = extract(frozen, "fc", _loader(), BF16)
+    fast = frozen_pass.FastPrefix(build_prefix(frozen, "fc"))
+    real = frozen_pass.FastPrefix.__call__
+    monkeypatch.setattr(frozen_pass.FastPrefix, "__call__", lambda self, x: real(self, x) * 1.5)  # a broken kernel
+    got, _ = extract(frozen, "fc", _loader(), BF16, fast=fast)
+    assert torch.equal(got, eager)
+    assert fast.describe()["path"] == "eager" and "disagreed with eager" in fast.reason
+
+
+def test_a_prefix_that_cannot_be_compiled_leaves_the_pass_eager() -> None:
+    model = _pretrained_like(resnet18(num_classes=5))
+    frozen = folded_copy(model)
+    fast = frozen_pass.FastPrefix(torch.nn.Module())  # no forward: tracing fails
+    eager, _ = extract(frozen, "fc", _loader(), BF16)
+    got, _ = extract(frozen, "fc", _loader(), BF16, fast=fast)
+    assert torch.equal(got, eager) and fast.describe() == {
+        "path": "eager", "reason": "TorchScript could not compile the frozen part (NotImplementedError)"}
+
+
+def test_the_fast_path_applies_to_bf16_on_the_cpu_only() -> None:
+    assert frozen_pass.intended(BF16)
+    assert not frozen_pass.intended(FP32)
+    assert not frozen_pass.intended(Compute(torch.device("cuda"), Precision("bf16", torch.bfloat16, "cuda")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,path", [("fp32", "eager"), ("bf16", frozen_pass.PATH)])
+def test_model_json_records_how_the_frozen_pass_ran(tmp_path, precision, path) -> None:
+    if precision == "bf16" and not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN is not built in")
+    fit(tiny_spec(tmp_path, **{"training.precision": precision, "training.epochs": 1}), Reporter(), tmp_path)
+    cache = json.loads((tmp_path / "model.json").read_text())["featureCache"]
+    assert cache["frozenPass"]["path"] == path, cache
