@@ -23,8 +23,8 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 CRD = ROOT / "charts/finetune-operator/crds/finetunejobs.finetune.dev.yaml"
-EXPECTED = {"augmentation-cpu.yaml", "cpu-demo.yaml", "gpu-resnet50.yaml", "gpu-timm-convnext.yaml",
-            "mlp-head-cpu.yaml", "multi-worker-cpu.yaml", "partial-unfreeze.yaml", "schedules-cpu.yaml",
+EXPECTED = {"augmentation-cpu.yaml", "augmented-views-cpu.yaml", "cpu-demo.yaml", "gradual-unfreezing-cpu.yaml",
+            "gpu-resnet50.yaml", "gpu-timm-convnext.yaml", "mlp-head-cpu.yaml", "multi-worker-cpu.yaml", "partial-unfreeze.yaml", "schedules-cpu.yaml",
             "suspended-kueue.yaml"}
 
 
