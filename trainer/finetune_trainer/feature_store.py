@@ -100,8 +100,9 @@ def save(output: Path, key: str, train: Pair, val: Pair) -> Path:
 
 
 def discard(output: Path) -> None:
-    """Delete every cached feature file (after the export: they can be gigabytes)."""
-    for path in (output / CACHE_DIR).glob(f"{PREFIX}*.pt"):
+    """Delete every cached feature file, and the teacher outputs beside them (after the export: no retry
+    needs them, and they can be gigabytes)."""
+    for path in (output / CACHE_DIR).glob("*.pt"):
         path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         (output / CACHE_DIR).rmdir()

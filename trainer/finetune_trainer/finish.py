@@ -59,6 +59,10 @@ def write_result(output: Path, spec: FineTuneJobSpec, name: str, model: nn.Modul
         model.load_state_dict(weights, strict=False)
     evaluation = _evaluate_best(output, model, splits, built, env, state.history, spec)
     reporter.event("message", level="info", text=evaluation["summary"])
+    if "distillation" in extra:  # the student's own scores beside its teacher's
+        test = evaluation["accuracy"] if evaluation.get("split") == "test" else None
+        extra = {**extra, "distillation": {**extra["distillation"], "student": {
+            "valAccuracy": best["valAccuracy"], "testAccuracy": test}}}
     meta = write_export(
         output, model, name=name, spec=spec, classes=splits.classes, preprocessing=built.preprocessing,
         best=best, history=state.history, evaluation=evaluation, extra={

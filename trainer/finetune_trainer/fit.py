@@ -23,6 +23,7 @@ from finetune_api.errors import JobFileError, Preempted
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import checkpoint as ckpt
 from finetune_trainer.data import build_dataloaders, load_splits
+from finetune_trainer.distill import Distiller
 from finetune_trainer.distributed import Dist
 from finetune_trainer.engine import EpochStart, EpochStats, evaluate, train_one_epoch
 from finetune_trainer.feature_cache import CacheInputs, prepare
@@ -77,14 +78,17 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
     if previous is not None:
         reporter.event("message", level="info", text=f"{output} already holds a finished export of this spec")
         return result_from_export(output, previous, reused=True)
+    distiller = Distiller.create(spec, splits.classes, built, plan)  # the teacher, checked before anything is written
 
     env = Env.create(spec, model, device=device)
     loaders = build_dataloaders(splits, built.preprocessing, spec.dataset, batch, pin_memory=env.device.type == "cuda",
                                 num_replicas=dist.world, rank=dist.rank)
     optimizer = build_optimizer(param_groups(model, plan, t, spec.freeze.backbone_lr_scale,
                                              spec.freeze.layerwise_lr_decay), t)
+    distiller.join(optimizer, env.device)
     state = TrainState(model, optimizer, build_scheduler(optimizer, t), env.scaler(),
                        frozen_digest=_frozen_digest_everywhere(model, dist))  # frozen part: hashed once
+    state.aux = distiller.projection  # distillation's feature projection: checkpointed, never exported
     resumed = _resume(output, spec, state, reporter, dist)
     prepared = prepare(spec, model, plan, loaders, env, batch, dist,
                        CacheInputs(splits, built.preprocessing, state.frozen_digest, output), needed=not state.done(t),
@@ -92,9 +96,11 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
                                                             state, output, dist, batch))
     if prepared.note:
         reporter.event("message", level="info", text=prepared.note)
+    prepared = distiller.prepare(prepared, loaders[0], env, batch, dist, CacheInputs(
+        splits, built.preprocessing, state.frozen_digest, output), reporter, needed=not state.done(t))
     if t.ema is not None:
         state.attach_ema(prepared.net, t.ema.decay)
-    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    criterion = distiller.loss(nn.CrossEntropyLoss(label_smoothing=t.label_smoothing))  # the task loss in evaluate
     on_log = _step_reporter(reporter, t.epochs, state.epoch, dist.world)
     average = (lambda: state.ema.update_parameters(prepared.net)) if state.ema is not None else None
 
@@ -130,7 +136,7 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
         if should_stop() and state.epoch < t.epochs:
             raise Preempted(f"stopped after epoch {epoch}; its checkpoint is saved, a restart resumes there")
 
-    extra = {"featureCache": prepared.describe(), **env.describe(),
+    extra = {"featureCache": prepared.describe(), **env.describe(), **distiller.describe(),
              **({"distributed": _parallel(dist, batch)} if dist.active else {})}
     meta = dist.from_main(lambda: write_result(output, spec, name, model, built, splits, state, env, resumed,
                                                reporter, extra))

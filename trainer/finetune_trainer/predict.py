@@ -17,6 +17,14 @@ from finetune_trainer.export import META_FILE, sha256_file
 from finetune_trainer.model import new_model, replace_head
 
 
+def rebuild_model(meta: dict, weights: Path) -> torch.nn.Module:
+    """The exported network from model.json's architecture, library and head, with its weights, in eval mode."""
+    model = new_model(meta["architecture"], meta.get("library", "torchvision"))
+    replace_head(model, meta["numClasses"], Head.model_validate(meta.get("head", {})))
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
 @dataclass
 class Predictor:
     model: torch.nn.Module
@@ -33,11 +41,7 @@ class Predictor:
         weights = folder / meta["weightsFile"]
         if verify and sha256_file(weights) != meta["sha256"]:
             raise JobFileError(f"--model: {weights} does not match the sha256 in {META_FILE}")
-        model = new_model(meta["architecture"], meta.get("library", "torchvision"))
-        replace_head(model, meta["numClasses"], Head.model_validate(meta.get("head", {})))
-        model.load_state_dict(load_file(str(weights)))
-        model.eval()
-        return cls(model, meta["classes"], Preprocessing.from_json(meta["preprocessing"]))
+        return cls(rebuild_model(meta, weights), meta["classes"], Preprocessing.from_json(meta["preprocessing"]))
 
     @torch.inference_mode()
     def predict(self, images: list[Image.Image], top: int = 1) -> list[list[tuple[str, float]]]:

@@ -113,6 +113,7 @@ class TrainState:
     ema_best_state: dict[str, torch.Tensor] | None = None  # its weights then, named as in `model`
     _ema_names: dict[str, str] = field(default_factory=dict)  # the average's tensor names → the model's
     _saved_ema: dict | None = None  # a resumed checkpoint's average, loaded once attach_ema builds it
+    aux: nn.Module | None = None  # trains beside the model, checkpointed, never exported (distillation projection)
     # What is saved and restored as "the trainable part": fixed when the state is made (with the widest freeze
     # plan applied), so under gradual unfreezing the best epoch's weights and every checkpoint hold the stages
     # that train later too, whatever trains at the moment.
@@ -187,6 +188,7 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "best": {k: getattr(self, k) for k in _BEST}, "best_state": self.best_state,
             "history": self.history, "resumeCount": self.resume_count,
+            "aux": None if self.aux is None else self.aux.state_dict(),
             "ema": None if self.ema is None else {
                 "model": trainable_state(self.ema.module), "nAveraged": int(self.ema.n_averaged),
                 "best": self.ema_best, "bestState": self.ema_best_state},
@@ -203,5 +205,7 @@ class TrainState:
             setattr(self, k, v)
         self.best_state, self.history, self.epoch = state["best_state"], state["history"], state["epoch"]
         self.resume_count = state.get("resumeCount", 0) + 1
+        if self.aux is not None and state.get("aux"):
+            self.aux.load_state_dict(state["aux"])
         if saved := state.get("ema"):
             self.ema_best, self.ema_best_state, self._saved_ema = saved["best"], saved["bestState"], saved
