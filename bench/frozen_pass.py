@@ -1,0 +1,158 @@
+"""The frozen pass's candidate paths side by side: img/s and preparation time for each, on the same model and data.
+
+The model is the demo's real ImageNet backbone (EfficientNet-Lite0 from a PyPI wheel, as timm's
+tf_efficientnet_lite0) cut at its classifier (pooled penultimate features, what a head-only fine-tune caches)
+or before its last stage (`--boundary last-stage`, what `partial` caches), with BatchNorms folded as the
+trainer folds them. Inputs are random images already in memory, so the rows time the network alone: the
+best row is "the limit". Then the trainer's own frozen pass in a real head-only run on the demo's photos
+(decoding and resizing included) is timed from its log line, and compared with the limit.
+
+    .venv/bin/python bench/frozen_pass.py [--size 224] [--batch 32] [--batches 6] [--no-compile]
+
+Rows: fp32 eager; bf16 autocast (the eager pass the trainer falls back to); bf16 weights eager; bf16
+TorchScript trace + freeze + optimize_for_inference (the trainer's fast path, frozen_pass.FastPrefix);
+torch.compile (inductor, bf16 weights) unless --no-compile; on CUDA (--device cuda) the same rows there.
+Numbers, not asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from finetune_api.spec import parse_spec
+from finetune_trainer import features, frozen_pass
+from finetune_trainer.demo import prepare
+from finetune_trainer.fit import fit
+from finetune_trainer.freeze import plan_freeze
+from finetune_trainer.model import build_model
+from finetune_trainer.report import Reporter
+
+
+class _Log(Reporter):
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def event(self, kind, **f):
+        if kind == "message":
+            self.texts.append(f["text"])
+
+
+def _spec(args, weights: Path, data: Path, out: Path, epochs: int = 1):
+    return parse_spec({
+        "model": {"library": "timm", "architecture": "tf_efficientnet_lite0",
+                  "weights": {"source": "file", "path": str(weights)}},
+        "dataset": {"path": str(data), "imageSize": args.size},
+        "freeze": {"policy": "head"} if args.boundary == "head" else {"policy": "partial", "trainableStages": 1},
+        "training": {"epochs": epochs, "batchSize": args.batch, "device": args.device, "seed": 0,
+                     "logEverySteps": 1000},
+        "output": {"path": str(out)},
+    })
+
+
+def _time(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batches: int, sync) -> float:
+    with torch.inference_mode():
+        run(x)  # warm-up: first-call allocations, oneDNN primitive creation
+        sync()
+        start = time.perf_counter()
+        for _ in range(batches):
+            run(x)
+        sync()
+    return batches * x.shape[0] / (time.perf_counter() - start)
+
+
+def candidates(model, boundary: str, x: torch.Tensor, compile_too: bool) -> dict[str, Callable]:
+    """name -> a function that prepares the path and returns what runs a batch."""
+    device = x.device
+    folded = features.folded_copy(copy.deepcopy(model).eval()).to(device)
+    prefix = features.build_prefix(folded, boundary)
+    bf16 = copy.deepcopy(prefix).to(torch.bfloat16).eval()
+
+    def autocast(x):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return prefix(x)
+
+    def scripted():
+        fast = frozen_pass.FastPrefix(prefix)
+        fast.compile(x)  # traced at the real input size, as the trainer does on its first batch
+        return fast
+
+    def compiled():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.compile(bf16)
+
+    rows = {
+        "fp32 eager": lambda: prefix,
+        "bf16 autocast, eager (the fallback)": lambda: autocast,
+        "bf16 weights, eager": lambda: (lambda x: bf16(x.to(torch.bfloat16))),
+        "bf16 TorchScript fused (the trainer's fast path)": scripted,
+    }
+    if compile_too:
+        compiled_model = {}
+        rows["bf16 torch.compile (inductor)"] = lambda: (lambda x: compiled_model.setdefault(
+            "m", compiled())(x.to(torch.bfloat16)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--boundary", choices=["head", "last-stage"], default="head")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--demo-output", type=Path, default=Path("demo-output"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    weights, data = prepare(args.demo_output)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = _spec(args, weights, data, Path(tmp) / "model")
+        built = build_model(spec, 11)
+        plan = plan_freeze(built.model, built.head_name, spec.freeze)
+        boundary = built.head_name if args.boundary == "head" else \
+            next(s for s in plan.stages if s.name in plan.trainable_stages).modules[0]
+        x = torch.rand(args.batch, 3, args.size, args.size, device=device).contiguous(
+            memory_format=torch.channels_last)
+        rows = []
+        for name, make in candidates(built.model, boundary, x, not args.no_compile).items():
+            start = time.perf_counter()
+            run = make()
+            if name.startswith("bf16 torch.compile"):
+                _time(run, x, 1, sync)  # compilation happens on the first call: count it as preparation
+            prep = time.perf_counter() - start
+            rows.append((name, _time(run, x, args.batches, sync), prep))
+        limit = max(r[1] for r in rows)
+        # The trainer's own frozen pass in a real run over the demo's 605 photos (decode + resize included).
+        log = _Log()
+        out = Path(tmp) / "run"
+        start = time.perf_counter()
+        fit(_spec(args, weights, data, out), log, out)
+        whole = time.perf_counter() - start
+        line = next(t for t in log.texts if t.startswith("frozen-part outputs"))
+        images, seconds = (float(v) for v in re.search(r"for (\d+) images.* in ([\d.]+)s", line).groups())
+        how = json.loads((out / "model.json").read_text())["featureCache"]["frozenPass"]["path"]
+    print(f"tf_efficientnet_lite0 to {boundary} ({args.boundary}), {args.size} px, batch {args.batch}, "
+          f"{args.device}, {torch.get_num_threads()} threads")
+    print("| path | img/s | preparation s | of the limit |\n|---|---|---|---|")
+    for name, rate, prep in rows:
+        print(f"| {name} | {rate:.1f} | {prep:.2f} | {rate / limit:.0%} |")
+    rate = images / seconds
+    print(f"| the trainer's frozen pass in a real run ({how}; {int(images)} photos, decoding included) | "
+          f"{rate:.1f} | — | {rate / limit:.0%} |")
+    print(f"whole fit() of 1 epoch: {whole:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
