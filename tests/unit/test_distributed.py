@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 from trainer_util import tiny_spec
 
 from finetune_api.errors import EXIT_INVALID_JOB, EXIT_OK, EXIT_PREEMPTED, JobFileError
@@ -29,9 +31,11 @@ from finetune_operator.parsed import FineTuneJob
 from finetune_operator.settings import Settings
 from finetune_trainer.data import build_dataloaders, load_splits
 from finetune_trainer.distributed import Dist
+from finetune_trainer.engine import Compute, Precision, evaluate
 from finetune_trainer.fit import fit
 from finetune_trainer.launch import exit_code
 from finetune_trainer.model import build_model
+from finetune_trainer.predict import Predictor
 from finetune_trainer.report import Reporter
 
 pytestmark = pytest.mark.unit
@@ -309,3 +313,33 @@ def test_a_timm_model_trains_with_two_workers_like_one(tmp_path: Path, groups) -
     assert meta["library"] == "timm" and meta["distributed"]["workers"] == 2
     assert [h["trainLoss"] for h in meta["history"]] == pytest.approx(
         [h["trainLoss"] for h in single.history], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_gradual_unfreezing_rewraps_ddp_when_a_stage_unfreezes(tmp_path: Path, groups) -> None:
+    """freeze.schedule under torchrun: DistributedDataParallel is rebuilt over the new trainable set (a
+    stage DDP did not register would train unsynchronised, one it registered without gradients would hang
+    or fail the reduction), and the frozen stages stay as initialised."""
+    schedule = {"policy": "head", "schedule": [{"epoch": 2, "trainableStages": 1}]}
+    spec = {**job_spec(tmp_path / "out2", epochs=2), "freeze": schedule}
+    untrained = {**spec, "output": {"path": str(tmp_path / "out1")}, "workers": 1, "freeze": {"policy": "head"}}
+    fit(parse_spec(untrained), Reporter(), tmp_path / "out1")  # the same initial weights; only fc trains
+    group = groups(tmp_path, spec)
+    seen = list(group.events())
+    assert group.wait() == [EXIT_OK, EXIT_OK], group.stderr(0) + group.stderr(1)
+    texts = [e["text"] for e in seen if e["event"] == "message" and "freeze.schedule" in e["text"]]
+    assert texts == ["freeze.schedule, epoch 1: backbone frozen, training fc",
+                     "freeze.schedule, epoch 2: training layer4 and fc"]
+    two, one = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("out2", "out1"))
+    assert all(torch.equal(two[k], one[k]) for k in two if k.startswith("layer3."))  # frozen throughout
+    assert any(not torch.equal(two[k], one[k]) for k in two if k.startswith("layer4."))  # trained from epoch 2
+    # Each rank evaluated its val shard with its own weights: only if DDP kept layer4 in sync do rank 0's
+    # weights alone, on the whole val set, give the loss the group recorded for the last epoch.
+    meta = json.loads((tmp_path / "out2" / "model.json").read_text())
+    assert meta["bestEpoch"] == 2, "the export is epoch 2's weights"
+    parsed = parse_spec(spec)
+    splits = load_splits(parsed.dataset, 0)
+    _, val = build_dataloaders(splits, build_model(parsed, len(splits.classes)).preprocessing, parsed.dataset, 32)
+    cpu = Compute(torch.device("cpu"), Precision("fp32", None, "cpu"))
+    ev = evaluate(Predictor.load(tmp_path / "out2").model, val, torch.nn.CrossEntropyLoss(), cpu, len(splits.classes))
+    assert ev.loss == pytest.approx(meta["history"][-1]["valLoss"], rel=1e-4)
