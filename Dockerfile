@@ -1,7 +1,10 @@
-# Two images from one file (BuildKit: `docker buildx build`, or DOCKER_BUILDKIT=1 with Docker >= 20.10):
+# Three images from one file (BuildKit: `docker buildx build`, or DOCKER_BUILDKIT=1 with Docker >= 20.10):
 #
 #   docker build --target operator -t finetune-operator:0.1.0 .   # kopf operator, no torch (small)
 #   docker build --target trainer  -t finetune-trainer:0.1.0 .    # torch + torchvision, CPU build by default
+#   docker build --target serve    -t finetune-serve:0.1.0 .      # finetune-serve for ONNX exports: kserve +
+#                                                                  # onnxruntime, no torch (the trainer image
+#                                                                  # also has finetune-serve, for any export)
 #
 # Build arguments:
 #   BASE_IMAGE       any Debian-based image with python3 (>= 3.11) and its venv module. Default: the public
@@ -30,17 +33,19 @@ COPY hack/images/constraints.txt /tmp/constraints.txt
 # (and setuptools' build/ dir, whose newer files would shadow the real ones) are removed after use.
 WORKDIR /src
 COPY pyproject.toml README.md ./
-RUN mkdir -p api/finetune_api trainer/finetune_trainer operator/finetune_operator \
- && touch api/finetune_api/__init__.py trainer/finetune_trainer/__init__.py operator/finetune_operator/__init__.py
+RUN mkdir -p api/finetune_api trainer/finetune_trainer operator/finetune_operator serve/finetune_serve \
+ && touch api/finetune_api/__init__.py trainer/finetune_trainer/__init__.py operator/finetune_operator/__init__.py \
+          serve/finetune_serve/__init__.py
 
 # ------------------------------------------------------------------------------------------ operator build
 FROM venv AS operator-build
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install '.[operator]' && pip uninstall -y finetune-operator \
- && rm -rf build api trainer operator ./*.egg-info
+ && rm -rf build api trainer operator serve ./*.egg-info
 COPY api/ api/
 COPY trainer/ trainer/
 COPY operator/ operator/
+COPY serve/ serve/
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps . \
  && pip uninstall -y pip setuptools wheel \
@@ -55,15 +60,32 @@ RUN --mount=type=cache,target=/root/.cache/pip \
       pip install --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple torch torchvision; \
     fi \
  && pip install '.[trainer]' && pip uninstall -y finetune-operator \
- && rm -rf build api trainer operator ./*.egg-info
+ && rm -rf build api trainer operator serve ./*.egg-info
 COPY api/ api/
 COPY trainer/ trainer/
 COPY operator/ operator/
+COPY serve/ serve/
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps . \
  && pip uninstall -y pip setuptools wheel \
  && python3 -m compileall -q -j 0 -x 'torch/testing/_internal/py3[0-9]+_' /opt/venv \
  && ! python3 -c "import kopf" 2>/dev/null
+
+# --------------------------------------------------------------------------------------------- serve build
+FROM venv AS serve-build
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install '.[serve]' && pip uninstall -y finetune-operator \
+ && rm -rf build api trainer operator serve ./*.egg-info
+COPY api/ api/
+COPY trainer/ trainer/
+COPY operator/ operator/
+COPY serve/ serve/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps . \
+ && pip uninstall -y pip setuptools wheel \
+ && python3 -m compileall -q -j 0 /opt/venv \
+ && ! python3 -c "import torch" 2>/dev/null \
+ && python3 -c "import finetune_serve.server, finetune_serve.predictor, onnxruntime"
 
 # ---------------------------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
@@ -98,3 +120,16 @@ USER 1000:1000
 WORKDIR /tmp
 ENTRYPOINT ["finetune-train"]
 CMD ["--help"]
+
+# ----------------------------------------------------------------------------------------- serve image
+# KServe mounts an InferenceService's storageUri at /mnt/models: point it at the export folder (model.json).
+FROM runtime AS serve
+LABEL org.opencontainers.image.title="finetune-serve" \
+      org.opencontainers.image.description="KServe predictor for FineTuneJob ONNX exports (no torch)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=serve-build /opt/venv /opt/venv
+USER 1000:1000
+WORKDIR /tmp
+EXPOSE 8080 8081
+ENTRYPOINT ["finetune-serve"]
+CMD ["--model", "/mnt/models"]

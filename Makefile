@@ -16,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[trainer,operator,dev,demo]'
+	$(PY) -m pip install -q -e '.[trainer,operator,serve,dev,demo]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

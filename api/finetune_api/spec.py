@@ -41,6 +41,7 @@ from finetune_api.distill import Distillation, Teacher  # noqa: F401
 from finetune_api.errors import JobFileError, format_validation_error
 from finetune_api.freeze import Freeze, UnfreezeStep  # noqa: F401
 from finetune_api.head import Head
+from finetune_api.output import FORMATS, Output, Parity  # noqa: F401  (re-exported: spec.output)
 
 API_GROUP = "finetune.dev"
 API_VERSION = "v1alpha1"
@@ -143,15 +144,6 @@ class Training(_Model):
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"training.warmupEpochs ({self.warmup_epochs}) must be below training.epochs "
                              f"({self.epochs})")
-        return self
-
-
-class Output(_Model):
-    path: PathStr = Field("/output", description="checkpoints/, the exported weights and model.json")
-
-    @model_validator(mode="after")
-    def _safe(self) -> Output:
-        _no_parent_segments(self.path)
         return self
 
 

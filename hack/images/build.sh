@@ -2,7 +2,7 @@
 # Build both images from the local base image (no registry needed):
 #
 #   hack/images/build.sh                 # finetune-operator:$TAG and finetune-trainer:$TAG
-#   hack/images/build.sh operator        # one target
+#   hack/images/build.sh operator        # one target (operator, trainer or serve)
 #   hack/images/build.sh --freeze        # rewrite hack/images/constraints.txt from .venv
 #
 # Steps: start the private Docker engine if none is reachable (dockerd.sh), make the base image
@@ -48,7 +48,7 @@ fi
 base="${FINETUNE_BASE_IMAGE:-$("$here/build-base.sh")}"
 
 for target in "${targets[@]}"; do
-  case "$target" in operator|trainer) ;; *) echo "build.sh: unknown target $target" >&2; exit 2 ;; esac
+  case "$target" in operator|trainer|serve) ;; *) echo "build.sh: unknown target $target" >&2; exit 2 ;; esac
   image="finetune-$target:$tag"
   args=(build "$root" --target "$target" --tag "$image" --build-arg "BASE_IMAGE=$base")
   [[ $target == trainer ]] && args+=(--build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}")

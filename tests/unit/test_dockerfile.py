@@ -39,7 +39,7 @@ def test_two_targets_from_a_base_image_argument() -> None:
     assert all(f == "${BASE_IMAGE}" or f in s for f in froms), f"every stage starts from BASE_IMAGE: {froms}"
 
 
-@pytest.mark.parametrize("target, uid", [("operator", 65532), ("trainer", 1000)])
+@pytest.mark.parametrize("target, uid", [("operator", 65532), ("trainer", 1000), ("serve", 1000)])
 def test_final_stages_are_non_root_and_hold_no_build_tools(target: str, uid: int) -> None:
     body = "\n".join(stages()[target])
     users = re.findall(r"^USER\s+(\d+)(?::(\d+))?$", body, re.MULTILINE)
@@ -78,7 +78,15 @@ def test_dockerignore_sends_only_what_the_build_needs() -> None:
     lines = [x.strip() for x in (ROOT / ".dockerignore").read_text().splitlines() if x.strip() and x[0] != "#"]
     assert lines[0] == "*", "allow-list: nothing but the listed paths reaches the build context"
     allowed = {x[1:].rstrip("/") for x in lines if x.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "api", "trainer", "operator", "hack/images/constraints.txt"}
+    assert allowed == {"pyproject.toml", "README.md", "api", "trainer", "operator", "serve",
+                       "hack/images/constraints.txt"}
     for copied in re.findall(r"^COPY\s+(?!--from)(.+?)\s+\S+$", TEXT, re.MULTILINE):
         for src in copied.split():
             assert src.rstrip("/") in allowed, f"COPY {src} is excluded by .dockerignore"
+
+
+def test_the_serve_image_installs_kserve_and_onnxruntime_and_proves_it_has_no_torch() -> None:
+    build = " ".join(stages()["serve-build"])
+    assert ".[serve]" in build and ".[trainer]" not in build and "TORCH_INDEX_URL" not in build
+    assert '! python3 -c "import torch"' in build and "import finetune_serve.server" in build
+    assert 'ENTRYPOINT ["finetune-serve"]' in " ".join(stages()["serve"])

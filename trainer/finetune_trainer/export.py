@@ -1,4 +1,4 @@
-"""The export: `model.safetensors` + `model.json`, each written atomically, model.json last.
+"""The export: `model.safetensors` (+ the portable formats) + `model.json`, each written atomically, model.json last.
 
 model.json is the commit marker: a reader that finds it can trust the weights file next to it
 (its sha256 is inside). A run killed mid-export leaves the previous export intact or none.
@@ -60,7 +60,10 @@ def write_export(
     history: list[dict],
     extra: dict[str, Any],
     evaluation: dict[str, Any] | None = None,
+    formats: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`formats`: the portable graphs already written and parity-checked (portable.write_graphs); with any,
+    model.json lists them and a MODEL_CARD.md is written before model.json commits the export."""
     weights = output / WEIGHTS_FILE
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"architecture": spec.model.architecture}))
@@ -91,5 +94,10 @@ def write_export(
         "spec": spec.to_wire(),
         **extra,
     }
+    if formats:
+        from finetune_trainer.model_card import write_card
+
+        meta["formats"] = {"safetensors": {"file": WEIGHTS_FILE, "sha256": meta["sha256"]}, **formats}
+        meta["modelCard"] = write_card(output, meta)
     atomic_write(output / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return meta

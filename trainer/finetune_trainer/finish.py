@@ -18,6 +18,7 @@ from finetune_trainer.data import Splits, eval_loader
 from finetune_trainer.export import read_export, write_export
 from finetune_trainer.model import BuiltModel
 from finetune_trainer.model_report import predict_probabilities, write_report
+from finetune_trainer.portable import write_graphs
 from finetune_trainer.report import Reporter
 from finetune_trainer.runtime import Env
 from finetune_trainer.train_state import TrainState
@@ -45,8 +46,9 @@ def finished_export(output: Path, spec: FineTuneJobSpec) -> dict | None:
     if previous and previous.get("fingerprint") != spec.resume_fingerprint():
         raise JobFileError(f"{output} already holds a model exported from a different spec; it is kept — "
                            "use a new output path or remove that model")
-    if previous and previous.get("epochs", 0) >= spec.training.epochs:
-        return previous
+    missing = set(spec.output.formats) - {"safetensors", *previous.get("formats", {})} if previous else set()
+    if previous and previous.get("epochs", 0) >= spec.training.epochs and not missing:
+        return previous  # a format asked for after the run: the export is written again, from the checkpoint
     return None
 
 
@@ -63,9 +65,10 @@ def write_result(output: Path, spec: FineTuneJobSpec, name: str, model: nn.Modul
         test = evaluation["accuracy"] if evaluation.get("split") == "test" else None
         extra = {**extra, "distillation": {**extra["distillation"], "student": {
             "valAccuracy": best["valAccuracy"], "testAccuracy": test}}}
+    formats = write_graphs(output, model, built.preprocessing, spec.output, splits.val, name, splits.classes)
     meta = write_export(
         output, model, name=name, spec=spec, classes=splits.classes, preprocessing=built.preprocessing,
-        best=best, history=state.history, evaluation=evaluation, extra={
+        best=best, history=state.history, evaluation=evaluation, formats=formats, extra={
             "weightsSource": built.weights_note,
             "freeze": {"policy": spec.freeze.policy, "headModule": built.head_name},
             "dataset": {"source": splits.source, "train": len(splits.train), "val": len(splits.val),
