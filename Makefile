@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 TESTENV := hack/testenv
 
-.PHONY: demo test venv lint fmt crd deploy chart-test images image-test unit integration e2e e2e-kubelet testenv cluster-up kind-e2e bench clean
+.PHONY: demo demo-distill test venv lint fmt crd deploy chart-test images image-test unit integration e2e e2e-kubelet testenv cluster-up kind-e2e bench clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m finetune_trainer.demo --output $(DEMO_OUT)
+
+# Knowledge distillation: the fine-tuned ImageNet model teaches a small random-init student (with/without side by side).
+demo-distill: $(STAMP)
+	$(PY) -m finetune_trainer.demo --distill --output $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -118,8 +118,9 @@ def test_teachers_that_cannot_teach_are_one_line_each(tmp_path, teacher_export):
         fit(student(out, teacher_export, type="feature"), Reporter(), out)  # head policy, one Linear
     assert not out.exists()
     # teacher.model with its export's model.json beside the weights file is the same teacher
+    weights = {"source": "file", "path": str(teacher_export / "model.safetensors")}
     spec = tiny_spec(out, **{"training.epochs": 1, "distillation": {"teacher": {"model": {
-        "architecture": "resnet18", "weights": {"source": "file", "path": str(teacher_export / "model.safetensors")}}}}})
+        "architecture": "resnet18", "weights": weights}}}})
     fit(spec, Reporter(), out)
     section = json.loads((out / "model.json").read_text())["distillation"]
     assert section["teacher"]["sha256"] == json.loads((teacher_export / "model.json").read_text())["sha256"]
@@ -175,3 +176,51 @@ def test_cached_teacher_outputs_train_what_per_batch_outputs_train_in_fp32(tmp_p
     for k in ("fc.weight", "layer4.1.conv2.weight", "conv1.weight"):
         assert torch.allclose(a[k], b[k], atol=1e-4), k
     assert metas[0]["history"][-1]["trainLoss"] == pytest.approx(metas[1]["history"][-1]["trainLoss"], rel=1e-4)
+
+
+# ---------------------------------------------------------------- the point of it all
+
+FIVE = ["0", "1", "2", "3", "4"]
+FEW = 5  # labelled training images per class for the student
+MARGIN = 0.03  # val accuracy points the distilled student must gain, on each seed
+
+
+@pytest.fixture(scope="module")
+def strong_teacher(tmp_path_factory) -> Path:
+    """resnet18 (random frozen stem and layers 1-3, cached) whose layer4 + head learnt digits 0-4 from 100
+    images per class: about 95 % val accuracy."""
+    out = tmp_path_factory.mktemp("strong")
+    fit(tiny_spec(out, **{"dataset.classes": FIVE, "dataset.maxImagesPerClass": 100, "freeze.policy": "partial",
+                          "training.epochs": 5, "training.learningRate": 0.003, "training.precision": "fp32"}),
+        Reporter(), out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_distilled_student_beats_the_same_student_without_distillation(tmp_path, strong_teacher, seed):
+    """The regime distillation is for (Hinton et al. 2015, §3 "soft targets as regularizers"): a student with
+    only FEW labels per class, and a teacher that learnt from twenty times as many. Same student, data, seed
+    and schedule; the only difference is spec.distillation (soft, T=4, alpha=0.5: the defaults)."""
+    common = {"dataset.classes": FIVE, "dataset.maxImagesPerClass": FEW, "freeze.policy": "partial",
+              "training.epochs": 20, "training.batchSize": 16, "training.learningRate": 0.003,
+              "training.precision": "fp32", "training.seed": seed}
+    plain = fit(tiny_spec(tmp_path / "plain", **common), Reporter(), tmp_path / "plain")
+    taught = fit(tiny_spec(tmp_path / "kd", **common, distillation={"teacher": {"fromJob": str(strong_teacher)}}),
+                 Reporter(), tmp_path / "kd")
+    section = json.loads((tmp_path / "kd" / "model.json").read_text())["distillation"]
+    assert section["teacherValAccuracy"] > 0.9
+    assert section["student"]["valAccuracy"] == taught.val_accuracy
+    assert taught.val_accuracy >= plain.val_accuracy + MARGIN, (plain.val_accuracy, taught.val_accuracy)
+
+
+def test_the_example_pair_parses_and_the_student_points_at_the_teachers_output() -> None:
+    import yaml
+
+    from finetune_api.spec import parse_job
+
+    root = Path(__file__).resolve().parents[2] / "examples" / "distillation"
+    teacher_job, student_job = (parse_job(yaml.safe_load((root / f).read_text())) for f in ("teacher.yaml",
+                                                                                             "student.yaml"))
+    assert student_job.spec.distillation.teacher.from_job == teacher_job.spec.output.path
+    assert student_job.spec.model.weights.source == "none" and teacher_job.spec.model.library == "timm"

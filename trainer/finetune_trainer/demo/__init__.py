@@ -5,7 +5,8 @@
 3. three FineTuneJobs from examples/demo/: the pretrained backbone frozen with a new head, the same head on
    a randomly initialised frozen backbone (the control), and a partial unfreeze of the last stage.
 The gap between 1 and 2 is what pretraining is worth. `--digits` runs the older "pretrain your own
-backbone on digits" chain instead (demo/digits.py).
+backbone on digits" chain instead (demo/digits.py); `--distill` distils the fine-tuned ImageNet model into a
+small student (demo/distill.py).
 """
 
 from __future__ import annotations
@@ -83,7 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="demo-output")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the photo patches stay the same)")
     parser.add_argument("--digits", action="store_true", help="run the digits pretrain-your-own-backbone chain")
+    parser.add_argument("--distill", action="store_true", help="distil the fine-tuned ImageNet model into a small "
+                        "student, with and without the teacher (examples/distillation/)")
     args = parser.parse_args(argv)
+    if args.distill:
+        from finetune_trainer.demo import distill
+
+        examples = Path(args.examples).parent / "distillation" if args.examples == "examples/demo" else \
+            Path(args.examples)
+        try:
+            return distill.main(examples, Path(args.output), args.seed)
+        except FinetuneError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
     if args.digits:
         from finetune_trainer.demo import digits
 
