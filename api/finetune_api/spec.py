@@ -128,6 +128,9 @@ class Training(_Model):
     feature_cache_views: int = Field(0, ge=0, le=MAX_CACHE_VIEWS, description="random augmentation with a frozen "
                                      "part: it runs once over K augmented copies per training image, each epoch "
                                      "samples one (0 = off: random augmentation turns the cache off)")
+    frozen_pass: Literal["auto", "eager"] = Field(
+        "auto", description="how the feature cache's frozen pass runs: auto: the fastest path that agrees with "
+        "eager (on CPUs with bf16, a TorchScript-compiled bf16 prefix); eager: the model op by op")
     warmup_epochs: int = Field(
         0, ge=0, le=1000,
         description="linear learning-rate warm-up: epoch e of the first N trains at learningRate x e/(N+1), "
@@ -213,7 +216,7 @@ class FineTuneJobSpec(_Model):
         # them unchanged, so outputs written by an earlier trainer still resume.
         t = _dump(self.training, {"warmup_epochs": 0, "grad_clip_norm": None, "ema": None,
                                   "feature_cache_views": 0},
-                  {"epochs", "early_stopping", "log_every_steps", "device", "feature_cache"})
+                  {"epochs", "early_stopping", "log_every_steps", "device", "feature_cache", "frozen_pass"})
         model = self.model.model_dump(exclude={"library"} if self.model.library == "torchvision" else set())
         dataset = self.dataset.model_dump(exclude={"num_workers", "augment", *(() if self.dataset.test_fraction else
                                                                                  ("test_fraction",))})

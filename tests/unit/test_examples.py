@@ -24,8 +24,8 @@ ROOT = Path(__file__).parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 CRD = ROOT / "charts/finetune-operator/crds/finetunejobs.finetune.dev.yaml"
 EXPECTED = {"augmentation-cpu.yaml", "augmented-views-cpu.yaml", "cpu-demo.yaml", "gradual-unfreezing-cpu.yaml",
-            "gpu-resnet50.yaml", "gpu-timm-convnext.yaml", "mlp-head-cpu.yaml", "multi-worker-cpu.yaml", "partial-unfreeze.yaml", "schedules-cpu.yaml",
-            "suspended-kueue.yaml"}
+            "gpu-resnet50.yaml", "gpu-timm-convnext.yaml", "mlp-head-cpu.yaml", "multi-worker-cpu.yaml",
+            "partial-unfreeze.yaml", "schedules-cpu.yaml", "suspended-kueue.yaml"}
 
 
 def _load(path: Path) -> dict[str, Any]:

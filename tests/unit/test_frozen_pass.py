@@ -103,10 +103,13 @@ def test_the_fast_path_applies_to_bf16_on_the_cpu_only() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,path", [("fp32", "eager"), ("bf16", frozen_pass.PATH)])
-def test_model_json_records_how_the_frozen_pass_ran(tmp_path, precision, path) -> None:
+@pytest.mark.parametrize("precision,choice,path,reason", [
+    ("fp32", "auto", "eager", "fp32 (bit-for-bit"), ("bf16", "auto", frozen_pass.PATH, "TorchScript bf16 prefix"),
+    ("bf16", "eager", "eager", "training.frozenPass: eager")])
+def test_model_json_records_how_the_frozen_pass_ran(tmp_path, precision, choice, path, reason) -> None:
     if precision == "bf16" and not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN is not built in")
-    fit(tiny_spec(tmp_path, **{"training.precision": precision, "training.epochs": 1}), Reporter(), tmp_path)
+    fit(tiny_spec(tmp_path, **{"training.precision": precision, "training.epochs": 1, "training.frozenPass": choice}),
+        Reporter(), tmp_path)
     cache = json.loads((tmp_path / "model.json").read_text())["featureCache"]
-    assert cache["frozenPass"]["path"] == path, cache
+    assert cache["frozenPass"]["path"] == path and cache["frozenPass"]["reason"].startswith(reason), cache

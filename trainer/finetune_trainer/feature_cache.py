@@ -70,7 +70,7 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
     # On disk for one process only: ranks of a group may not share a writable output volume.
     views = decision.views
     store = None if dist.active else (inputs.output, feature_store.cache_key(
-        inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, _precision_key(env),
+        inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, _precision_key(spec, env),
         env.channels_last, views=feature_store.views_key(spec, inputs.preprocessing) if views else None))
     found = feature_store.load(*store) if store else None
     if found is not None and (not views or tuple(found[0][0].shape[:2]) == (views, len(found[0][1]))):
@@ -79,15 +79,24 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
         loaders = features.cached_loaders(found[0], found[1], batch_size, 1, 0, views)
         return Prepared(net, *loaders, decision, "reused", note)
     train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size, dist,
-                                         views, spec.training.seed)
+                                         views, spec.training.seed, _eager_reason(spec, env))
     loaders = features.cached_loaders(train, val, batch_size, dist.world, dist.rank, views)
     return Prepared(net, *loaders, decision, _store(store, train, val), note, how)
 
 
-def _precision_key(env: Env) -> str:
+def _eager_reason(spec: FineTuneJobSpec, env: Env) -> str | None:
+    """Why the frozen pass stays eager; None when the compiled prefix is to be tried (training.frozenPass)."""
+    if spec.training.frozen_pass == "eager":
+        return "training.frozenPass: eager"
+    if not frozen_pass.intended(env.frozen_compute):
+        return "fp32 (bit-for-bit the plain loop's numbers) or a CUDA pass"
+    return None
+
+
+def _precision_key(spec: FineTuneJobSpec, env: Env) -> str:
     """How the cached numbers were computed: the pass's precision, and its path when not eager."""
     name = env.frozen_precision.name
-    return f"{name}+{frozen_pass.PATH}" if frozen_pass.intended(env.frozen_compute) else name
+    return name if _eager_reason(spec, env) else f"{name}+{frozen_pass.PATH}"
 
 
 def _plan(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan) -> tuple[features.CacheDecision, nn.Module]:
@@ -108,7 +117,7 @@ def _of(views: int) -> str:
 
 
 def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_loader: DataLoader, env: Env,
-                 batch_size: int, dist: Dist, views: int = 0, seed: int = 0):
+                 batch_size: int, dist: Dist, views: int = 0, seed: int = 0, eager: str | None = None):
     """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
 
     `views` > 0: train is passed `views` times, view k under cached_views.SeededViews(seed, k), and its
@@ -128,7 +137,7 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
 
     limit = features.MAX_CACHE_BYTES // dist.world
     frozen = features.frozen_pass_model(model, env.frozen_precision)  # one copy for train and val
-    fast = _fast_prefix(frozen, boundary, env)
+    fast = _fast_prefix(frozen, boundary) if eager is None else None
     run = functools.partial(features.extract, frozen, boundary, compute=env.frozen_compute, fast=fast)
     try:
         if views:
@@ -149,16 +158,11 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
     note = (f"frozen-part outputs for {len(train[1]) + n_val} images{_of(views)} computed once in "
             f"{time.perf_counter() - start:.1f}s ({env.frozen_precision.name}, {path}); training continues from "
             f"{boundary}")
-    return train, val, note, (fast.describe() if fast is not None else _EAGER)
+    return train, val, note, fast.describe() if fast is not None else {"path": "eager", "reason": eager}
 
 
-_EAGER = {"path": "eager", "reason": "fp32 (bit-for-bit the plain loop's numbers) or a CUDA pass"}
-
-
-def _fast_prefix(frozen: nn.Module, boundary: str, env: Env) -> frozen_pass.FastPrefix | None:
-    """The compiled-prefix fast path where it applies (bf16 on the CPU), else None (eager)."""
-    if not frozen_pass.intended(env.frozen_compute):
-        return None
+def _fast_prefix(frozen: nn.Module, boundary: str) -> frozen_pass.FastPrefix:
+    """The compiled-prefix fast path (compiled and checked against eager on the first batch)."""
     prefix = features.build_prefix(frozen, boundary)
     return frozen_pass.FastPrefix(prefix, "" if prefix is not None else
                                   f"the frozen part cannot be cut out before {boundary} with torch.fx")
