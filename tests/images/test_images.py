@@ -1,4 +1,4 @@
-"""Container images: build both Dockerfile targets from the locally made base and run them.
+"""Container images: build the Dockerfile targets from the locally made base and run them.
 
 Opt-in (`make image-test`, or FINETUNE_IMAGE_TESTS=1): a cold build is minutes and ~10 GB of disk.
 Needs a Docker engine: the one DOCKER_HOST points at, else the private engine hack/images/dockerd.sh
@@ -175,3 +175,53 @@ def test_trainer_image_rejects_a_bad_job_file_with_exit_code_2(docker: list[str]
               "-v", f"{tmp_path}:/etc/finetune:ro", images["trainer"], "-f", "/etc/finetune/job.yaml")
     assert res.returncode == 2, res.stderr
     assert "epochs" in res.stderr + res.stdout
+
+
+SERVE_PROBE = """
+import base64, io, subprocess, time, httpx
+from PIL import Image
+server = subprocess.Popen(["finetune-serve", "--model", "/mnt/models", "--http_port", "8080", "--enable_grpc", "false"])
+for _ in range(300):
+    try:
+        if httpx.get("http://127.0.0.1:8080/v2/health/ready").status_code == 200:
+            break
+    except httpx.HTTPError:
+        time.sleep(0.2)
+buf = io.BytesIO()
+Image.new("RGB", (16, 16), (255, 255, 255)).save(buf, "PNG")
+r = httpx.post("http://127.0.0.1:8080/v1/models/served:predict",
+               json={"instances": [{"b64": base64.b64encode(buf.getvalue()).decode()}]}, timeout=60)
+print(r.status_code, r.json()["predictions"][0]["class"])
+server.terminate()
+"""
+
+
+@pytest.fixture(scope="session")
+def serve_image(docker: list[str]) -> str:
+    res = subprocess.run([str(IMAGES / "build.sh"), "serve"], capture_output=True, text=True, timeout=3000,
+                         env={**os.environ, "DOCKER": docker[0]})
+    assert res.returncode == 0, f"hack/images/build.sh serve failed:\n{res.stderr[-4000:]}"
+    return dict(line.split("=", 1) for line in res.stdout.split() if "=" in line)["serve"]
+
+
+def test_serve_image_has_no_torch_and_serves_an_onnx_export(docker: list[str], serve_image: str,
+                                                            tmp_path: Path) -> None:
+    from finetune_api.spec import parse_spec
+    from finetune_trainer.fit import fit
+    from finetune_trainer.report import Reporter
+
+    res = in_image(docker, serve_image, "python3", "-c", "import torch")
+    assert res.returncode != 0 and "No module named 'torch'" in res.stderr
+    out = tmp_path / "export"
+    spec = {**TINY_JOB["spec"], "dataset": {"builtin": "digits", "classes": ["0", "1"], "imageSize": 16},
+            "output": {"path": str(out), "formats": ["safetensors", "onnx"]}}
+    fit(parse_spec(spec), Reporter(), out, name="served")
+    for p in (out, *out.rglob("*")):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    tmp_path.chmod(0o755)
+    res = run(docker, "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", "none", "--cap-drop", "ALL",
+              "--security-opt", "no-new-privileges", "-v", f"{out}:/mnt/models:ro", "--entrypoint", "python3",
+              serve_image, "-c", SERVE_PROBE, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    status, label = res.stdout.split()[-2:]
+    assert status == "200" and label in ("0", "1")  # served by an image where `import torch` fails
