@@ -154,3 +154,20 @@ def test_a_format_asked_for_after_the_run_is_exported_without_training_again(tmp
     assert again.sha256 == first.sha256 and again.resumed_from == 1
     assert meta["formats"]["onnx"]["parity"]["top1Agreement"] == 1.0
     assert (out / "serving/finetune/1/model.onnx").is_file()
+
+
+def test_the_serving_example_parses_fits_the_crd_and_points_kserve_at_its_export() -> None:
+    import yaml
+    from test_examples import ROOT, _schema, structural_errors
+
+    folder = ROOT / "examples/serving"
+    job = yaml.safe_load((folder / "finetunejob.yaml").read_text())
+    spec = parse_spec(job["spec"])
+    assert spec.output.formats == ["safetensors", "onnx"] and spec.output.fold_normalization
+    assert structural_errors(job["spec"], _schema()["properties"]["spec"]) == []
+    isvc = yaml.safe_load((folder / "inferenceservice.yaml").read_text())
+    runtime = yaml.safe_load((folder / "servingruntime.yaml").read_text())
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["storageUri"].endswith("/" + job["metadata"]["name"])
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert runtime["spec"]["containers"][0]["args"][:2] == ["--model", "/mnt/models"]
