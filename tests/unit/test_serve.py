@@ -1,4 +1,4 @@
-"""finetune-serve as a real process, called with KServe's own REST client: v1 and v2 answers with the classes
+"""finetune-serve as a real process, called with KServe's own REST and gRPC clients: v1 and v2 answers with the classes
 `finetune-train predict` gives, 400s with a reason for bad payloads, health, metadata and metrics — and the
 ONNX path running with torch made unimportable."""
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from PIL import Image
 from trainer_util import tiny_spec
 
@@ -126,12 +126,28 @@ def v2_image_request(paths: list[Path], binary: bool) -> InferRequest:
     return InferRequest(model_name="digits", infer_inputs=[inp], request_id="r1")
 
 
+def grpc_classes(target: str, paths: list[Path]) -> list[str]:
+    async def call() -> list[str]:
+        client = InferenceGRPCClient(target)
+        try:
+            inp = InferInput("image", [len(paths)], "BYTES")
+            inp.set_data_from_numpy(np.array([p.read_bytes() for p in paths], dtype=np.object_))
+            response = await client.infer(InferRequest("digits", [inp], request_id="g1"))
+            return [c.decode() for c in response.get_output_by_name("class").as_numpy().tolist()]
+        finally:
+            await client.close()
+    return asyncio.run(call())
+
+
 @pytest.mark.slow
 def test_the_onnx_server_answers_v1_and_v2_like_predict_without_importing_torch(served) -> None:
-    server = Server(served["out"], served["root"], "--max-batch-size", "4", block_torch=True)
+    grpc_port = free_port()
+    server = Server(served["out"], served["root"], "--max-batch-size", "4", "--enable_grpc", "true", "--grpc_port",
+                    str(grpc_port), block_torch=True)
     try:
         paths, want = served["paths"], served["classes"]
         assert v1_classes(server.url, paths) == want
+        assert grpc_classes(f"127.0.0.1:{grpc_port}", paths) == want, "gRPC v2, raw image bytes"
         for binary in (True, False):
             response = asyncio.run(ask(server.url, "v2", v2_image_request(paths, binary)))
             labels = [c.decode() if isinstance(c, bytes) else c for c in
