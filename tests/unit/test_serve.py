@@ -45,9 +45,12 @@ def served(tmp_path_factory) -> dict:
     images = root / "images"
     images.mkdir()
     paths = []
-    for k, sample in enumerate(data.load_splits(spec.dataset, 0).val[:12]):
+    splits = data.load_splits(spec.dataset, 0)
+    for k, sample in enumerate(splits.val[:12]):
         paths.append(images / f"{k}.png")
         sample.load().save(paths[-1])
+        (root / "heldout" / splits.classes[sample.label]).mkdir(parents=True, exist_ok=True)
+        sample.load().save(root / "heldout" / splits.classes[sample.label] / f"{k}.png")
     cli = subprocess.run([str(BIN / "finetune-train"), "predict", "--model", str(out), "--json", *map(str, paths)],
                          capture_output=True, text=True, check=True)
     classes = [json.loads(line)["predictions"][0]["class"] for line in cli.stdout.splitlines()]
@@ -206,6 +209,15 @@ def test_bad_payloads_get_a_4xx_with_the_reason_and_the_server_keeps_serving(ser
         with pytest.raises(httpx.HTTPStatusError, match="400"):
             asyncio.run(ask(server.url, "v1", {"instances": [{"b64": "!!"}]}))
         assert v1_classes(server.url, served["paths"]) == served["classes"], "the torch backend, same classes"
+        smoke = [sys.executable, "-m", "finetune_serve.smoke", "--url", server.url, "--model", "digits",
+                 "--data", str(served["root"] / "heldout"), "--batch-size", "5"]
+        truth = {p.name: p.parent.name for p in (served["root"] / "heldout").rglob("*.png")}
+        expected = sum(truth[p.name] == c for p, c in zip(served["paths"], served["classes"], strict=True)) / 12
+        passed = subprocess.run([*smoke, "--min-accuracy", "0"], capture_output=True, text=True)
+        result = json.loads(passed.stdout)
+        assert passed.returncode == 0 and result["samples"] == 12 and result["accuracy"] == pytest.approx(expected)
+        below = subprocess.run([*smoke, "--min-accuracy", str(min(1.0, expected + 0.01))], capture_output=True)
+        assert below.returncode == (0 if expected == 1.0 else 1)
         assert server.proc.poll() is None
     finally:
         server.stop()
@@ -213,6 +225,10 @@ def test_bad_payloads_get_a_4xx_with_the_reason_and_the_server_keeps_serving(ser
 
 
 def test_an_unservable_export_is_one_line_and_exit_code_2(tmp_path: Path, served) -> None:
+    unreachable = subprocess.run([sys.executable, "-m", "finetune_serve.smoke", "--url", f"http://127.0.0.1:{free_port()}",
+                                  "--model", "digits", "--data", str(served["root"] / "heldout")],
+                                 capture_output=True, text=True)
+    assert unreachable.returncode == 2 and "error" in json.loads(unreachable.stdout)
     missing = subprocess.run([str(BIN / "finetune-serve"), "--model", str(tmp_path)], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "model.json" in missing.stderr
     plain = tmp_path / "plain"
