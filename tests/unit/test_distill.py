@@ -180,17 +180,17 @@ def test_cached_teacher_outputs_train_what_per_batch_outputs_train_in_fp32(tmp_p
 
 # ---------------------------------------------------------------- the point of it all
 
-FIVE = ["0", "1", "2", "3", "4"]
+DIGITS = [str(d) for d in range(10)]
 FEW = 5  # labelled training images per class for the student
-MARGIN = 0.03  # val accuracy points the distilled student must gain, on each seed
+MARGIN = 0.03  # val accuracy the distilled student must gain (3 points), on each seed
 
 
 @pytest.fixture(scope="module")
 def strong_teacher(tmp_path_factory) -> Path:
-    """resnet18 (random frozen stem and layers 1-3, cached) whose layer4 + head learnt digits 0-4 from 100
-    images per class: about 95 % val accuracy."""
+    """resnet18 (random frozen stem and layers 1-3, cached) whose layer4 + head learnt the ten digits from 60
+    images per class — twelve times the student's labels."""
     out = tmp_path_factory.mktemp("strong")
-    fit(tiny_spec(out, **{"dataset.classes": FIVE, "dataset.maxImagesPerClass": 100, "freeze.policy": "partial",
+    fit(tiny_spec(out, **{"dataset.classes": DIGITS, "dataset.maxImagesPerClass": 60, "freeze.policy": "partial",
                           "training.epochs": 5, "training.learningRate": 0.003, "training.precision": "fp32"}),
         Reporter(), out)
     return out
@@ -199,17 +199,17 @@ def strong_teacher(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_distilled_student_beats_the_same_student_without_distillation(tmp_path, strong_teacher, seed):
-    """The regime distillation is for (Hinton et al. 2015, §3 "soft targets as regularizers"): a student with
-    only FEW labels per class, and a teacher that learnt from twenty times as many. Same student, data, seed
-    and schedule; the only difference is spec.distillation (soft, T=4, alpha=0.5: the defaults)."""
-    common = {"dataset.classes": FIVE, "dataset.maxImagesPerClass": FEW, "freeze.policy": "partial",
+    """The regime distillation is for (Hinton et al. 2015: soft targets let a student learn from much less
+    data): a student with only FEW labels per class, a teacher that learnt from many more. Same student, data,
+    seed and schedule; the only difference is spec.distillation (soft, T=4, alpha=0.5: the defaults)."""
+    common = {"dataset.classes": DIGITS, "dataset.maxImagesPerClass": FEW, "freeze.policy": "partial",
               "training.epochs": 20, "training.batchSize": 16, "training.learningRate": 0.003,
               "training.precision": "fp32", "training.seed": seed}
     plain = fit(tiny_spec(tmp_path / "plain", **common), Reporter(), tmp_path / "plain")
     taught = fit(tiny_spec(tmp_path / "kd", **common, distillation={"teacher": {"fromJob": str(strong_teacher)}}),
                  Reporter(), tmp_path / "kd")
     section = json.loads((tmp_path / "kd" / "model.json").read_text())["distillation"]
-    assert section["teacherValAccuracy"] > 0.9
+    assert section["teacherValAccuracy"] > taught.val_accuracy
     assert section["student"]["valAccuracy"] == taught.val_accuracy
     assert taught.val_accuracy >= plain.val_accuracy + MARGIN, (plain.val_accuracy, taught.val_accuracy)
 
