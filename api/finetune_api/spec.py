@@ -42,6 +42,7 @@ from finetune_api.errors import JobFileError, format_validation_error
 from finetune_api.freeze import Freeze, UnfreezeStep  # noqa: F401
 from finetune_api.head import Head
 from finetune_api.output import FORMATS, Output, Parity  # noqa: F401  (re-exported: spec.output)
+from finetune_api.serving import InferenceServiceSpec, Serving, SmokeTest, within  # noqa: F401  (spec.serving)
 
 API_GROUP = "finetune.dev"
 API_VERSION = "v1alpha1"
@@ -161,6 +162,9 @@ class FineTuneJobSpec(_Model):
     output: Output = Field(default_factory=Output)
     distillation: Distillation | None = Field(
         None, description="learn from a teacher model as well as from the labels (default: off)")
+    serving: Serving | None = Field(
+        None, description="cluster-only: once the job succeeds, serve its export with a KServe InferenceService, "
+        "smoke-test it and promote it (default: off)")
     # cluster-only: ignored by local runs
     image: str | None = Field(None, max_length=512, description="trainer image (default: operator setting)")
     resources: Resources = Field(default_factory=Resources)
@@ -178,6 +182,14 @@ class FineTuneJobSpec(_Model):
         names = [v.name for v in self.volumes]
         if len(set(names)) != len(names):
             raise ValueError("volumes[].name must be unique")
+        return self
+
+    @model_validator(mode="after")
+    def _smoke_data_mounted(self) -> FineTuneJobSpec:
+        smoke = self.serving.smoke_test if self.serving else None
+        if smoke is not None and not any(within(smoke.data_path, v.mount_path) for v in self.volumes):
+            raise ValueError(f"serving.smokeTest.dataPath ({smoke.data_path}) must be inside one of spec.volumes "
+                             "(the smoke-test pod mounts that volume)")
         return self
 
     @model_validator(mode="after")

@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune_api.serving import ServingStatus
+
 
 class Phase(StrEnum):
     PENDING = "Pending"
@@ -34,6 +36,7 @@ class ConditionType(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+    SERVED = "Served"  # spec.serving: the export is served and promoted (finetune_operator.serving)
 
 
 CONDITION_TYPES = tuple(c.value for c in ConditionType)
@@ -66,6 +69,19 @@ class Reason(StrEnum):
     TEACHER_NOT_FOUND = "TeacherNotFound"  # no FineTuneJob of that name in the namespace (re-checked on create)
     TEACHER_FAILED = "TeacherFailed"  # the teacher FineTuneJob failed
     TEACHER_NOT_MOUNTABLE = "TeacherNotMountable"  # its output is not on a PVC the student's pod can mount
+
+
+class ServingReason(StrEnum):
+    """Reasons of the Served condition (spec.serving); the training's phase and reason never depend on them."""
+
+    KSERVE_NOT_INSTALLED = "KServeNotInstalled"  # no serving.kserve.io/v1beta1 InferenceService in the API
+    EXPORT_NOT_SERVABLE = "ExportNotServable"  # the export is not on a PVC KServe can read
+    NAME_TAKEN = "InferenceServiceNotOwned"  # an InferenceService of that name exists, made by someone else
+    WAITING_FOR_READY = "WaitingForInferenceService"  # created/updated; KServe has not reported it Ready
+    SMOKE_TESTING = "SmokeTesting"  # the smoke-test Job runs
+    SMOKE_TEST_FAILED = "SmokeTestFailed"  # accuracy below smokeTest.minAccuracy: not promoted
+    SMOKE_TEST_ERROR = "SmokeTestError"  # the smoke test could not run (endpoint errors, no images)
+    PROMOTED = "Promoted"
 
 
 # Failed without ever creating a Job: re-judged from what exists on every pass (a fixed spec, a teacher that
@@ -192,6 +208,7 @@ class FineTuneJobStatus(_Status):
     progress: Progress | None = None
     output: Output | None = None
     distillation: Distillation | None = None
+    serving: ServingStatus | None = None
     workers: list[Worker] | None = Field(None, json_schema_extra={
         "description": "multi-worker jobs (spec.workers > 1): one entry per worker pod",
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["index"]})

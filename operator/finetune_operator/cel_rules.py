@@ -93,6 +93,14 @@ CEL_RULES: dict[str, list[Schema]] = {
             "message": "spec.freeze.schedule: its last epoch must be at most training.epochs",
             "fieldPath": ".freeze",
         },
+        {
+            # finetune_api.serving.within, literally: the mount path itself or below it.
+            "rule": "!has(self.serving) || !has(self.serving.smokeTest) || (has(self.volumes) && self.volumes.exists("
+            "v, self.serving.smokeTest.dataPath == v.mountPath || self.serving.smokeTest.dataPath.startsWith("
+            "v.mountPath.endsWith('/') ? v.mountPath : v.mountPath + '/')))",
+            "message": "spec.serving.smokeTest.dataPath must be inside one of spec.volumes",
+            "fieldPath": ".serving",
+        },
     ],
     "model": _model_rules("spec.model"),
     "model.weights": _weights_rules("spec.model.weights"),
@@ -211,6 +219,31 @@ CEL_RULES: dict[str, list[Schema]] = {
     ],
     "output": [
         *_path_rules("path", "spec.output.path"),
+        {
+            "rule": "!has(self.formats) || self.formats.all(f, self.formats.exists_one(g, g == f))",
+            "message": "spec.output.formats has duplicates",
+            "fieldPath": ".formats",
+        },
+        {
+            "rule": "!has(self.formats) || 'safetensors' in self.formats",
+            "message": "spec.output.formats must include safetensors",
+            "fieldPath": ".formats",
+        },
+    ],
+    "serving.inferenceService": [
+        {
+            "rule": "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+            "message": "spec.serving.inferenceService.minReplicas must be at most maxReplicas",
+            "fieldPath": ".minReplicas",
+        },
+    ],
+    "serving.smokeTest": [
+        *_path_rules("dataPath", "spec.serving.smokeTest.dataPath", optional=False),
+        {
+            "rule": "self.dataPath.startsWith('/')",
+            "message": "spec.serving.smokeTest.dataPath must be an absolute path",
+            "fieldPath": ".dataPath",
+        },
     ],
     "volumes[]": [
         {

@@ -273,6 +273,28 @@ CEL_MIRRORS = {
     "spec.training.warmupEpochs": {"dataset": {"builtin": "digits"}, "training": {"epochs": 3, "warmupEpochs": 3}},
     "spec.output.path must not contain '..'": {"dataset": {"builtin": "digits"}, "output": {"path": "../x"}},
     "spec.output.path must not contain control": {"dataset": {"builtin": "digits"}, "output": {"path": "/o\x1bx"}},
+    "spec.output.formats has duplicates": {"dataset": {"builtin": "digits"},
+                                           "output": {"formats": ["safetensors", "onnx", "onnx"]}},
+    "spec.output.formats must include safetensors": {"dataset": {"builtin": "digits"}, "output": {"formats": ["onnx"]}},
+    "spec.serving.smokeTest.dataPath must be inside": {
+        "dataset": {"builtin": "digits"}, "serving": {"smokeTest": {"dataPath": "/database/x"}},
+        "volumes": [{"name": "d", "mountPath": "/data", "emptyDir": {}}],
+    },
+    "spec.serving.smokeTest.dataPath must not contain '..'": {
+        "dataset": {"builtin": "digits"}, "serving": {"smokeTest": {"dataPath": "/data/../x"}},
+        "volumes": [{"name": "d", "mountPath": "/data", "emptyDir": {}}],
+    },
+    "spec.serving.smokeTest.dataPath must not contain control": {
+        "dataset": {"builtin": "digits"}, "serving": {"smokeTest": {"dataPath": "/data/\x01"}},
+        "volumes": [{"name": "d", "mountPath": "/data", "emptyDir": {}}],
+    },
+    "spec.serving.smokeTest.dataPath must be an absolute": {
+        "dataset": {"builtin": "digits"}, "serving": {"smokeTest": {"dataPath": "data/x"}},
+        "volumes": [{"name": "d", "mountPath": "/data", "emptyDir": {}}],
+    },
+    "spec.serving.inferenceService.minReplicas": {
+        "dataset": {"builtin": "digits"}, "serving": {"inferenceService": {"minReplicas": 3, "maxReplicas": 2}},
+    },
     "spec.volumes[]: each volume": {
         "dataset": {"builtin": "digits"},
         "volumes": [{"name": "a", "mountPath": "/a"}],
