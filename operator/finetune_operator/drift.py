@@ -17,6 +17,8 @@ from finetune_operator.parsed import FineTuneJob
 ANNOTATION_DIGEST = f"{API_GROUP}/spec-digest"
 # Spec fields that may change after the Job exists (propagated, not refused).
 MUTABLE_FIELDS = {"runPolicy": ("suspend",)}
+# Spec fields acted on after training (spec.serving: serving.py), never part of the Job: not drift.
+AFTER_TRAINING_FIELDS = frozenset({"serving"})
 
 
 def spec_digest(spec: Mapping[str, Any]) -> dict[str, str]:
@@ -26,6 +28,8 @@ def spec_digest(spec: Mapping[str, Any]) -> dict[str, str]:
     """
     digest = {}
     for key, value in spec.items():
+        if key in AFTER_TRAINING_FIELDS:
+            continue
         if isinstance(value, Mapping) and key in MUTABLE_FIELDS:
             value = {k: v for k, v in value.items() if k not in MUTABLE_FIELDS[key]}
         digest[key] = short_hash(json.dumps(value, sort_keys=True, default=str))

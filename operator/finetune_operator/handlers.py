@@ -5,8 +5,9 @@ own settings and API endpoint, and `__main__` / `kopf run -m finetune_operator.e
 kopf's default registry.
 
 Triggers: create/resume/update of a FineTuneJob, any event of an owned Job or Pod (selected
-by the finetune.dev/finetunejob-uid label), any event of a FineTuneJob other students wait on
-as their distillation teacher, and an operator-level resync loop for deadlines.
+by the finetune.dev/finetunejob-uid label) or smoke-test Job (finetune.dev/smoke-test-of), any
+event of a FineTuneJob other students wait on as their distillation teacher, and an operator-level
+resync loop for deadlines (and for spec.serving while KServe has not decided).
 
 Handlers return None: kopf would store a return value in status.<handler-id>, which the
 CRD's strict status schema does not declare. Kopf's own bookkeeping goes to annotations.
@@ -28,6 +29,7 @@ from finetune_operator.naming import ANNOTATION_NAME, LABEL_UID
 from finetune_operator.parsed import FineTuneJob, spec_section
 from finetune_operator.reconcile import Runtime, reconcile, reconcile_on_event, set_job_suspend, token_digest_for
 from finetune_operator.server import ProgressService, serve
+from finetune_operator.serving import LABEL_SMOKE
 from finetune_operator.settings import Settings
 
 FTJ = (API_GROUP, API_VERSION, PLURAL)
@@ -110,6 +112,13 @@ def register(
 
     @kopf.on.event("batch", "v1", "jobs", labels=OWNED, registry=registry)
     def job_event(body: Mapping[str, Any], namespace: str, logger: Any, **_: Any) -> None:
+        owner = _owner_name(body)
+        if owner:
+            _run(rt, namespace, owner, logger, permanent=False)
+
+    @kopf.on.event("batch", "v1", "jobs", labels={LABEL_SMOKE: kopf.PRESENT}, registry=registry)
+    def smoke_job_event(body: Mapping[str, Any], namespace: str, logger: Any, **_: Any) -> None:
+        """spec.serving's smoke-test Job finishing decides promotion at once (not at the next resync)."""
         owner = _owner_name(body)
         if owner:
             _run(rt, namespace, owner, logger, permanent=False)

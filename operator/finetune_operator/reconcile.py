@@ -20,8 +20,8 @@ from typing import Any
 
 import kopf
 
-from finetune_api.status import NOT_STARTED_REASONS, TERMINAL_PHASES
-from finetune_operator import admission, naming, objects, progress, status, teacher
+from finetune_api.status import NOT_STARTED_REASONS, TERMINAL_PHASES, ConditionType, ServingReason
+from finetune_operator import admission, naming, objects, progress, serving, status, teacher
 from finetune_operator.events import post_event
 from finetune_operator.kube import (
     ApiError,
@@ -155,10 +155,46 @@ def _reconcile(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any) 
     if status.should_stop_job(new, job):
         logger.warning(f"Deleting Job {job['metadata']['name']}: {new['reason']}")
         kube.delete(job_path(namespace, job["metadata"]["name"]))
+    unsettled = _serve(kube, ftj, new, rt.settings, rt.clock())
     _write_status(kube, ftj, new, rt.clock())
-    rt.queue.track((namespace, name), unfinished=new["phase"] not in TERMINAL_PHASES)
+    rt.queue.track((namespace, name), unfinished=new["phase"] not in TERMINAL_PHASES or unsettled)
     _observe(rt, ftj, new)
     return Outcome(status=new)
+
+
+def _serve(kube: Kube, ftj: FineTuneJob, new: Obj, settings: Settings, now: dt.datetime) -> bool:
+    """spec.serving after success (serving.py): read what exists, do what `plan` says, put its status and the
+    Served condition into `new`. True while undecided (the resync loop re-checks: KServe's readiness has no
+    watch here, so a cluster without KServe's CRD needs none)."""
+    kind = ConditionType.SERVED
+    wanted = serving.wants_serving(ftj, new["phase"])
+    if wanted is None:  # not asked for (or not yet Succeeded): what an earlier pass decided stays on record
+        kept = next((c for c in ftj.status.get("conditions") or [] if c.get("type") == kind), None)
+        if "serving" in ftj.status:
+            new["serving"] = ftj.status["serving"]
+        new["conditions"] += [kept] if kept else []
+        return False
+    installed = serving.kserve_installed(kube.get(serving.KSERVE_API))
+    isvc = kube.get(serving.isvc_path(ftj.namespace, serving.isvc_name(ftj))) if installed else None
+    smoke = kube.get(job_path(ftj.namespace, serving.smoke_job_name(ftj))) if installed else None
+    _check_owner(smoke, ftj, "Job")
+    pods = kube.list(pod_path(ftj.namespace), {serving.LABEL_SMOKE: ftj.uid}) if smoke else []
+    plan = serving.plan(ftj, settings, installed, isvc, smoke, pods)
+    for obj, path, what in ((plan.create_isvc, serving.isvc_path(ftj.namespace), "InferenceService"),
+                            (plan.create_smoke, job_path(ftj.namespace), "Job")):
+        if obj is not None:
+            kopf.append_owner_reference(obj, owner=ftj.owner())
+            _create_or_reuse(kube, path, obj, ftj, what)
+    if plan.patch_isvc is not None:
+        kube.merge_patch(serving.isvc_path(ftj.namespace, serving.isvc_name(ftj)), plan.patch_isvc)
+    ok, reason, message = plan.condition
+    new["serving"] = plan.serving
+    new["conditions"].append(status.condition(ftj.status, kind, ok, reason, message, now, ftj.generation))
+    before = next((c.get("reason") for c in ftj.status.get("conditions") or [] if c.get("type") == kind), None)
+    if reason != before and reason != ServingReason.WAITING_FOR_READY:
+        post_event(kube, ftj.owner(), "Normal" if ok or reason == ServingReason.SMOKE_TESTING else "Warning",
+                   reason, message, now)
+    return not plan.settled
 
 
 def _resolve_teacher(rt: Runtime, kube: Kube, ftj: FineTuneJob) -> teacher.Resolution | None:

@@ -28,6 +28,9 @@ CHART_VALUES: dict[str, tuple[str, ...]] = {
     "trainer.image.tag": ("FINETUNE_TRAINER_IMAGE",),
     "trainer.image.digest": ("FINETUNE_TRAINER_IMAGE",),
     "trainer.image.pullPolicy": ("FINETUNE_IMAGE_PULL_POLICY",),
+    "serving.image.repository": ("FINETUNE_SERVE_IMAGE",),
+    "serving.image.tag": ("FINETUNE_SERVE_IMAGE",),
+    "serving.image.digest": ("FINETUNE_SERVE_IMAGE",),
     "trainer.serviceAccount.create": ("FINETUNE_TRAINER_SERVICE_ACCOUNT",),
     "trainer.serviceAccount.name": ("FINETUNE_TRAINER_SERVICE_ACCOUNT",),
     "trainer.runAsUser": ("FINETUNE_RUN_AS_USER",),
@@ -63,6 +66,9 @@ class SettingsError(ValueError):
 class Settings:
     # The trainer image used when spec.image is empty.
     trainer_image: str = "finetune-trainer:latest"
+    # The serve image (the Dockerfile's `serve` target): spec.serving's smoke-test Job runs
+    # finetune_serve.smoke in it.
+    serve_image: str = "finetune-serve:latest"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     # serviceAccountName of trainer pods (one without API rights; its token is never mounted).
     trainer_service_account: str = ""

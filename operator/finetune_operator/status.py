@@ -251,6 +251,13 @@ def conditions(
     ]
 
 
+def condition(prev: Mapping[str, Any], kind: str, ok: bool, reason: str, message: str, now: dt.datetime,
+              generation: int) -> dict[str, Any]:
+    """One condition of `kind`, its lastTransitionTime kept from `prev`'s while its status holds."""
+    before = next((c for c in prev.get("conditions") or [] if c.get("type") == kind), None)
+    return _condition(before, kind, ok, reason, message, now, generation)
+
+
 def _condition(
     old: Mapping[str, Any] | None,
     kind: str,

@@ -251,6 +251,7 @@ NAMESPACED_RULES = {
     ("", "services"): {"get", "create"},
     ("", "events"): {"create"},
     ("", "secrets"): {"get", "create"},
+    ("serving.kserve.io", "inferenceservices"): {"get", "create", "patch"},  # spec.serving
 }
 CRD_RULE = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 NAMESPACE_RULE = {("", "namespaces"): {"list", "watch"}}
@@ -431,6 +432,10 @@ SETTING_CASES: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     "trainer.image.tag": ((), "trainer.image.tag=v9", {"trainer_image": "finetune-trainer:v9"}),
     "trainer.image.digest": ((), f"trainer.image.digest={DIGEST}", {"trainer_image": f"finetune-trainer@{DIGEST}"}),
     "trainer.image.pullPolicy": ((), "trainer.image.pullPolicy=Always", {"image_pull_policy": "Always"}),
+    "serving.image.repository": ((), "serving.image.repository=registry.example.com/s",
+                                 {"serve_image": f"registry.example.com/s:{APP_VERSION}"}),
+    "serving.image.tag": ((), "serving.image.tag=v7", {"serve_image": "finetune-serve:v7"}),
+    "serving.image.digest": ((), f"serving.image.digest={DIGEST}", {"serve_image": f"finetune-serve@{DIGEST}"}),
     "trainer.serviceAccount.create": (NAMESPACED, "trainer.serviceAccount.create=false",
                                       {"trainer_service_account": ""}),
     "trainer.serviceAccount.name": (NAMESPACED, "trainer.serviceAccount.name=trainers",

@@ -28,6 +28,7 @@ def test_settings_from_env() -> None:
 def test_each_setting_is_read_from_the_variable_of_its_own_name() -> None:
     env = {
         "FINETUNE_TRAINER_IMAGE": "registry.example.com/t:2",
+        "FINETUNE_SERVE_IMAGE": "registry.example.com/s:2",
         "FINETUNE_IMAGE_PULL_POLICY": "Always",
         "FINETUNE_TRAINER_SERVICE_ACCOUNT": "trainers",
         "FINETUNE_NAMESPACES": "team-a,team-*",
@@ -50,7 +51,8 @@ def test_each_setting_is_read_from_the_variable_of_its_own_name() -> None:
     assert set(env) == {env_var(f.name) for f in dataclasses.fields(Settings)}, "one variable per setting"
     s = Settings.from_env(env)
     assert s == Settings(
-        trainer_image="registry.example.com/t:2", image_pull_policy="Always", trainer_service_account="trainers",
+        trainer_image="registry.example.com/t:2", serve_image="registry.example.com/s:2", image_pull_policy="Always",
+        trainer_service_account="trainers",
         namespaces=("team-a", "team-*"), startup_deadline_seconds=61, resync_seconds=2.5,
         termination_grace_seconds=0, output_pvc="models", progress_url="http://op.ops.svc:9000",
         http_listen="127.0.0.1:9000", run_as_user=2000, run_as_group=0, fs_group=3000, allow_host_path=True,

@@ -83,6 +83,10 @@ app.kubernetes.io/component: operator
 {{- include "finetune-operator.imageRef" (list .Values.trainer.image .Chart.AppVersion) }}
 {{- end }}
 
+{{- define "finetune-operator.serveImage" -}}
+{{- include "finetune-operator.imageRef" (list .Values.serving.image .Chart.AppVersion) }}
+{{- end }}
+
 {{- define "finetune-operator.progressURL" -}}
 {{- default (printf "http://%s.%s.svc:%d" (include "finetune-operator.fullname" .) .Release.Namespace (int .Values.server.port)) .Values.server.progressURL }}
 {{- end }}
