@@ -342,3 +342,21 @@ def test_serving_is_neither_in_the_resume_fingerprint_nor_spec_drift() -> None:
 def test_bad_serving_specs_are_refused_naming_the_field(bad: dict[str, Any], field: str) -> None:
     with pytest.raises(JobFileError, match=field):
         parse_spec({**SPEC, "serving": bad})
+
+
+def test_the_handoff_example_fits_the_crd_and_names_the_example_runtime_and_its_format() -> None:
+    import yaml
+    from test_examples import ROOT, _schema, structural_errors
+
+    folder = ROOT / "examples/serving"
+    doc = yaml.safe_load((folder / "finetunejob-handoff.yaml").read_text())
+    assert structural_errors(doc["spec"], _schema()["properties"]["spec"]) == []
+    ftj = FineTuneJob.from_body({**doc, "metadata": {**doc["metadata"], "namespace": "ml", "uid": "u"}})
+    isvc = serving.build_inference_service(ftj, serving.storage_uri(ftj, SETTINGS))
+    runtime = yaml.safe_load((folder / "servingruntime.yaml").read_text())
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in [f["name"] for f in runtime["spec"]["supportedModelFormats"]]
+    assert model["storageUri"] == "pvc://outputs/digits-v1" and isvc["metadata"]["name"] == "digits"
+    by_hand = yaml.safe_load((folder / "inferenceservice.yaml").read_text())["spec"]["predictor"]["model"]
+    assert {k: by_hand[k] for k in ("modelFormat", "runtime")} == {k: model[k] for k in ("modelFormat", "runtime")}
