@@ -174,7 +174,8 @@ def _serve(kube: Kube, ftj: FineTuneJob, new: Obj, settings: Settings, now: dt.d
             new["serving"] = ftj.status["serving"]
         new["conditions"] += [kept] if kept else []
         return False
-    installed = serving.kserve_installed(kube.get(serving.KSERVE_API))
+    live = not serving.decided(ftj)  # a decided hand-off reads nothing: its status is final
+    installed = live and serving.kserve_installed(kube.get(serving.KSERVE_API))
     isvc = kube.get(serving.isvc_path(ftj.namespace, serving.isvc_name(ftj))) if installed else None
     smoke = kube.get(job_path(ftj.namespace, serving.smoke_job_name(ftj))) if installed else None
     _check_owner(smoke, ftj, "Job")

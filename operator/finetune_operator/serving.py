@@ -72,6 +72,11 @@ def wants_serving(ftj: FineTuneJob, phase: str | None) -> Serving | None:
     return ftj.spec.serving
 
 
+def decided(ftj: FineTuneJob) -> bool:
+    """status.serving.promoted is recorded (true or false): final, as a finished phase is."""
+    return (ftj.status.get("serving") or {}).get("promoted") is not None
+
+
 def isvc_name(ftj: FineTuneJob) -> str:
     serving = ftj.valid_spec().serving
     return (serving.inference_service.name if serving else None) or ftj.name
@@ -261,9 +266,8 @@ def plan(ftj: FineTuneJob, settings: Settings, installed: bool, isvc: ObjView | 
     serving = ftj.valid_spec().serving
     assert serving is not None
     name = isvc_name(ftj)
-    prev = dict(ftj.status.get("serving") or {})
-    if prev.get("promoted") is not None:  # decided: final
-        return Plan(prev, _recorded_condition(ftj), settled=True)
+    if decided(ftj):
+        return Plan(dict(ftj.status["serving"]), _recorded_condition(ftj), settled=True)
     base: dict[str, Any] = {"name": name}
     if not installed:
         return Plan({**base, "ready": False}, (False, ServingReason.KSERVE_NOT_INSTALLED,

@@ -168,6 +168,7 @@ def test_a_passing_smoke_test_promotes_and_the_decision_is_final() -> None:
     later = reconcile(rt, "ml", "demo", LOG).status
     assert later["serving"] == new["serving"] and served(later)["status"] == "True"
     assert not [c for c in kube.calls if c[0] in ("POST", "PATCH") and "events" not in c[1]], kube.calls
+    assert not [c for c in kube.calls if "kserve" in c[1] or "smoke" in c[1]], kube.calls  # nothing read either
     assert ("ml", "demo") not in rt.queue.unfinished()  # settled: the resync loop lets it be
 
 
