@@ -113,7 +113,8 @@ class _Status(BaseModel):
 
 class Condition(_Status):
     type: str = Field(..., json_schema_extra={
-        "description": "Ready, Reconciling, Stalled (kstatus), Running, Succeeded, Failed, SpecChangeRefused"})
+        "description": "Ready, Reconciling, Stalled (kstatus), Running, Succeeded, Failed, SpecChangeRefused, "
+                       "Served (spec.serving)"})
     status: str = Field(..., json_schema_extra={"enum": ["True", "False", "Unknown"]})
     reason: str | None = _str("CamelCase reason")
     message: str | None = _str("human-readable detail")
