@@ -240,6 +240,8 @@ def test_a_failed_canary_is_rolled_back_to_the_previous_revision() -> None:
     predictor = kube.objects[ISVC_PATH]["spec"]["predictor"]
     assert predictor["canaryTrafficPercent"] == 0 and new["serving"]["promoted"] is False
     assert "canary rolled back" in served(new)["message"]
+    assert new["serving"]["previousStorageUri"] == "pvc://outputs/old"
+    assert_declared(new, STATUS_SCHEMA)
 
 
 def test_a_passing_canary_is_promoted_to_all_the_traffic() -> None:
