@@ -156,15 +156,28 @@ def folded_copy(model: nn.Module) -> nn.Module:
     modules = dict(folded.named_modules())
     for node in graph.nodes:
         src = node.args[0] if node.op == "call_module" and node.args else None
-        # Exactly BatchNorm2d: subclasses such as timm's BatchNormAct2d also apply an activation.
-        if not (type(modules.get(node.target)) is nn.BatchNorm2d and isinstance(src, fx.Node)
-                and src.op == "call_module" and isinstance(modules.get(src.target), nn.Conv2d)
-                and len(src.users) == 1):
+        after = _after_fold(modules.get(node.target))
+        if not (after is not None and isinstance(src, fx.Node) and src.op == "call_module"
+                and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1):
             continue
         conv, bn = modules[src.target], modules[node.target]
         _replace(folded, src.target, fuse_conv_bn_eval(conv, bn))
-        _replace(folded, node.target, nn.Identity())
+        _replace(folded, node.target, after)
     return folded.eval()
+
+
+def _after_fold(module: nn.Module | None) -> nn.Module | None:
+    """What stays of a BatchNorm2d once folded into the convolution before it: nothing for torch's own;
+    for timm's norm-act layers (BatchNormAct2d: batch norm, then `drop`, then `act`) their dropout and
+    activation. None: not a foldable norm. Folding these matters beyond speed: left in the graph, a bf16
+    copy would normalise with bf16 running statistics, which drift far from fp32 over dozens of layers."""
+    if type(module) is nn.BatchNorm2d:
+        return nn.Identity()
+    act, drop = getattr(module, "act", None), getattr(module, "drop", None)
+    if isinstance(module, nn.BatchNorm2d) and type(module).__name__ == "BatchNormAct2d" and \
+            isinstance(act, nn.Module) and isinstance(drop, nn.Module):
+        return nn.Sequential(drop, act)
+    return None
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
