@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_util import tiny_spec
+from trainer_util import StopAfterEpoch, tiny_spec
 
 from finetune_api.errors import JobFileError, Preempted
 from finetune_api.spec import parse_spec
@@ -99,15 +99,6 @@ def test_the_optimizer_holds_the_widest_plan_from_the_start(tmp_path, monkeypatc
     assert {_stage(k) for k in saved["best_state"]} == {"fc", "layer3", "layer4"}
 
 
-class _StopAfterEpoch(Reporter):
-    def __init__(self, epoch: int):
-        self.epoch, self.stop = epoch, False
-
-    def event(self, kind, **f):
-        if kind == "epoch" and f["epoch"] == self.epoch:
-            self.stop = True
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [1, 2])
 @pytest.mark.parametrize("cache", ["auto", "off"])
@@ -115,7 +106,7 @@ def test_a_run_stopped_around_an_unfreeze_resumes_bit_identically(tmp_path, stop
     extra = {"training.featureCache": cache, "training.scheduler": "cosine", "training.optimizer": "sgd",
              "dataset.augment.horizontalFlip": cache == "off"}
     fit(_spec(tmp_path / "a", **extra), Reporter(), tmp_path / "a")
-    stopper = _StopAfterEpoch(stop_after)
+    stopper = StopAfterEpoch(stop_after)
     spec_b = _spec(tmp_path / "b", **extra)
     with pytest.raises(Preempted, match=f"after epoch {stop_after}"):
         fit(spec_b, stopper, tmp_path / "b", should_stop=lambda: stopper.stop)

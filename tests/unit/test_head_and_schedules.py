@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from trainer_util import tiny_spec
+from trainer_util import StopAfterEpoch, tiny_spec
 
 from finetune_api.errors import JobFileError, Preempted
 from finetune_api.spec import Head, Training, parse_spec
@@ -243,15 +243,6 @@ def test_the_weight_average_is_exported_when_it_scores_better(tmp_path, monkeypa
     assert all(torch.equal(exported[k], v) for k, v in chosen.items())
 
 
-class _StopAfterEpoch(Reporter):
-    def __init__(self, epoch: int):
-        self.epoch, self.stop = epoch, False
-
-    def event(self, kind, **f):
-        if kind == "epoch" and f["epoch"] == self.epoch:
-            self.stop = True
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("policy,flip", [("head", False), ("partial", False), ("partial", True)],
                          ids=["cached-head", "cached-fx-tail", "whole-model"])
@@ -260,7 +251,7 @@ def test_ema_and_warmup_resume_after_epoch_1_bit_identical(tmp_path, policy, fli
              "freeze.policy": policy, "dataset.augment.horizontalFlip": flip, "head.layers": [16],
              "head.norm": "layernorm", "head.dropout": 0.2}
     straight = fit(_ema_spec(tmp_path / "a", **extra), Reporter(), tmp_path / "a")
-    stopper = _StopAfterEpoch(1)
+    stopper = StopAfterEpoch(1)
     spec_b = _ema_spec(tmp_path / "b", **extra)
     with pytest.raises(Preempted, match="after epoch 1"):
         fit(spec_b, stopper, tmp_path / "b", should_stop=lambda: stopper.stop)

@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from finetune_api.spec import FineTuneJobSpec, parse_spec
+from finetune_trainer.report import Reporter
 
 
 def tiny_spec(output: Path | str, **overrides) -> FineTuneJobSpec:
@@ -26,6 +27,17 @@ def tiny_spec(output: Path | str, **overrides) -> FineTuneJobSpec:
             node = node.setdefault(key, {})
         node[leaf] = value
     return parse_spec(spec)
+
+
+class StopAfterEpoch(Reporter):
+    """Asks fit() to stop once epoch `epoch` has ended (a stand-in for SIGTERM between epochs)."""
+
+    def __init__(self, epoch: int):
+        self.epoch, self.stop = epoch, False
+
+    def event(self, kind, **f):
+        if kind == "epoch" and f["epoch"] == self.epoch:
+            self.stop = True
 
 
 def write_job(path: Path, spec: dict, name: str = "t") -> Path:
