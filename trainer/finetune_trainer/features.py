@@ -95,9 +95,10 @@ def extract(model: nn.Module, boundary: str, loader, compute: Compute, limit: in
             else:
                 with compute.precision.autocast(), contextlib.suppress(_Stop):
                     model(images)
-                if fast is not None and fast.usable is None and fast.compile(images) and \
-                        fast.check(fast(images).cpu(), captured[-1]):
-                    captured[-1] = fast(images).cpu()  # every row of the cache from the same path
+                if fast is not None and fast.usable is None and fast.compile(images):
+                    compiled = fast(images).cpu()
+                    if fast.check(compiled, captured[-1]):
+                        captured[-1] = compiled  # every row of the cache from the same path
             labels.append(targets)
             total += captured[-1].numel() * 4
             if total > limit:
