@@ -154,11 +154,11 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
         train = (dist.concat_rows(train[0].transpose(0, 1)).transpose(0, 1).contiguous() if views
                  else dist.concat_rows(train[0]), dist.concat_rows(train[1]))
     n_val = len(val_loader.dataset) if dist.active else len(val[1])
-    path = fast.describe()["path"] if fast is not None else "eager"
+    how = fast.describe() if fast is not None else {"path": "eager", "reason": eager}
     note = (f"frozen-part outputs for {len(train[1]) + n_val} images{_of(views)} computed once in "
-            f"{time.perf_counter() - start:.1f}s ({env.frozen_precision.name}, {path}); training continues from "
-            f"{boundary}")
-    return train, val, note, fast.describe() if fast is not None else {"path": "eager", "reason": eager}
+            f"{time.perf_counter() - start:.1f}s ({env.frozen_precision.name}, {how['path']}); training continues "
+            f"from {boundary}")
+    return train, val, note, how
 
 
 def _fast_prefix(frozen: nn.Module, boundary: str) -> frozen_pass.FastPrefix:
