@@ -74,6 +74,7 @@ fmt: $(STAMP)
 # Regenerate the CRD from the spec model (a unit test fails when they drift).
 crd: $(STAMP)
 	$(PY) -m finetune_operator.crd > charts/finetune-operator/crds/finetunejobs.finetune.dev.yaml
+	$(PY) -m finetune_operator.sweep_crd > charts/finetune-operator/crds/finetunesweeps.finetune.dev.yaml
 	hack/gen-deploy.sh
 
 # deploy/base (kustomize) is generated from the chart; a unit test fails when it drifts.

@@ -69,6 +69,7 @@ class Reason(StrEnum):
     TEACHER_NOT_FOUND = "TeacherNotFound"  # no FineTuneJob of that name in the namespace (re-checked on create)
     TEACHER_FAILED = "TeacherFailed"  # the teacher FineTuneJob failed
     TEACHER_NOT_MOUNTABLE = "TeacherNotMountable"  # its output is not on a PVC the student's pod can mount
+    PRUNED = "Pruned"  # a FineTuneSweep trial stopped early by the sweep's pruning rule (annotation finetune.dev/stop)
 
 
 class ServingReason(StrEnum):
@@ -153,6 +154,7 @@ class Output(_Status):
     valAccuracy: float | None = _num()
     testAccuracy: float | None = _num("accuracy on the held-out test split with the best weights (when the job "
                                       "has one)")
+    valLoss: float | None = _num("validation loss of the best epoch")
 
 
 class LastCheckpoint(_Status):

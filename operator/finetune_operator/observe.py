@@ -219,7 +219,7 @@ def startup_clock(job: ObjView) -> dt.datetime | None:
 
 def result_summary(pods: Sequence[ObjView]) -> dict[str, Any]:
     """Output fields from a succeeded trainer's termination message, if it wrote JSON there."""
-    keys = ("weightsFile", "sha256", "bestEpoch", "valAccuracy", "testAccuracy")
+    keys = ("weightsFile", "sha256", "bestEpoch", "valAccuracy", "valLoss", "testAccuracy")
     for pod in reversed(_by_age(pods)):
         term = _trainer_terminated(pod)
         if term and term.get("exitCode") == 0 and term.get("message"):
