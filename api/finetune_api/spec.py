@@ -129,6 +129,10 @@ class Training(_Model):
     feature_cache_views: int = Field(0, ge=0, le=MAX_CACHE_VIEWS, description="random augmentation with a frozen "
                                      "part: it runs once over K augmented copies per training image, each epoch "
                                      "samples one (0 = off: random augmentation turns the cache off)")
+    feature_cache_dir: PathStr | None = Field(
+        None, description="a folder shared by several jobs (a sweep's trials) for the feature cache instead of "
+        "<output>/cache: files there are published atomically, verified when read, kept after the export for the "
+        "other jobs, and computed by one job at a time (the others wait and reuse them)")
     frozen_pass: Literal["auto", "eager"] = Field(
         "auto", description="how the feature cache's frozen pass runs: auto: the fastest path that agrees with "
         "eager (on CPUs with bf16, a TorchScript-compiled bf16 prefix); eager: the model op by op")
@@ -142,6 +146,11 @@ class Training(_Model):
     ema: Ema | None = Field(
         None, description="keep an exponential moving average of the trained weights, evaluated every epoch; "
         "exported instead of the raw weights when it scores better (default: off)")
+
+    @model_validator(mode="after")
+    def _cache_dir_safe(self) -> Training:
+        _no_parent_segments(self.feature_cache_dir)
+        return self
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> Training:
@@ -228,7 +237,8 @@ class FineTuneJobSpec(_Model):
         # them unchanged, so outputs written by an earlier trainer still resume.
         t = _dump(self.training, {"warmup_epochs": 0, "grad_clip_norm": None, "ema": None,
                                   "feature_cache_views": 0},
-                  {"epochs", "early_stopping", "log_every_steps", "device", "feature_cache", "frozen_pass"})
+                  {"epochs", "early_stopping", "log_every_steps", "device", "feature_cache", "frozen_pass",
+                   "feature_cache_dir"})
         model = self.model.model_dump(exclude={"library"} if self.model.library == "torchvision" else set())
         dataset = self.dataset.model_dump(exclude={"num_workers", "augment", *(() if self.dataset.test_fraction else
                                                                                  ("test_fraction",))})

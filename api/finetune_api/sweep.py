@@ -249,6 +249,25 @@ def trial_spec(sweep: FineTuneSweepSpec, values: dict[str, Scalar], prefix: str 
     return parse_spec(with_values(sweep.template.spec.to_wire(), values), prefix)
 
 
+CACHE_FOLDER = "feature-cache"
+
+
+def trial_job_spec(sweep: FineTuneSweepSpec, trial: str, values: dict[str, Scalar]) -> FineTuneJobSpec:
+    """A trial as it runs: the template with its values, its export in <output.path>/<trial> (trials never
+    share an output folder), and the feature cache in <output.path>/feature-cache unless the template names
+    one — trials with the same frozen part, data and preprocessing then share one frozen pass."""
+    spec = with_values(sweep.template.spec.to_wire(), values)
+    root = sweep.template.spec.output.path.rstrip("/") or "/"
+    spec.setdefault("output", {})["path"] = f"{root.rstrip('/')}/{trial}"
+    spec.setdefault("training", {}).setdefault("featureCacheDir", f"{root.rstrip('/')}/{CACHE_FOLDER}")
+    return parse_spec(spec, "template.spec")
+
+
+def trial_name(sweep_name: str, index: int) -> str:
+    """Deterministic: a restarted operator finds trial i under the same name and never creates it twice."""
+    return f"{sweep_name}-{index:03d}"
+
+
 def check_ranges(sweep: FineTuneSweepSpec) -> None:
     """Before any trial exists: every path is a spec field and every probed value gives a valid spec."""
     for p in sweep.parameters:
