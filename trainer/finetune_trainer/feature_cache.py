@@ -8,6 +8,7 @@ which it got. The cache is kept on disk (feature_store) for a retry or resume of
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -69,19 +70,25 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
         return Prepared(net, train_loader, val_loader, decision)
     # On disk for one process only: ranks of a group may not share a writable output volume.
     views = decision.views
+    shared = Path(spec.training.feature_cache_dir) if spec.training.feature_cache_dir else None
     store = None if dist.active else (inputs.output, feature_store.cache_key(
         inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, _precision_key(spec, env),
-        env.channels_last, views=feature_store.views_key(spec, inputs.preprocessing) if views else None))
-    found = feature_store.load(*store) if store else None
-    if found is not None and (not views or tuple(found[0][0].shape[:2]) == (views, len(found[0][1]))):
-        note = (f"frozen-part outputs for {len(found[0][1]) + len(found[1][1])} images{_of(views)} reused from "
-                f"{feature_store.path_for(*store).relative_to(store[0])}; training continues from {decision.boundary}")
-        loaders = features.cached_loaders(found[0], found[1], batch_size, 1, 0, views)
-        return Prepared(net, *loaders, decision, "reused", note)
-    train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size, dist,
-                                         views, spec.training.seed, _eager_reason(spec, env))
+        env.channels_last, views=feature_store.views_key(spec, inputs.preprocessing) if views else None), shared)
+    lock = feature_store.computing(shared, store[1]) if store and shared else contextlib.nullcontext()
+    with lock:  # a shared folder: one job computes a key at a time, the others wait and reuse its file
+        found = feature_store.load(*store) if store else None
+        if found is not None and (not views or tuple(found[0][0].shape[:2]) == (views, len(found[0][1]))):
+            where = feature_store.path_for(*store)
+            where = where if shared else where.relative_to(store[0])
+            note = (f"frozen-part outputs for {len(found[0][1]) + len(found[1][1])} images{_of(views)} reused from "
+                    f"{where}; training continues from {decision.boundary}")
+            loaders = features.cached_loaders(found[0], found[1], batch_size, 1, 0, views)
+            return Prepared(net, *loaders, decision, "reused", note)
+        train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size,
+                                             dist, views, spec.training.seed, _eager_reason(spec, env))
+        stored = _store(store, train, val)
     loaders = features.cached_loaders(train, val, batch_size, dist.world, dist.rank, views)
-    return Prepared(net, *loaders, decision, _store(store, train, val), note, how)
+    return Prepared(net, *loaders, decision, stored, note, how)
 
 
 def _eager_reason(spec: FineTuneJobSpec, env: Env) -> str | None:
@@ -168,12 +175,12 @@ def _fast_prefix(frozen: nn.Module, boundary: str) -> frozen_pass.FastPrefix:
                                   f"the frozen part cannot be cut out before {boundary} with torch.fx")
 
 
-def _store(store: tuple[Path, str] | None, train, val) -> str | None:
+def _store(store: tuple[Path, str, Path | None] | None, train, val) -> str | None:
     """Keep the features for a retry; a full or read-only volume only costs the next attempt the pass."""
     if store is None:
         return None
     try:
-        feature_store.save(*store, train, val)
+        feature_store.save(store[0], store[1], train, val, shared=store[2])
     except OSError as err:
         log.warning("feature cache not saved (%s): a retry computes it again", err)
         return None

@@ -6,17 +6,25 @@ preprocessing, the freeze boundary, the precision and memory layout of the froze
 version; with augmented views (cached_views) also their count, the whole augmentation spec, the seed and
 torchvision's version. Anything changed gives a new key; the file of an old key is deleted when the new one is written,
 and every file once the export is committed (no retry needs them; they can be gigabytes). A file that
-fails to load (truncated, another format, another key) is treated as absent, never trusted. One process
-only: the ranks of a data-parallel group keep their features in memory.
+fails to load (truncated, another format, another key, tensors that do not match the digest stored with
+them) is treated as absent, never trusted. One process only: the ranks of a data-parallel group keep
+their features in memory.
+
+`training.featureCacheDir` names a folder several jobs share (a sweep's trials, on one volume): files there
+are kept after the export and never deleted for another key (they belong to other jobs), and `computing()`
+lets one job at a time run the frozen pass for a key while the others wait for its file — so trials with
+the same frozen part, data and preprocessing pay for one pass between them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -69,34 +77,70 @@ def _hash_sample(h, sample: Sample) -> None:
     h.update(f"{sample.path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
 
 
-def path_for(output: Path, key: str) -> Path:
-    return output / CACHE_DIR / f"{PREFIX}{key[:32]}.pt"
+def path_for(output: Path, key: str, shared: Path | None = None) -> Path:
+    return (shared if shared is not None else output / CACHE_DIR) / f"{PREFIX}{key[:32]}.pt"
 
 
-def load(output: Path, key: str) -> tuple[Pair, Pair] | None:
-    """The cached (train, val) features for `key`, or None (absent, unreadable, or another key)."""
-    path = path_for(output, key)
+def load(output: Path, key: str, shared: Path | None = None) -> tuple[Pair, Pair] | None:
+    """The cached (train, val) features for `key`, or None (absent, unreadable, another key, or tensors
+    that are not what was written)."""
+    path = path_for(output, key, shared)
     if not path.exists():
         return None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
         if data.get("key") != key:
             return None
-        return (data["trainX"], data["trainY"]), (data["valX"], data["valY"])
+        pairs = (data["trainX"], data["trainY"]), (data["valX"], data["valY"])
+        if data.get("digest") != _digest(pairs):
+            log.warning("feature cache %s does not match its digest: computing it again", path.name)
+            return None
+        return pairs
     except Exception as err:  # a broken cache only costs the frozen pass, never the run
         log.warning("feature cache %s unreadable (%s): computing it again", path.name, type(err).__name__)
         return None
 
 
-def save(output: Path, key: str, train: Pair, val: Pair) -> Path:
-    """Write atomically, then delete the files of other keys (stale after a change)."""
-    path = path_for(output, key)
-    data = {"key": key, "trainX": train[0], "trainY": train[1], "valX": val[0], "valY": val[1]}
+def save(output: Path, key: str, train: Pair, val: Pair, shared: Path | None = None) -> Path:
+    """Write atomically (a unique temp file renamed into place: concurrent writers of one key each publish a
+    whole file), then, in a job's own folder only, delete the files of other keys (stale after a change)."""
+    path = path_for(output, key, shared)
+    data = {"key": key, "trainX": train[0], "trainY": train[1], "valX": val[0], "valY": val[1],
+            "digest": _digest((train, val))}
     atomic_write(path, lambda tmp: torch.save(data, tmp))
-    for old in path.parent.glob(f"{PREFIX}*.pt"):
-        if old != path:
-            old.unlink(missing_ok=True)
+    if shared is None:
+        for old in path.parent.glob(f"{PREFIX}*.pt"):
+            if old != path:
+                old.unlink(missing_ok=True)
     return path
+
+
+def _digest(pairs: tuple[Pair, Pair]) -> str:
+    """sha256 over the tensors' dtypes, shapes and bytes: what a reader checks before trusting a file."""
+    h = hashlib.sha256()
+    for t in (t for pair in pairs for t in pair):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def computing(shared: Path, key: str) -> Iterator[None]:
+    """Hold the shared folder's lock for `key` while the frozen pass runs: jobs that need the same features
+    wait here, then find the file published. flock is released by the kernel if the holder dies, so a
+    killed trial never blocks the others; where the file system has no locks, jobs compute side by side."""
+    shared.mkdir(parents=True, exist_ok=True)
+    with open(shared / f".{PREFIX}{key[:32]}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as err:
+            log.warning("feature cache lock unavailable in %s (%s): computing without it", shared, err)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def discard(output: Path) -> None:
