@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="ImageFolder: <data>/<class>/… with the model's class names")
     ev.add_argument("--report-dir", help="where evaluation.json and the PNGs go (default: <model>/eval-<folder>)")
     ev.add_argument("--batch-size", type=int, default=64)
+    sw = sub.add_parser("sweep", help="run a FineTuneSweep locally: its trials, a live table, the best export")
+    sw.add_argument("-f", "--file", required=True, help="FineTuneSweep manifest (YAML)")
+    sw.add_argument("--parallel", type=int, help="trials at a time in worker processes (default: 1, in-process)")
+    sw.add_argument("--output", help="override template.spec.output.path (trials, feature-cache, best/, sweep.json)")
     return parser
 
 
@@ -168,6 +172,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from finetune_api.sweep import parse_sweep
+
+    sweep = parse_sweep(read_job_document(args.file))
+    if args.parallel is not None and args.parallel < 1:
+        raise JobFileError(f"--parallel must be at least 1 (got {args.parallel})")
+    from finetune_trainer.sweep import LocalSweep  # torch only once the file is known good
+
+    doc = LocalSweep(sweep, Path(args.output) if args.output else None, args.parallel).run()
+    best = doc["best"]
+    print(f"best trial {best['trial']}: {doc['objective']['metric']} {best['metric']:.4f} "
+          f"({', '.join(f'{k}={v}' for k, v in best['parameters'].items())}) -> {best['export']}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _termination_message(text: str) -> None:
     """Kubernetes mounts /dev/termination-log into containers; outside a pod it does not exist."""
     path = os.environ.get("FINETUNE_TERMINATION_LOG") or TERMINATION_LOG
@@ -191,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    handlers = {"train": cmd_train, "validate": cmd_validate, "predict": cmd_predict, "evaluate": cmd_evaluate}
+    handlers = {"train": cmd_train, "validate": cmd_validate, "predict": cmd_predict, "evaluate": cmd_evaluate,
+                "sweep": cmd_sweep}
     if args.command is None:
         build_parser().print_help()
         return EXIT_INVALID_JOB
