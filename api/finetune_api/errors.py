@@ -35,6 +35,13 @@ class TrainingError(FinetuneError):
     exit_code = EXIT_RUNTIME_ERROR
 
 
+class DiskFull(TrainingError):
+    """No space left while writing a checkpoint, cache or export: the temp file is gone, the last good files are
+    kept, and a retry once the volume has room resumes (exit 1, status reason DiskFull)."""
+
+    exit_code = EXIT_RUNTIME_ERROR
+
+
 class Preempted(FinetuneError):
     """SIGTERM arrived: the last checkpoint is on disk, the next attempt resumes from it."""
 

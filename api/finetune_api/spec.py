@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from finetune_api.augment import ADDED_FIELDS as AUGMENT_ADDED_FIELDS
@@ -38,6 +37,7 @@ from finetune_api.base import (  # noqa: F401  (re-exported: the patterns and li
 )
 from finetune_api.cluster import VOLUME_SOURCES, K8sObject, Resources, RunPolicy, Scheduling, Volume  # noqa: F401
 from finetune_api.distill import Distillation, Teacher  # noqa: F401
+from finetune_api.documents import read_yaml_document
 from finetune_api.errors import JobFileError, format_validation_error
 from finetune_api.freeze import Freeze, UnfreezeStep  # noqa: F401
 from finetune_api.head import Head
@@ -293,15 +293,8 @@ def parse_job(doc: Any) -> JobFile:
 
 
 def read_job_document(path: str | Path) -> Any:
-    """The job file's YAML, unvalidated; unreadable files and bad YAML become a JobFileError."""
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise JobFileError(f"cannot read job file {path}: {err.strerror}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise JobFileError(f"job file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    """The job file's YAML, unvalidated; unreadable, oversized, undecodable or bad YAML become a JobFileError."""
+    return read_yaml_document(path, "job file")
 
 
 def load_job(path: str | Path) -> JobFile:

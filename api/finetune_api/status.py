@@ -55,6 +55,7 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"  # the spec failed the model's validation: nothing was created
     INVALID_JOB_FILE = "InvalidJobFile"  # the trainer refused its job file or data (exit 2)
     TRAINER_ERROR = "TrainerError"
+    DISK_FULL = "DiskFull"  # the trainer ran out of space writing a checkpoint or the export (exit 1, retried)
     OOM_KILLED = "OOMKilled"
     PREEMPTED = "Preempted"  # SIGTERM, checkpoint saved (exit 75)
     EVICTED = "Evicted"
@@ -70,6 +71,13 @@ class Reason(StrEnum):
     TEACHER_FAILED = "TeacherFailed"  # the teacher FineTuneJob failed
     TEACHER_NOT_MOUNTABLE = "TeacherNotMountable"  # its output is not on a PVC the student's pod can mount
     PRUNED = "Pruned"  # a FineTuneSweep trial stopped early by the sweep's pruning rule (annotation finetune.dev/stop)
+    STOPPED = "Stopped"  # a trial stopped because its sweep ended (target reached, too many failures), or by hand
+
+
+# Set on a FineTuneJob (by its FineTuneSweep, or by hand) to stop it: "Pruned: <why>" or "Stopped: <why>". The
+# operator deletes its Job and the job ends Failed with reason Pruned or Stopped; a finished job stays finished.
+STOP_ANNOTATION = "finetune.dev/stop"
+STOP_REASONS = (Reason.PRUNED.value, Reason.STOPPED.value)
 
 
 class ServingReason(StrEnum):

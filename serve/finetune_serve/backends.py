@@ -19,6 +19,7 @@ from PIL import Image
 from finetune_serve.images import Preprocessing
 
 META_FILE = "model.json"  # finetune_trainer.export.META_FILE (that module imports torch; a test keeps them equal)
+MAX_META_BYTES = 64 << 20  # finetune_trainer.export.MAX_META_BYTES
 BACKENDS = ("auto", "onnx", "torch")
 
 
@@ -44,11 +45,21 @@ class Export:
     def read(cls, folder: str | Path) -> Export:
         folder = Path(folder)
         try:
-            meta = json.loads((folder / META_FILE).read_text())
-        except (OSError, ValueError) as err:
-            raise ExportError(f"--model: {folder} holds no readable {META_FILE} ({err})") from None
+            with open(folder / META_FILE, "rb") as f:
+                meta = json.loads(f.read(MAX_META_BYTES + 1))
+        except OSError as err:
+            raise ExportError(f"--model: {folder} holds no readable {META_FILE} ({err.strerror})") from None
+        except (ValueError, RecursionError):  # also what a file over the cap gives: cut off, it does not parse
+            raise ExportError(f"--model: {folder / META_FILE} is not valid JSON (or over {MAX_META_BYTES} "
+                              "bytes)") from None
         if not isinstance(meta, dict) or not {"classes", "preprocessing", "name"} <= set(meta):
             raise ExportError(f"--model: {folder / META_FILE} is not a finetune-operator export")
+        try:
+            Preprocessing.from_json(meta["preprocessing"])
+            if not meta["classes"] or not all(isinstance(c, str) for c in meta["classes"]):
+                raise TypeError("classes")
+        except (KeyError, TypeError, ValueError) as err:
+            raise ExportError(f"--model: {folder / META_FILE} has unusable classes or preprocessing ({err})") from None
         return cls(folder, meta)
 
     @property
@@ -60,7 +71,9 @@ class Export:
         return Preprocessing.from_json(self.meta["preprocessing"])
 
     def verified(self, relative: str, sha256: str) -> Path:
-        path = self.folder / relative
+        path = self.folder / str(relative)
+        if not path.resolve().is_relative_to(self.folder.resolve()):
+            raise ExportError(f"--model: {META_FILE} names a file outside the export ({relative!r})")
         h = hashlib.sha256()
         try:
             with open(path, "rb") as f:
@@ -79,13 +92,20 @@ class OnnxBackend:
     def __init__(self, export: Export, threads: int = 0):
         import onnxruntime as ort
 
-        entry = export.meta["formats"]["onnx"]
-        path = export.verified(entry["file"], entry["sha256"])
+        try:
+            entry = export.meta["formats"]["onnx"]
+            path = export.verified(entry["file"], entry["sha256"])
+            self.input, self.output = entry["input"]["name"], entry["output"]["name"]
+            self.folded = bool(entry["input"]["normalizationInGraph"])
+        except (KeyError, TypeError) as err:
+            raise ExportError(f"--model: {META_FILE}'s formats.onnx entry is incomplete (no {err})") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input, self.output = entry["input"]["name"], entry["output"]["name"]
-        self.folded = bool(entry["input"]["normalizationInGraph"])
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own exception types: a graph that does not load
+            line = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise ExportError(f"--model: {path} is not an ONNX graph onnxruntime can load ({line})") from None
         self.prep = export.prep
 
     def images(self, images: list[Image.Image]) -> np.ndarray:
@@ -128,7 +148,8 @@ class TorchBackend:
 def load_backend(folder: str | Path, choice: str = "auto", threads: int = 0) -> tuple[Export, Backend]:
     """auto: ONNX when the export has it and onnxruntime is installed, else PyTorch."""
     export = Export.read(folder)
-    has_onnx = "onnx" in export.meta.get("formats", {})
+    formats = export.meta.get("formats")
+    has_onnx = isinstance(formats, dict) and "onnx" in formats
     if choice == "auto":
         choice = "onnx" if has_onnx and _importable("onnxruntime") else "torch"
     if choice == "onnx":

@@ -85,7 +85,7 @@ class _Planted:
         return (os.makedirs, (str(self.marker),))
 
 
-def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(tmp_path: Path) -> None:
+def test_a_checkpoint_whose_pickle_would_run_code_is_moved_aside_without_running_it(tmp_path: Path) -> None:
     out, marker = tmp_path / "out", tmp_path / "code-ran"
     folder = out / ckpt.CHECKPOINT_DIR
     folder.mkdir(parents=True)
@@ -95,9 +95,23 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(
     for name in ("epoch-0001.pt", "epoch-0002.pt"):
         with pytest.raises(JobFileError, match="is not a checkpoint this trainer can read"):
             ckpt.load_checkpoint(folder / name)
-    with pytest.raises(JobFileError, match=r"epoch-0002\.pt is not a checkpoint this trainer can read"):
-        fit(tiny_spec(out), Reporter(), out)
+    said = Said()
+    fit(tiny_spec(out), said, out)  # neither can be used: both moved aside, saying so, and a fresh start
     assert not marker.exists(), "the planted code ran"
+    assert sorted(p.name for p in folder.glob("*.unreadable")) == ["epoch-0001.pt.unreadable",
+                                                                    "epoch-0002.pt.unreadable"]
+    assert next(t for t in said.warnings if "epoch-0002.pt is not a checkpoint" in t).endswith("the one before")
+    assert next(t for t in said.warnings if "epoch-0001.pt is not a checkpoint" in t).endswith("starting fresh")
+    assert ckpt.load_checkpoint(folder / "epoch-0002.pt")["epoch"] == 2  # the fresh run's own
+
+
+class Said(Reporter):
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def event(self, kind, **f):
+        if kind == "message" and f.get("level") == "warning":
+            self.warnings.append(f["text"])
 
 
 def test_foreign_and_old_files_are_refused_with_one_line(tmp_path: Path) -> None:

@@ -5,16 +5,18 @@ of tensors and plain values. Loading uses `torch.load(weights_only=True)`: a fil
 folder can hold pickled code, and the restricted unpickler refuses it instead of running it. A file that
 is not a checkpoint of ours, or one of another format version, is refused with one clear line.
 
-Every file is written to a temp name in the same directory and `os.replace`d, so a kill at any
-instant leaves either the old file or the new one — never half of one.
+Every file is written atomically (safe_io.atomic_write): a kill or a full disk at any instant leaves the
+old file or the new one, never half of one. The last two checkpoints are kept; a resume that finds the
+newest unreadable, foreign or of another format moves it aside (`*.unreadable`, never deleted) and falls
+back to the one before, or starts fresh, saying so.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import pickle
 import re
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +24,18 @@ import torch
 
 from finetune_api.errors import JobFileError
 from finetune_api.spec import FineTuneJobSpec
+from finetune_trainer.safe_io import atomic_write, quarantine, regular_file
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 # epoch-0003.pt: epoch 3 finished. epoch-0004-step-000012.pt: epoch 4 stopped after its step 12 (SIGTERM).
 _NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{6,}))?\.pt$")
 KEEP_LAST = 2
+# What TrainState.load_state_dict reads unconditionally: a file without them is not a resumable checkpoint.
+_FIELDS = {"epoch": int, "model": dict, "optimizer": dict, "best": dict, "history": list, "fingerprint": str}
 FORMAT = "finetune-operator/checkpoint"
 VERSION = 2  # 1: the unversioned files of trainers before 0.2 (they held numpy objects; not readable now)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then rename it over `path`; the temp file never outlives a failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; exports are read by other users (serving pods)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_path(output: Path, epoch: int, step: int | None = None) -> Path:
@@ -67,18 +58,23 @@ def save_checkpoint(output: Path, epoch: int, state: dict[str, Any], spec: FineT
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint of ours, read without unpickling anything but tensors and plain values."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
+        state = torch.load(regular_file(path, "checkpoint"), map_location="cpu", weights_only=True)
+    except JobFileError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError,
+            KeyError, IndexError, UnicodeDecodeError, MemoryError, OverflowError, RecursionError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise JobFileError(f"{path} is not a checkpoint this trainer can read ({first}); delete it or use "
-                           "a new output path") from None
+        raise JobFileError(f"{path} is not a checkpoint this trainer can read ({first})") from None
     if isinstance(state, dict) and "format" not in state and "fingerprint" in state:
         state = {**state, "format": FORMAT, "version": 1}  # an older trainer's: refused by version below
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise JobFileError(f"{path} is not a finetune-operator checkpoint; delete it or use a new output path")
+        raise JobFileError(f"{path} is not a finetune-operator checkpoint")
     if state.get("version") != VERSION:
         raise JobFileError(f"{path} has checkpoint format version {state.get('version')!r}, this trainer reads "
-                           f"version {VERSION}; delete the checkpoints or use a new output path")
+                           f"version {VERSION}")
+    wrong = [k for k, kind in _FIELDS.items() if not isinstance(state.get(k), kind)]
+    if wrong or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise JobFileError(f"{path} is a damaged checkpoint (missing or mistyped: {wrong or ['model tensors']})")
     return state
 
 
@@ -106,9 +102,25 @@ def latest_checkpoint(output: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_for_resume(path: Path, spec: FineTuneJobSpec) -> dict[str, Any]:
-    """Load a checkpoint and refuse it, clearly, when the spec changed in a way resuming can't honour."""
-    state = load_checkpoint(path)
+def latest_readable(output: Path, say: Callable[[str], None] = log.warning) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads, and its content. An unreadable one (truncated, foreign, planted, of
+    another format version) is moved aside with one message naming it, so the one before is tried — and a
+    later save cannot prune the good one in favour of a broken file; none left: a fresh start, said so."""
+    for path in reversed(_checkpoints(output / CHECKPOINT_DIR)):
+        try:
+            return path, load_checkpoint(path)
+        except JobFileError as err:
+            moved = quarantine(path)
+            left = any(p != path for p in _checkpoints(output / CHECKPOINT_DIR))
+            say(f"{err}; {f'moved aside to {moved.name}' if moved else 'skipped'}, "
+                f"{'resuming from the one before' if left else 'starting fresh'}")
+    return None
+
+
+def load_for_resume(path: Path, spec: FineTuneJobSpec, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a checkpoint (or take its loaded `state`) and refuse it, clearly, when the spec changed in a way
+    resuming can't honour: that run is kept, not overwritten."""
+    state = load_checkpoint(path) if state is None else state
     old = state.get("fingerprint")
     if old != spec.resume_fingerprint():
         raise JobFileError(

@@ -31,6 +31,7 @@ from finetune_api.errors import (
     JobFileError,
 )
 from finetune_api.spec import parse_job, read_job_document
+from finetune_trainer.safe_io import job_fields, os_error, os_errors
 
 TERMINATION_LOG = "/dev/termination-log"
 
@@ -125,8 +126,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Rank 0 speaks for the group (console, JSON lines, pushes); the others stay quiet except for errors.
     reporter = _reporter(args.report) if dist.main else Reporter()
     try:
-        result = fit(job.spec, reporter, Path(job.spec.output.path), name=job.name,
-                     should_stop=lambda: stop["requested"], dist=dist)
+        with os_errors(job_fields(job.spec)):  # an OS error names its path and the spec field that holds it
+            result = fit(job.spec, reporter, Path(job.spec.output.path), name=job.name,
+                         should_stop=lambda: stop["requested"], dist=dist)
     finally:
         reporter.close()
     if dist.main:
@@ -152,7 +154,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from finetune_trainer.predict import predict_files
 
     failed = 0
-    for path, top in predict_files(args.model, args.images, args.top):
+    with os_errors({"--model": args.model}):
+        predictions = predict_files(args.model, args.images, args.top)
+    for path, top in predictions:
         if not top:
             failed += 1
             print(f"{path}\terror: unreadable image", file=sys.stderr)
@@ -166,7 +170,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from finetune_trainer.predict import evaluate_folder
 
-    summary = evaluate_folder(Path(args.model), Path(args.data), args.report_dir, args.batch_size)
+    with os_errors({"--model": args.model, "--data": args.data, "--report-dir": args.report_dir}):
+        summary = evaluate_folder(Path(args.model), Path(args.data), args.report_dir, args.batch_size)
     print(summary["summary"])
     print(f"report: {summary['reportDir']}/{summary['files']['report']}")
     return EXIT_OK
@@ -223,15 +228,21 @@ def _guarded(command: Callable[[], int]) -> int:
     try:
         return command()
     except FinetuneError as err:
-        kind = "invalid job" if isinstance(err, JobFileError) else "failed"
-        print(f"error: {kind}: {err}", file=sys.stderr)
-        _termination_message(f"{type(err).__name__}: {err}")
-        return err.exit_code
+        return _failed(err)
+    except OSError as err:  # one the command did not attribute to a field: still one line, naming the path
+        return _failed(os_error(err, {}))
     except Exception as err:
         traceback.print_exc()
         print(f"error: runtime failure: {type(err).__name__}: {err}", file=sys.stderr)
         _termination_message(f"{type(err).__name__}: {err}")
         return EXIT_RUNTIME_ERROR
+
+
+def _failed(err: FinetuneError) -> int:
+    kind = "invalid job" if isinstance(err, JobFileError) else "failed"
+    print(f"error: {kind}: {err}", file=sys.stderr)
+    _termination_message(f"{type(err).__name__}: {err}")
+    return err.exit_code
 
 
 if __name__ == "__main__":

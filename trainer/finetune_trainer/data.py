@@ -103,7 +103,7 @@ class ImageDataset(Dataset):
             return self.memo[i], self.samples[i].label
         try:
             x = self.transform(self.samples[i].load())
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
             log.warning("skipping unreadable image %s: %s", self.samples[i].path, err)
             return None
         if self.memo is not None:

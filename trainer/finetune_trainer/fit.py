@@ -39,6 +39,7 @@ from finetune_trainer.freeze import (
 from finetune_trainer.model import build_model, check_head_batches
 from finetune_trainer.report import Reporter
 from finetune_trainer.runtime import Env, build_optimizer, build_scheduler, device_for, seed_everything
+from finetune_trainer.safe_io import check_writable, first_line
 from finetune_trainer.train_state import TrainState, frozen_digest, rng_state, set_rng_state
 
 __all__ = ["Result", "fit"]
@@ -79,6 +80,8 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
         reporter.event("message", level="info", text=f"{output} already holds a finished export of this spec")
         return result_from_export(output, previous, reused=True)
     distiller = Distiller.create(spec, splits.classes, built, plan)  # the teacher, checked before anything is written
+    if dist.main:
+        check_writable(output, "output.path")  # a read-only or misplaced volume fails now, not after an epoch
 
     env = Env.create(spec, model, device=device)
     loaders = build_dataloaders(splits, built.preprocessing, spec.dataset, batch, pin_memory=env.device.type == "cuda",
@@ -247,11 +250,15 @@ def _begin_epoch(state: TrainState, train_loader, seed: int, dist: Dist) -> Epoc
 
 def _resume(output: Path, spec: FineTuneJobSpec, state: TrainState, reporter: Reporter, dist: Dist) -> int | None:
     """Load the latest checkpoint (rank 0 reads it and hands it to the other ranks); the epoch it resumes at."""
-    found = dist.from_main(lambda: _load_latest(output, spec, state.frozen_digest))
+    found = dist.from_main(lambda: _load_latest(output, spec, state.frozen_digest, reporter))
     if found is None:
         return None
     name, saved = found
-    state.load_state_dict(saved)
+    try:
+        state.load_state_dict(saved)
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:  # right header, wrong insides
+        raise JobFileError(f"checkpoint {name} does not fit this model ({type(err).__name__}: {first_line(err)}); "
+                           "delete it or use a new output path") from None
     where = f"epoch {state.epoch} done"
     if mid := saved.get("inEpoch"):
         # The saved sums are group totals: rank 0 carries them on, the others start from zero.
@@ -263,11 +270,12 @@ def _resume(output: Path, spec: FineTuneJobSpec, state: TrainState, reporter: Re
     return state.epoch
 
 
-def _load_latest(output: Path, spec: FineTuneJobSpec, digest: str) -> tuple[str, dict] | None:
-    path = ckpt.latest_checkpoint(output)
-    if path is None:
+def _load_latest(output: Path, spec: FineTuneJobSpec, digest: str, reporter: Reporter) -> tuple[str, dict] | None:
+    found = ckpt.latest_readable(output, lambda text: reporter.event("message", level="warning", text=text))
+    if found is None:
         return None
-    saved = ckpt.load_for_resume(path, spec)
+    path, saved = found
+    saved = ckpt.load_for_resume(path, spec, saved)
     if saved.get("frozenDigest") != digest:
         raise JobFileError(f"the frozen weights differ from those {path.name} was trained on (was the weights "
                            "file replaced?); use a new output path or delete the checkpoints")

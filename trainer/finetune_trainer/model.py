@@ -19,6 +19,7 @@ from finetune_api.errors import JobFileError, TrainingError
 from finetune_api.spec import FineTuneJobSpec, Head, Weights
 from finetune_trainer import timm_models
 from finetune_trainer.data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from finetune_trainer.safe_io import first_line, regular_file
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,7 @@ def _load_torchvision_weights(model: nn.Module, weights) -> str:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A .safetensors file, a plain state_dict, or a checkpoint holding one under 'model'/'state_dict'."""
-    if not path.is_file():
-        raise JobFileError(f"model.weights.path: {path} does not exist")
+    regular_file(path, "model.weights.path")  # missing, a directory or a FIFO (whose read would block)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -180,7 +180,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise JobFileError(f"model.weights.path: {path} is not a readable checkpoint ({type(err).__name__})") from None
+        raise JobFileError(f"model.weights.path: {path} is not a readable checkpoint ({type(err).__name__}: "
+                           f"{first_line(err, 100)})") from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

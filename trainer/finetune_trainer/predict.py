@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from finetune_api.errors import JobFileError
 from finetune_api.spec import Head
 from finetune_trainer.data import Preprocessing
-from finetune_trainer.export import META_FILE, sha256_file
+from finetune_trainer.export import MAX_META_BYTES, META_FILE, export_problem, sha256_file
 from finetune_trainer.model import new_model, replace_head
+from finetune_trainer.safe_io import first_line, read_bytes, regular_file
 
 
 def rebuild_model(meta: dict, weights: Path) -> torch.nn.Module:
@@ -25,6 +26,31 @@ def rebuild_model(meta: dict, weights: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def read_meta(folder: Path, where: str = "--model") -> tuple[dict, Path]:
+    """model.json and the weights file it names, checked: a hostile or broken export is one JobFileError."""
+    try:
+        meta = json.loads(read_bytes(folder / META_FILE, MAX_META_BYTES, where))
+    except OSError as err:
+        raise JobFileError(f"{where}: {folder} holds no readable {META_FILE} ({err.strerror})") from None
+    except (ValueError, RecursionError) as err:
+        raise JobFileError(f"{where}: {folder / META_FILE} is not valid JSON ({first_line(err)})") from None
+    problem = export_problem(meta, folder)
+    if problem:
+        raise JobFileError(f"{where}: {folder} is not a usable export: {problem}")
+    return meta, regular_file(folder / meta["weightsFile"], where)
+
+
+def rebuild_checked(meta: dict, weights: Path, where: str = "--model") -> tuple[torch.nn.Module, Preprocessing]:
+    """rebuild_model and the preprocessing, any failure of a file that parses but does not fit as one line."""
+    try:
+        return rebuild_model(meta, weights), Preprocessing.from_json(meta["preprocessing"])
+    except JobFileError:
+        raise
+    except Exception as err:  # unknown architecture, a head or tensors that do not fit, a corrupt safetensors
+        raise JobFileError(f"{where}: cannot rebuild the model of {weights.parent} ({type(err).__name__}: "
+                           f"{first_line(err)})") from None
+
+
 @dataclass
 class Predictor:
     model: torch.nn.Module
@@ -33,15 +59,11 @@ class Predictor:
 
     @classmethod
     def load(cls, folder: str | Path, verify: bool = True) -> Predictor:
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / META_FILE).read_text())
-        except (OSError, ValueError) as err:
-            raise JobFileError(f"--model: {folder} holds no readable {META_FILE} ({err})") from None
-        weights = folder / meta["weightsFile"]
+        meta, weights = read_meta(Path(folder))
         if verify and sha256_file(weights) != meta["sha256"]:
             raise JobFileError(f"--model: {weights} does not match the sha256 in {META_FILE}")
-        return cls(rebuild_model(meta, weights), meta["classes"], Preprocessing.from_json(meta["preprocessing"]))
+        model, prep = rebuild_checked(meta, weights)
+        return cls(model, meta["classes"], prep)
 
     @torch.inference_mode()
     def predict(self, images: list[Image.Image], top: int = 1) -> list[list[tuple[str, float]]]:
@@ -61,10 +83,11 @@ def predict_files(model_dir: str, paths: list[str], top: int = 1, batch_size: in
         chunk, images = [], []
         for p in paths[start:start + batch_size]:
             try:
-                with Image.open(p) as im:
+                with Image.open(regular_file(Path(p), "image")) as im:  # a FIFO would block the open
                     images.append(im.convert("RGB"))
                 chunk.append(p)
-            except (OSError, UnidentifiedImageError):
+            except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError,
+                    JobFileError):
                 out.append((p, []))
         if images:
             out += list(zip(chunk, predictor.predict(images, top), strict=True))

@@ -93,11 +93,12 @@ def _from_model_spec(spec, student_prep: Preprocessing) -> LoadedTeacher:
     path = Path(spec.weights.path)
     try:
         meta = json.loads((path.parent / META_FILE).read_text())
-        classes = list(meta["classes"])
-    except (OSError, ValueError, KeyError, TypeError):
+        classes = [str(c) for c in meta["classes"]]
+        model = new_model(spec.architecture, spec.library)
+        replace_head(model, len(classes), Head.model_validate(meta.get("head", {})))
+        prep = Preprocessing.from_json(meta["preprocessing"]) if "preprocessing" in meta else student_prep
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # pydantic's too
         raise JobFileError(f"{where}: no readable {META_FILE} with the teacher's classes beside {path}") from None
-    model = new_model(spec.architecture, spec.library)
-    replace_head(model, len(classes), Head.model_validate(meta.get("head", {})))
     state = read_state_dict(path)
     try:
         model.load_state_dict(state)
@@ -105,7 +106,6 @@ def _from_model_spec(spec, student_prep: Preprocessing) -> LoadedTeacher:
         first = str(err).strip().splitlines()[0][:160]
         raise JobFileError(f"{where}: {path} does not fit {spec.architecture} with {len(classes)} classes "
                            f"({first})") from None
-    prep = Preprocessing.from_json(meta["preprocessing"]) if "preprocessing" in meta else student_prep
     identity = {"model": spec.model_dump(mode="json"), "library": spec.library, "architecture": spec.architecture,
                 "weightsFile": str(path), "sha256": sha256_file(path)}
     return LoadedTeacher(model, classes, prep, identity)
