@@ -27,6 +27,7 @@ from finetune_operator.progress import (
     status_fields,
     token_matches,
 )
+from finetune_operator.server_limits import ConnectionGuard, Limits
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ ProgressWriter = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 
 class ProgressService:
     def __init__(self, metrics: Metrics, lookup: DigestLookup, write: ProgressWriter,
-                 min_write_interval: float = 5.0, clock: Callable[[], float] = time.time):
+                 min_write_interval: float = 5.0, clock: Callable[[], float] = time.time,
+                 limits: Limits | None = None):
         self.metrics, self.lookup, self.write = metrics, lookup, write
+        self.limits = limits or Limits()
         self.min_write_interval, self.clock = min_write_interval, clock
         self.jobs: dict[tuple[str, str], JobProgress] = {}
         self.buckets: dict[tuple[str, str], TokenBucket] = {}
@@ -65,8 +68,14 @@ class ProgressService:
         if not self.buckets.setdefault(key, TokenBucket()).allow(time.monotonic()):
             return self._reject(429, "rate_limited")
         try:
-            raw = await request.content.read(MAX_BODY_BYTES + 1)
+            # The whole body (read(n) may return a first part only), bounded by client_max_size; a body
+            # trickled in byte by byte would hold the handler (and its connection) for ever.
+            raw = await asyncio.wait_for(request.read(), self.limits.body_timeout)
             push = parse_event(raw)
+        except TimeoutError:
+            return self._reject(408, "slow_body")
+        except web.HTTPRequestEntityTooLarge:
+            return self._reject(413, "too_large")
         except ValueError as err:
             return self._reject(400 if "larger" not in str(err) else 413, "bad_body")
         state = self.jobs.setdefault(key, JobProgress())
@@ -89,7 +98,9 @@ class ProgressService:
         try:
             await self.write(*key, fields)
         except Exception as err:  # the push was valid; a failed write must not fail the trainer
-            log.warning("writing progress of %s/%s failed: %s", *key, err)
+            log.warning("writing progress of %s/%s failed (retried): %s", *key, err)
+            # Kept for flush_pending: the API server may be down while the trainer sends its last push.
+            self.pending.setdefault(key, fields)
 
     async def flush_pending(self) -> None:
         """Write throttled updates whose interval has passed (called periodically)."""
@@ -112,8 +123,8 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-def make_app(service: ProgressService) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+def make_app(service: ProgressService, guard: ConnectionGuard | None = None) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard.middleware] if guard else [])
     app.router.add_post("/v1/progress/{namespace}/{name}", service.handle_push)
     app.router.add_get("/metrics", service.handle_metrics)
     app.router.add_get("/healthz", _healthz)
@@ -122,14 +133,22 @@ def make_app(service: ProgressService) -> web.Application:
 
 async def serve(service: ProgressService, host: str, port: int, flush_every: float = 2.0) -> None:
     """Run until cancelled (kopf cancels its startup-spawned tasks at shutdown)."""
-    runner = web.AppRunner(make_app(service), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    server, runner = await start_server(service, host, port)
     log.info("progress and metrics server on %s:%d", host, port)
     try:
         while True:
             await asyncio.sleep(flush_every)
             await service.flush_pending()
     finally:
+        server.close()
         await runner.cleanup()
+
+
+async def start_server(service: ProgressService, host: str, port: int) -> tuple[asyncio.Server, web.AppRunner]:
+    """The app behind a ConnectionGuard (server_limits.py) on host:port; the caller closes both."""
+    guard = ConnectionGuard(service.limits)
+    runner = web.AppRunner(make_app(service, guard), access_log=None, **service.limits.handler_args())
+    await runner.setup()
+    guard.factory = runner.server  # aiohttp's protocol factory exists once the runner is set up
+    server = await asyncio.get_running_loop().create_server(guard.protocol, host, port)
+    return server, runner

@@ -115,3 +115,18 @@ def test_a_sigterm_checkpoint_is_pushed_at_once_as_a_step_the_operator_accepts(s
     assert body["event"] == "step" and body["resumeCount"] == 1
     push = parse_push(json.dumps(body).encode())
     assert push.lastCheckpoint.step == 7 and push.resumeCount == 1
+
+
+def test_after_a_long_outage_an_epoch_end_is_sent_at_once_not_after_the_backoff(server):
+    """The backoff has grown to an hour while the operator was away: an epoch end still goes out when
+    the operator is back, instead of after the backoff (which would outlast the run)."""
+    Recorder.status = 503  # the operator away (any retryable answer)
+    url = f"http://127.0.0.1:{server.server_port}/v1/progress/ns/job"
+    rep = HttpReporter(url, "s3cret", interval=3600, max_backoff=3600, give_up_after=7200)
+    rep.event("start", totalEpochs=3, startEpoch=1)
+    assert wait_for(lambda: rep.failed >= 5, timeout=20)  # the next wait is 16 s
+    Recorder.status = 200
+    rep.event("epoch", epoch=1, totalEpochs=3, trainLoss=0.5, valLoss=0.6, valAccuracy=0.8,
+              bestValAccuracy=0.8, samplesPerSecond=120.0)
+    assert wait_for(lambda: any(b["event"] == "epoch" for _, _, b in Recorder.received), timeout=5)
+    rep.close(wait=1)

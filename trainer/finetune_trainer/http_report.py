@@ -96,10 +96,13 @@ class HttpReporter(Reporter):
                 return
             self.failed += 1
             with self._cond:  # a newer update replaces a failing one instead of queueing behind it
+                if self._pending is None and not self._closed:
+                    # Woken early by an urgent update or close(): after a long outage the backoff must not
+                    # outlast the run and lose the final push (close() waits only so long).
+                    self._cond.wait(delay)
                 newer = self._pending is not None
             if newer or time.monotonic() - start > self.give_up_after or self._closed:
                 return
-            time.sleep(delay)
             delay = min(delay * 2, self.max_backoff)
 
     def _post(self, payload: dict[str, Any]) -> bool:
