@@ -66,6 +66,8 @@ def derive_status(
         if key in prev:
             status[key] = prev[key]
     output = {**(prev.get("output") or {}), **verdict.extra.get("output", {})}
+    if verdict.phase == Phase.SUCCEEDED:  # the result, when an earlier pass saw the Job end before its pod
+        output = {**observe.result_summary(pods), **output}
     if output:
         status["output"] = output
     stalled = _progress_stalled(ftj, status, now)
