@@ -12,17 +12,19 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from finetune_api.architectures import ARCHITECTURES
 from finetune_api.base import PathStr, _Model, _no_parent_segments
+from finetune_api.source import RemoteSource
 
 
-class Weights(_Model):
-    """Where the pretrained backbone comes from."""
+class Weights(RemoteSource):
+    """Where the pretrained backbone comes from (uri: a file fetched and verified before training)."""
 
     # Unset means "the library's own pretrained weights" (torchvision, or timm for a timm model); the model
     # resolves it, so the CRD carries no default the API server would fill in for a timm model.
     source: Literal["torchvision", "timm", "file", "none"] | None = Field(
         None,
         description="torchvision: a named weights enum; timm: timm's pretrained weights (hub download and cache); "
-        "file: a local state_dict; none: random init. Default: the model.library's own weights",
+        "file: a local state_dict (path) or one fetched from uri; none: random init. Default: the model.library's "
+        "own weights (file when uri is set)",
     )
     name: str = Field(
         "DEFAULT",
@@ -36,8 +38,16 @@ class Weights(_Model):
     @model_validator(mode="after")
     def _path_rules(self) -> Weights:
         _no_parent_segments(self.path)
-        if self.source == "file" and not self.path:
-            raise ValueError("weights.path is required when weights.source is 'file'")
+        self.check_source_fields("weights")
+        if self.uri is not None:
+            if self.path is not None:
+                raise ValueError("weights: set one of weights.path or weights.uri")
+            if self.source not in (None, "file"):
+                raise ValueError(f"weights.uri needs weights.source 'file' (got {self.source!r})")
+            if self.source is None:  # (assignment re-runs this validator: only when it changes something)
+                self.source = "file"  # the fetched file is loaded like a path
+        if self.source == "file" and not (self.path or self.uri):
+            raise ValueError("weights.path is required when weights.source is 'file' (or weights.uri)")
         return self
 
 

@@ -43,13 +43,14 @@ from finetune_api.freeze import Freeze, UnfreezeStep  # noqa: F401
 from finetune_api.head import Head
 from finetune_api.output import FORMATS, Output, Parity  # noqa: F401  (re-exported: spec.output)
 from finetune_api.serving import InferenceServiceSpec, Serving, SmokeTest, within  # noqa: F401  (spec.serving)
+from finetune_api.source import Credentials, DatasetSource, fingerprint_fields  # noqa: F401  (dataset.uri …)
 
 API_GROUP = "finetune.dev"
 API_VERSION = "v1alpha1"
 KIND = "FineTuneJob"
 
 
-class Dataset(_Model):
+class Dataset(DatasetSource):
     builtin: Literal["digits"] | None = Field(None, description="bundled demo data (no network)")
     path: PathStr | None = Field(None, description="ImageFolder root: train/ and val/, or class folders")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="val split when there is no val/ folder")
@@ -71,8 +72,9 @@ class Dataset(_Model):
     @model_validator(mode="after")
     def _one_source(self) -> Dataset:
         _no_parent_segments(self.path)
-        if (self.builtin is None) == (self.path is None):
-            raise ValueError("set exactly one of dataset.builtin or dataset.path")
+        if sum(x is not None for x in (self.builtin, self.path, self.uri)) != 1:
+            raise ValueError("set exactly one of dataset.builtin, dataset.path or dataset.uri")
+        self.check_dataset_source()
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("dataset.classes has duplicates")
         if self.test_fraction is not None and self.test_fraction + self.val_fraction >= 1.0:
@@ -240,8 +242,10 @@ class FineTuneJobSpec(_Model):
                   {"epochs", "early_stopping", "log_every_steps", "device", "feature_cache", "frozen_pass",
                    "feature_cache_dir"})
         model = self.model.model_dump(exclude={"library"} if self.model.library == "torchvision" else set())
+        model["weights"] = self.model.weights.model_dump(include=fingerprint_fields(self.model.weights))
         dataset = self.dataset.model_dump(exclude={"num_workers", "augment", *(() if self.dataset.test_fraction else
                                                                                  ("test_fraction",))})
+        dataset = {k: v for k, v in dataset.items() if k in fingerprint_fields(self.dataset)}
         dataset["augment"] = _dump(self.dataset.augment, AUGMENT_ADDED_FIELDS)
         relevant = {
             "model": model,

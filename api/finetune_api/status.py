@@ -150,6 +150,15 @@ class Progress(_Status):
     lastUpdateTime: str | None = _str(**_TIME)
 
 
+class SourceRecord(_Status):
+    """a source fetched before training (dataset.uri, model.weights.uri): its lineage, also in model.json"""
+
+    field: str | None = _str("the spec field it came from, e.g. dataset")
+    uri: str | None = _str("the URI (a query string cut off)")
+    sha256: str | None = _str("digest of the fetched file, archive or manifest")
+    size: int | None = _int("bytes fetched")
+
+
 class Output(_Status):
     """where the trained model is, once the job succeeded"""
 
@@ -163,6 +172,8 @@ class Output(_Status):
     testAccuracy: float | None = _num("accuracy on the held-out test split with the best weights (when the job "
                                       "has one)")
     valLoss: float | None = _num("validation loss of the best epoch")
+    sources: list[SourceRecord] | None = Field(None, json_schema_extra={
+        "description": "what dataset.uri / weights.uri fetched, verified: uri, sha256, size"})
 
 
 class LastCheckpoint(_Status):

@@ -66,9 +66,14 @@ def _model_rules(where: str) -> list[Schema]:
 def _weights_rules(where: str) -> list[Schema]:
     return [
         {
-            "rule": "!has(self.source) || self.source != 'file' || has(self.path)",
+            "rule": "!has(self.source) || self.source != 'file' || has(self.path) || has(self.uri)",
             "message": f"{where}.path is required when weights.source is 'file'",
             "fieldPath": ".path",
+        },
+        {
+            "rule": "!has(self.uri) || (!has(self.path) && (!has(self.source) || self.source == 'file'))",
+            "message": f"{where}.uri needs weights.source 'file' (or unset) and no weights.path",
+            "fieldPath": ".uri",
         },
         *_path_rules("path", f"{where}.path"),
     ]
@@ -106,8 +111,13 @@ CEL_RULES: dict[str, list[Schema]] = {
     "model.weights": _weights_rules("spec.model.weights"),
     "dataset": [
         {
-            "rule": "has(self.builtin) != has(self.path)",
-            "message": "spec.dataset: set exactly one of dataset.builtin or dataset.path",
+            "rule": "(has(self.builtin) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.uri) ? 1 : 0) == 1",
+            "message": "spec.dataset: set exactly one of dataset.builtin, dataset.path or dataset.uri",
+        },
+        {
+            "rule": "has(self.uri) || !(has(self.sha256) || has(self.manifest) || has(self.credentials) "
+            "|| has(self.endpoint) || has(self.revision))",
+            "message": "spec.dataset.sha256, manifest, credentials, endpoint and revision need dataset.uri",
         },
         {
             "rule": "!has(self.testFraction) || self.testFraction + (has(self.valFraction) ? self.valFraction : 0.2)"

@@ -15,6 +15,7 @@ import yaml
 from finetune_api.errors import EXIT_INVALID_JOB, EXIT_PREEMPTED
 from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec, Volume
 from finetune_operator.drift import digest_annotation
+from finetune_operator.fetch import FETCH_CONTAINER, fetch_init_container
 from finetune_operator.naming import (
     ANNOTATION_NAME,
     child_metadata,
@@ -108,7 +109,7 @@ def output_location(ftj: FineTuneJob, settings: Settings) -> dict[str, Any]:
     return {"path": path, "volume": VOL_OUTPUT, "ephemeral": not settings.output_pvc}
 
 
-def pod_failure_policy() -> Obj:
+def pod_failure_policy(fetching: bool = False) -> Obj:
     """Don't retry what cannot succeed; don't count what was not the trainer's fault.
 
     Rules match in order: a disruption (preemption, eviction, node drain) is ignored
@@ -126,6 +127,10 @@ def pod_failure_policy() -> Obj:
                 "action": "Ignore",
                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_PREEMPTED]},
             },
+            # With dataset.uri / weights.uri: the fetch init container's checksum mismatch, missing object or
+            # refused credentials (exit 2) cannot succeed on a retry either.
+            *([{"action": "FailJob", "onExitCodes": {"containerName": FETCH_CONTAINER, "operator": "In",
+                                                     "values": [EXIT_INVALID_JOB]}}] if fetching else []),
         ]
     }
 
@@ -139,7 +144,7 @@ def build_job(ftj: FineTuneJob, settings: Settings, teacher: TeacherExport | Non
         "completions": 1,
         "parallelism": 1,
         "suspend": run.suspend,
-        "podFailurePolicy": pod_failure_policy(),
+        "podFailurePolicy": pod_failure_policy(fetching=bool(spec.dataset.uri or spec.model.weights.uri)),
         "template": {
             "metadata": {"labels": common_labels(ftj), "annotations": {ANNOTATION_NAME: ftj.name}},
             "spec": pod_spec(ftj, settings, teacher),
@@ -224,6 +229,9 @@ def pod_spec(ftj: FineTuneJob, settings: Settings, teacher: TeacherExport | None
         "containers": [_container(ftj, spec, settings, mounts)],
         "volumes": volumes,
     }
+    if fetch := fetch_init_container(spec, pod["containers"][0]):  # dataset.uri / weights.uri
+        pod["initContainers"], secret_volumes = fetch
+        volumes += secret_volumes
     if spec.workers > 1:
         pod["subdomain"] = service_name(ftj.name)  # with the Job's hostnames: DNS names <job>-<index>.<service>
     if settings.trainer_service_account:

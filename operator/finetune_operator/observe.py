@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from finetune_api.errors import EXIT_INVALID_JOB, EXIT_PREEMPTED
+from finetune_api.source import FETCH_REASONS, PERMANENT_FETCH_REASONS
 from finetune_api.status import TERMINAL_PHASES, Reason
+from finetune_operator.fetch import FETCH_CONTAINER
 from finetune_operator.objects import CONTAINER
 from finetune_operator.parsed import ObjView
 
@@ -36,6 +38,7 @@ IMMEDIATE_FAILURES = frozenset(HOPELESS_WAITING.values())
 
 PREEMPTION_REASONS = {"PreemptionByScheduler", "PreemptionByKubeScheduler"}
 MESSAGE_TAIL = 400
+DISK_FULL_PREFIX = "DiskFull: "  # `<error class>: <line>`, what the trainer's _guarded writes to the termination log
 # Job reasons for "out of retries": Job-wide, or per index (multi-worker jobs use backoffLimitPerIndex).
 RETRIES_EXHAUSTED = ("BackoffLimitExceeded", "MaxFailedIndexesExceeded", "FailedIndexes")
 # What the Job controller puts on the pods of an Indexed Job.
@@ -121,6 +124,9 @@ def pod_failure(pod: ObjView) -> Problem | None:
         return kind, tail(f"{disruption.get('reason')}: {disruption.get('message') or 'pod disrupted'}")
     if status.get("reason") == "Evicted":
         return Reason.EVICTED, tail(status.get("message") or "the kubelet evicted the pod")
+    fetch = _fetch_failure(pod)
+    if fetch is not None:
+        return fetch
     term = _trainer_terminated(pod)
     if term is None:
         failed = status.get("phase") == "Failed"
@@ -133,12 +139,38 @@ def pod_failure(pod: ObjView) -> Problem | None:
         )
     if code == 0:
         return None
+    if (fetched := _fetch_reason(term)) is not None:  # the trainer's own fetch step (no init container's cache)
+        return fetched
     if code == EXIT_INVALID_JOB:
         return Reason.INVALID_JOB_FILE, tail(term.get("message") or "the trainer rejected its job file (exit code 2)")
     if code == EXIT_PREEMPTED:
         return Reason.PREEMPTED, "the trainer saved a checkpoint and stopped after SIGTERM (exit code 75)"
     detail = tail(term.get("message")) or term.get("reason") or "no output"
+    if (term.get("message") or "").startswith(DISK_FULL_PREFIX):  # the trainer's termination message names it
+        return Reason.DISK_FULL, tail(term["message"].removeprefix(DISK_FULL_PREFIX))
     return Reason.TRAINER_ERROR, f"exit code {code}: {detail}"
+
+
+def _fetch_failure(pod: ObjView) -> Problem | None:
+    """The fetch init container's failure: its reason (ChecksumMismatch, SourceNotFound …) leads its message."""
+    for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        if cs.get("name") != FETCH_CONTAINER:
+            continue
+        term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+        if not term or term.get("exitCode", 0) == 0:
+            return None
+        if term.get("reason") == "OOMKilled":
+            return Reason.OOM_KILLED, "the fetch init container ran out of memory: raise spec.resources.memory"
+        detail = tail(term.get("message")) or term.get("reason") or "no output"
+        return _fetch_reason(term) or (Reason.INVALID_JOB_FILE if term.get("exitCode") == EXIT_INVALID_JOB else
+                                       Reason.TRAINER_ERROR, f"fetch exit code {term.get('exitCode')}: {detail}")
+    return None
+
+
+def _fetch_reason(term: ObjView) -> Problem | None:
+    """(reason, message) when the termination message is "<FetchReason>: <message>" (cli._failed's format)."""
+    head, sep, rest = (term.get("message") or "").strip().partition(": ")
+    return (head, tail(rest)) if sep and head in FETCH_REASONS else None
 
 
 def _by_age(pods: Sequence[ObjView]) -> list[ObjView]:
@@ -188,8 +220,8 @@ def job_failure(job: ObjView, pods: Sequence[ObjView]) -> Problem:
         return Reason.DEADLINE_EXCEEDED, f"ran longer than spec.runPolicy.activeDeadlineSeconds ({limit}s)"
     pod_says = last_failure(pods)
     if reason == "PodFailurePolicy":
-        return pod_says if pod_says and pod_says[0] == Reason.INVALID_JOB_FILE else (Reason.INVALID_JOB_FILE,
-                                                                                     tail(message))
+        permanent = (Reason.INVALID_JOB_FILE, *PERMANENT_FETCH_REASONS)
+        return pod_says if pod_says and pod_says[0] in permanent else (Reason.INVALID_JOB_FILE, tail(message))
     if reason in RETRIES_EXHAUSTED:
         if pod_says is None:
             return reason, tail(message)
@@ -219,7 +251,7 @@ def startup_clock(job: ObjView) -> dt.datetime | None:
 
 def result_summary(pods: Sequence[ObjView]) -> dict[str, Any]:
     """Output fields from a succeeded trainer's termination message, if it wrote JSON there."""
-    keys = ("weightsFile", "sha256", "bestEpoch", "valAccuracy", "valLoss", "testAccuracy")
+    keys = ("weightsFile", "sha256", "bestEpoch", "valAccuracy", "valLoss", "testAccuracy", "sources")
     for pod in reversed(_by_age(pods)):
         term = _trainer_terminated(pod)
         if term and term.get("exitCode") == 0 and term.get("message"):

@@ -187,6 +187,9 @@ CEL_MIRRORS = {
         "dataset": {"builtin": "digits"},
     },
     "spec.dataset: set exactly one": {"dataset": {"builtin": "digits", "path": "/data"}},
+    "spec.dataset.sha256, manifest, credentials": {"dataset": {"path": "/data", "sha256": "0" * 64}},
+    "spec.model.weights.uri needs weights.source": {
+        "model": {"weights": {"source": "none", "uri": "s3://b/w.pt"}}, "dataset": {"builtin": "digits"}},
     "spec.model.architecture must be a torchvision": {"model": {"architecture": "resnet9000"},
                                                       "dataset": {"builtin": "digits"}},
     "spec.model.weights.source torchvision or timm": {
@@ -259,6 +262,10 @@ CEL_MIRRORS = {
     },
     "spec.distillation.teacher.model.weights.path is required": {
         "dataset": {"builtin": "digits"}, "distillation": {"teacher": {"model": {"weights": {"source": "file"}}}},
+    },
+    "spec.distillation.teacher.model.weights.uri needs": {
+        "dataset": {"builtin": "digits"},
+        "distillation": {"teacher": {"model": {"weights": {"path": "/w.pt", "uri": "s3://b/w.pt"}}}},
     },
     "spec.distillation.teacher.model.weights.path must not contain '..'": {
         "dataset": {"builtin": "digits"},

@@ -46,7 +46,7 @@ def test_full_manifest_and_bare_spec_both_load(tmp_path):
         ({**DIGITS, "model": {"architecture": "resnet9"}}, "spec.model.architecture: Input should be one of"),
         ({**DIGITS, "bogus": 1}, "spec.bogus: Extra inputs are not permitted"),
         ({**DIGITS, "training": {"optimizer": "rmsprop"}}, "'adam', 'adamw' or 'sgd' (got 'rmsprop')"),
-        ({"dataset": {}}, "set exactly one of dataset.builtin or dataset.path"),
+        ({"dataset": {}}, "set exactly one of dataset.builtin, dataset.path or dataset.uri"),
         ({"dataset": {"path": "/data/../etc"}}, "must not contain '..' segments"),
         ({**DIGITS, "model": {"weights": {"source": "file"}}}, "weights.path is required"),
         ({**DIGITS, "freeze": {"policy": "head", "trainableStages": 2}}, "only valid with freeze.policy 'partial'"),

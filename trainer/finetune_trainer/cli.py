@@ -31,6 +31,7 @@ from finetune_api.errors import (
     JobFileError,
 )
 from finetune_api.spec import parse_job, read_job_document
+from finetune_trainer import fetch
 from finetune_trainer.safe_io import job_fields, os_error, os_errors
 
 TERMINATION_LOG = "/dev/termination-log"
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("-f", "--file", required=True, help="FineTuneSweep manifest (YAML)")
     sw.add_argument("--parallel", type=int, help="trials at a time in worker processes (default: 1, in-process)")
     sw.add_argument("--output", help="override template.spec.output.path (trials, feature-cache, best/, sweep.json)")
+    fetch.add_fetch_parser(sub)
     return parser
 
 
@@ -109,7 +111,7 @@ def _reporter(kind: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    job = load_job_with_overrides(args.file, _overrides(args))
+    job = fetch.prepare_job(load_job_with_overrides(args.file, _overrides(args)))  # dataset.uri, weights.uri
     from finetune_trainer.distributed import Dist  # torch import only once the job file is known good
     from finetune_trainer.fit import fit
     from finetune_trainer.report import Reporter
@@ -140,6 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                "valAccuracy": result.val_accuracy, "valLoss": result.val_loss}
     if result.test_accuracy is not None:
         summary["testAccuracy"] = result.test_accuracy
+    if sources := fetch.read_lineage(result.output):
+        summary["sources"] = sources
     _termination_message(json.dumps(summary))
     return EXIT_OK
 
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     handlers = {"train": cmd_train, "validate": cmd_validate, "predict": cmd_predict, "evaluate": cmd_evaluate,
-                "sweep": cmd_sweep}
+                "sweep": cmd_sweep, "fetch": fetch.cmd_fetch}
     if args.command is None:
         build_parser().print_help()
         return EXIT_INVALID_JOB

@@ -16,6 +16,7 @@ from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import feature_store
 from finetune_trainer.data import Splits, eval_loader
 from finetune_trainer.export import read_export, write_export
+from finetune_trainer.fetch import read_lineage
 from finetune_trainer.model import BuiltModel
 from finetune_trainer.model_report import predict_probabilities, write_report
 from finetune_trainer.portable import write_graphs
@@ -74,6 +75,8 @@ def write_result(output: Path, spec: FineTuneJobSpec, name: str, model: nn.Modul
             "dataset": {"source": splits.source, "train": len(splits.train), "val": len(splits.val),
                         "test": len(splits.test), "skippedImages": splits.skipped},
             "resumedFromEpoch": resumed, "epochs": state.epoch, **extra,
+            # dataset.uri / weights.uri: where the data and weights came from (uri, sha256, size)
+            **({"sources": sources} if (sources := read_lineage(output)) else {}),
             **({"ema": ema_note} if ema_note else {}),
         },
     )
