@@ -41,7 +41,11 @@ def _read(path: Path, what: str) -> bytes:
         st = os.stat(path)
         if stat.S_ISDIR(st.st_mode):
             raise JobFileError(f"cannot read {what} {path}: it is a directory")
-        with open(path, "rb") as f:
+        # Non-blocking open, blocking reads: a FIFO without a writer reads as empty instead of hanging, and
+        # `-f <(…)` (a pipe with a writer) still reads all of it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
             data = f.read(MAX_BYTES + 1)
     except OSError as err:
         raise JobFileError(f"cannot read {what} {path}: {err.strerror or type(err).__name__}") from None

@@ -13,6 +13,7 @@ back to the one before, or starts fresh, saying so.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import re
@@ -50,6 +51,7 @@ def save_checkpoint(output: Path, epoch: int, state: dict[str, Any], spec: FineT
     path = checkpoint_path(output, epoch, step)
     payload = {"format": FORMAT, "version": VERSION, "spec": spec.to_wire(),
                "fingerprint": spec.resume_fingerprint(), **state}
+    payload["digest"] = content_digest(payload)
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
     _prune(output / CHECKPOINT_DIR)
     return path
@@ -72,10 +74,37 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if state.get("version") != VERSION:
         raise JobFileError(f"{path} has checkpoint format version {state.get('version')!r}, this trainer reads "
                            f"version {VERSION}")
+    # torch's zip reader checks no CRC: a flipped bit in a tensor would otherwise resume silently.
+    if "digest" in state and state["digest"] != content_digest({k: v for k, v in state.items() if k != "digest"}):
+        raise JobFileError(f"{path} is a damaged checkpoint (its content does not match the digest saved with it)")
     wrong = [k for k, kind in _FIELDS.items() if not isinstance(state.get(k), kind)]
     if wrong or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
         raise JobFileError(f"{path} is a damaged checkpoint (missing or mistyped: {wrong or ['model tensors']})")
     return state
+
+
+def content_digest(value: Any) -> str:
+    """sha256 over a checkpoint's whole content: tensors by dtype, shape and bytes, the rest by type and repr,
+    mappings in key order (what the file held, whatever order a loader gives it back in)."""
+    h = hashlib.sha256()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(v, dict):
+            items = sorted(v.items(), key=lambda kv: (type(kv[0]).__name__, str(kv[0])))
+            h.update(f"D{len(items)}".encode())
+            for k, item in reversed(items):
+                stack.extend([item, k])
+        elif isinstance(v, list | tuple):
+            h.update(f"{type(v).__name__[0]}{len(v)}".encode())
+            stack.extend(reversed(v))
+        else:
+            h.update(f"{type(v).__name__}:{v!r};".encode())
+    return h.hexdigest()
 
 
 def position(path: Path) -> tuple[int, int, int]:

@@ -133,6 +133,11 @@ def write_export(
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
-    os.replace(staged, weights)  # renames need no space: the pair is committed weights first, model.json last
-    os.replace(output / f".{META_FILE}.staged", output / META_FILE)
+    try:  # renames need no space: the pair is committed weights first, model.json last
+        os.replace(staged, weights)
+        os.replace(output / f".{META_FILE}.staged", output / META_FILE)
+    except OSError as err:  # e.g. a directory where model.json should be: name it, leave no staged file
+        for left in (staged, output / f".{META_FILE}.staged"):
+            left.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(output / META_FILE)) from None
     return meta
