@@ -133,10 +133,10 @@ def _zip_members(archive: Path, where: str) -> Iterator[Member]:
     try:
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode):
+                kind = stat.S_IFMT(info.external_attr >> 16)  # 0: written without a file type (a plain file)
+                if kind == stat.S_IFLNK:
                     yield _refuse(info.filename, "a symlink", where)
-                elif mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                elif kind not in (0, stat.S_IFREG, stat.S_IFDIR):
                     yield _refuse(info.filename, "a device or FIFO", where)
                 elif info.is_dir():
                     yield info.filename, "dir", None

@@ -147,8 +147,7 @@ _BY_NAME = {
     "SSLCertVerificationError": AccessDenied, "ClientConnectorCertificateError": AccessDenied,
 }
 _WORDS = {SourceNotFound: "no such object (or bucket, repository, revision)",
-          AccessDenied: "access denied: the credentials are missing, wrong or not allowed to read it (or its TLS "
-                        "certificate is not trusted)"}
+          AccessDenied: "access denied: the credentials are missing, wrong or not allowed to read it"}
 
 
 def classify(err: BaseException, where: str) -> FinetuneError | None:
@@ -165,6 +164,9 @@ def classify(err: BaseException, where: str) -> FinetuneError | None:
             kind = AccessDenied
         elif kind is None and isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
             kind = SourceNotFound
+        if kind is not None and "Certificate" in type(e).__name__:
+            return kind(f"{where}: its TLS certificate is not trusted (add the CA as the Secret's {CA_BUNDLE_KEY}, "
+                        f"or locally {CA_BUNDLE_ENV})")
         if kind is not None:
             detail = f" (HTTP {status})" if isinstance(status, int) and status >= 400 else ""
             return kind(f"{where}: {_WORDS[kind]}{detail}")
