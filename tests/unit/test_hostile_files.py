@@ -27,15 +27,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile_util import make_runs
 from PIL import Image
 from safetensors.torch import save_file
-from trainer_util import StopAfterEpoch, make_image_folder, tiny_spec, write_job
+from trainer_util import make_image_folder, write_job
 
-from finetune_api.errors import EXIT_INVALID_JOB, EXIT_OK, EXIT_RUNTIME_ERROR, Preempted
+from finetune_api.errors import EXIT_INVALID_JOB, EXIT_OK, EXIT_RUNTIME_ERROR
 from finetune_trainer import checkpoint as ckpt
 from finetune_trainer import feature_store
 from finetune_trainer.cli import main
-from finetune_trainer.fit import fit
 
 pytestmark = pytest.mark.unit
 
@@ -54,18 +54,8 @@ class Planted:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory) -> dict[str, Path]:
-    """`midrun`: 3 epochs stopped after the 2nd (checkpoints 1 and 2, the feature cache, no export);
-    `export`: the same run finished at 2 epochs (model.json + model.safetensors)."""
-    root = tmp_path_factory.mktemp("made")
-    spec = tiny_spec(root / "midrun", **{"training.epochs": 3})
-    stop = StopAfterEpoch(2)
-    with pytest.raises(Preempted):
-        fit(spec, stop, root / "midrun", should_stop=lambda: stop.stop)
-    shutil.copytree(root / "midrun", root / "export")
-    fit(tiny_spec(root / "export"), StopAfterEpoch(99), root / "export")
-    assert (root / "export" / "model.json").is_file() and len(list((root / "midrun" / "cache").glob("*.pt"))) == 1
-    return {"midrun": root / "midrun", "export": root / "export", "spec": spec.to_wire()}
+def made(tmp_path_factory) -> dict:
+    return make_runs(tmp_path_factory.mktemp("made"))
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Every file is written to a temp name in its own directory, fsynced and `os.replace`d, so a kill or a full
 disk at any instant leaves either the old file or the new one — never half of one — and the temp file never
 outlives a failure. Serializers that report a full disk in their own words (torch.save raises a RuntimeError
-about a stream position, safetensors its own error) are recognised by the free space left and turned back
-into ENOSPC, so the caller sees the one error a full disk should be: `DiskFull`, exit 1, retried.
+about a stream position, safetensors its own error) are recognised by the free space left or their message
+and turned back into ENOSPC, so the caller sees the one error a full disk should be: `DiskFull`, exit 1, retried.
 
 `os_errors(fields)` turns any OSError escaping a command into a FinetuneError naming the path and the spec
 field (or flag) whose value holds it: a read-only or misplaced volume is the job file's fault (exit 2,
@@ -48,7 +48,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         except OSError:
             raise
         except Exception as err:
-            if out_of_space(path.parent):
+            if out_of_space(path.parent) or _says_enospc(err):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
             raise
         with open(tmp, "rb") as f:
@@ -82,6 +82,12 @@ def out_of_space(folder: Path) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
+
+
+def _says_enospc(err: BaseException) -> bool:
+    """safetensors reports the OS error in its text (and may have freed its partial file already)."""
+    text = str(err)
+    return os.strerror(errno.ENOSPC) in text or f"os error {errno.ENOSPC})" in text
 
 
 def read_bytes(path: Path, limit: int, what: str) -> bytes:
