@@ -99,7 +99,7 @@ def start_https(tmp: Path, files: dict[str, bytes], token: str | None = None):
     state = Https("", ca_file, files, token)
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802  (http.server's name)
+        def do_GET(self):
             state.requests.append(self.path)
             if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
                 self.send_error(403)

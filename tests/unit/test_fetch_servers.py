@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-
 from fetch_servers import image_folder_tar_gz, sha256, start_https, start_s3, stop_s3, write_secret
+from trainer_util import write_job
+
 from finetune_api.errors import EXIT_INVALID_JOB, EXIT_OK, EXIT_RUNTIME_ERROR
 from finetune_trainer import cli
-from trainer_util import write_job
 
 pytestmark = pytest.mark.slow
 
@@ -163,7 +163,7 @@ def test_bad_credentials_are_access_denied_and_never_printed(tmp_path, capsys, s
 def test_network_errors_are_retried_then_fetch_failed_exit_1(tmp_path, capsys, s3, secrets, monkeypatch):
     monkeypatch.setenv("FINETUNE_FETCH_ATTEMPTS", "2")
     job = _job(tmp_path, _s3_dataset(s3, uri="https://127.0.0.1:9/images.tar.gz", endpoint=None, credentials=None))
-    rc, err, term = _run(["fetch", "-f", str(job)], capsys, tmp_path)
+    rc, _, term = _run(["fetch", "-f", str(job)], capsys, tmp_path)
     assert rc == EXIT_RUNTIME_ERROR and term.startswith("FetchFailed: dataset.uri https://127.0.0.1:9/images.tar.gz: "
                                                         "gave up after 2 attempts"), term
 
