@@ -16,38 +16,36 @@
 #                    pass --build-arg TORCH_INDEX_URL= (empty) to take PyPI's, or a CUDA index such as
 #                    https://download.pytorch.org/whl/cu128 for a specific CUDA version.
 #
-# Versions are pinned by hack/images/constraints.txt (pip -c). Final stages hold the base image plus one
-# virtual environment: no compiler, no pip, no build cache; both run as a non-root numeric user.
+# Dependencies come from requirements/*.lock (`make lock`): every version pinned, every downloaded file checked
+# against its sha256 (pip --require-hashes), the build backend included (the project is built without build
+# isolation). The one exception is a torch/torchvision pair taken from TORCH_INDEX_URL: same versions as the
+# lock, but that index's files are not in it. Final stages hold the base image plus one virtual environment:
+# no compiler, no pip, no build cache; all run as a non-root numeric user.
 
 ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------- build base
 FROM ${BASE_IMAGE} AS venv
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_CONSTRAINT=/tmp/constraints.txt \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv
-COPY hack/images/constraints.txt /tmp/constraints.txt
-# Metadata and empty packages first: dependency layers stay cached while the source changes. The stubs
-# (and setuptools' build/ dir, whose newer files would shadow the real ones) are removed after use.
+# The locks first: dependency layers stay cached while the source changes.
+COPY requirements/ /tmp/requirements/
 WORKDIR /src
 COPY pyproject.toml README.md ./
-RUN mkdir -p api/finetune_api trainer/finetune_trainer operator/finetune_operator serve/finetune_serve \
- && touch api/finetune_api/__init__.py trainer/finetune_trainer/__init__.py operator/finetune_operator/__init__.py \
-          serve/finetune_serve/__init__.py
 
 # ------------------------------------------------------------------------------------------ operator build
 FROM venv AS operator-build
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install '.[operator]' && pip uninstall -y finetune-operator \
- && rm -rf build api trainer operator serve ./*.egg-info
+    pip install --require-hashes -r /tmp/requirements/operator.lock
 COPY api/ api/
 COPY trainer/ trainer/
 COPY operator/ operator/
 COPY serve/ serve/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --no-deps . \
+    pip install --no-deps --no-build-isolation . \
+ && pip check \
  && pip uninstall -y pip setuptools wheel \
  && python3 -m compileall -q -j 0 /opt/venv \
  && ! python3 -c "import torch" 2>/dev/null
@@ -55,18 +53,23 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # ------------------------------------------------------------------------------------------- trainer build
 FROM venv AS trainer-build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# torch + torchvision: the locked pair from that index (its build, e.g. CPU-only: no CUDA wheels), or, with
+# TORCH_INDEX_URL empty, PyPI's build with its CUDA wheels, hash-checked from torch.lock. Then the rest.
 RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -n "$TORCH_INDEX_URL" ]; then \
-      pip install --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple torch torchvision; \
+      pip install --no-deps --index-url "$TORCH_INDEX_URL" \
+        $(grep -Eo '^(torch|torchvision)==[^ ;]+' /tmp/requirements/torch.lock); \
+    else \
+      pip install --require-hashes --no-deps -r /tmp/requirements/torch.lock; \
     fi \
- && pip install '.[trainer]' && pip uninstall -y finetune-operator \
- && rm -rf build api trainer operator serve ./*.egg-info
+ && pip install --require-hashes -r /tmp/requirements/trainer.lock
 COPY api/ api/
 COPY trainer/ trainer/
 COPY operator/ operator/
 COPY serve/ serve/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --no-deps . \
+    pip install --no-deps --no-build-isolation . \
+ && pip check \
  && pip uninstall -y pip setuptools wheel \
  && python3 -m compileall -q -j 0 -x 'torch/testing/_internal/py3[0-9]+_' /opt/venv \
  && ! python3 -c "import kopf" 2>/dev/null
@@ -74,14 +77,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # --------------------------------------------------------------------------------------------- serve build
 FROM venv AS serve-build
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install '.[serve]' && pip uninstall -y finetune-operator \
- && rm -rf build api trainer operator serve ./*.egg-info
+    pip install --require-hashes -r /tmp/requirements/serve.lock
 COPY api/ api/
 COPY trainer/ trainer/
 COPY operator/ operator/
 COPY serve/ serve/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --no-deps . \
+    pip install --no-deps --no-build-isolation . \
+ && pip check \
  && pip uninstall -y pip setuptools wheel \
  && python3 -m compileall -q -j 0 /opt/venv \
  && ! python3 -c "import torch" 2>/dev/null \

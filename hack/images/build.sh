@@ -3,7 +3,8 @@
 #
 #   hack/images/build.sh                 # finetune-operator:$TAG and finetune-trainer:$TAG
 #   hack/images/build.sh operator        # one target (operator, trainer or serve)
-#   hack/images/build.sh --freeze        # rewrite hack/images/constraints.txt from .venv
+#
+# Versions and hashes come from requirements/*.lock (`make lock` rewrites them from pyproject.toml).
 #
 # Steps: start the private Docker engine if none is reachable (dockerd.sh), make the base image
 # (build-base.sh), then `docker build --target operator|trainer --build-arg BASE_IMAGE=...` with BuildKit
@@ -18,16 +19,6 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-
-if [[ "${1:-}" == "--freeze" ]]; then
-  {
-    echo "# Pinned versions for the container images (pip -c, also applied to build isolation via PIP_CONSTRAINT)."
-    echo "# Regenerate from a working venv:  hack/images/build.sh --freeze"
-    echo "# Only constraints: a package is installed only when the operator or trainer extra needs it."
-    "$root/.venv/bin/pip" freeze --all --exclude-editable | grep -v "^finetune-operator\|^pip=="
-  } >"$here/constraints.txt"
-  exit 0
-fi
 
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=(operator trainer)

@@ -52,22 +52,27 @@ def test_operator_never_installs_torch_and_trainer_never_installs_kopf() -> None
     s = stages()
     operator_build = " ".join(s["operator-build"])
     trainer_build = " ".join(s["trainer-build"])
-    assert ".[operator]" in operator_build and "torch" not in operator_build.replace('"import torch"', "")
-    assert ".[trainer]" in trainer_build and ".[operator]" not in trainer_build
+    assert "requirements/operator.lock" in operator_build
+    assert "torch" not in operator_build.replace('"import torch"', "")
+    assert "requirements/trainer.lock" in trainer_build and "operator.lock" not in trainer_build
     assert 'import torch"' in operator_build and 'import kopf"' in trainer_build, "each build proves it"
 
 
-def test_versions_are_pinned() -> None:
-    assert "PIP_CONSTRAINT=/tmp/constraints.txt" in TEXT
-    pins = dict(
-        line.split("==", 1)
-        for line in (ROOT / "hack/images/constraints.txt").read_text().splitlines()
-        if "==" in line and not line.startswith("#")
-    )
-    lowered = {k.lower(): v for k, v in pins.items()}
-    for package in ("torch", "torchvision", "kopf", "kubernetes", "pydantic", "setuptools"):
-        assert package in lowered, f"{package} is not pinned in hack/images/constraints.txt"
-    assert "finetune-operator" not in lowered
+def test_every_install_is_hash_checked_from_a_lock_and_the_project_builds_without_isolation() -> None:
+    """requirements/*.lock (tests/unit/test_lock.py checks their content); pip never resolves on its own."""
+    for stage in ("operator-build", "trainer-build", "serve-build"):
+        installs = re.findall(r"pip install [^&;]*", " ".join(stages()[stage]))
+        assert installs, stage
+        for cmd in installs:
+            from_lock = "--require-hashes" in cmd and re.search(r"-r /tmp/requirements/[\w-]+\.lock", cmd)
+            project = cmd.split()[-1] == "." and "--no-deps" in cmd and "--no-build-isolation" in cmd
+            torch_index = '--index-url "$TORCH_INDEX_URL"' in cmd and "--no-deps" in cmd
+            assert from_lock or project or torch_index, f"{stage}: unchecked install: {cmd}"
+        assert "pip check" in " ".join(stages()[stage]), f"{stage}: the installed set is not checked"
+    trainer = " ".join(stages()["trainer-build"])
+    # From TORCH_INDEX_URL: exactly the locked pair (versions read from torch.lock), nothing else.
+    assert "grep -Eo '^(torch|torchvision)==[^ ;]+' /tmp/requirements/torch.lock" in trainer
+    assert "COPY requirements/ /tmp/requirements/" in TEXT and "PIP_CONSTRAINT" not in TEXT
 
 
 def test_torch_index_is_a_build_argument_defaulting_to_cpu_wheels() -> None:
@@ -78,8 +83,7 @@ def test_dockerignore_sends_only_what_the_build_needs() -> None:
     lines = [x.strip() for x in (ROOT / ".dockerignore").read_text().splitlines() if x.strip() and x[0] != "#"]
     assert lines[0] == "*", "allow-list: nothing but the listed paths reaches the build context"
     allowed = {x[1:].rstrip("/") for x in lines if x.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "api", "trainer", "operator", "serve",
-                       "hack/images/constraints.txt"}
+    assert allowed == {"pyproject.toml", "README.md", "api", "trainer", "operator", "serve", "requirements"}
     for copied in re.findall(r"^COPY\s+(?!--from)(.+?)\s+\S+$", TEXT, re.MULTILINE):
         for src in copied.split():
             assert src.rstrip("/") in allowed, f"COPY {src} is excluded by .dockerignore"
@@ -87,6 +91,6 @@ def test_dockerignore_sends_only_what_the_build_needs() -> None:
 
 def test_the_serve_image_installs_kserve_and_onnxruntime_and_proves_it_has_no_torch() -> None:
     build = " ".join(stages()["serve-build"])
-    assert ".[serve]" in build and ".[trainer]" not in build and "TORCH_INDEX_URL" not in build
+    assert "requirements/serve.lock" in build and "trainer.lock" not in build and "TORCH_INDEX_URL" not in build
     assert '! python3 -c "import torch"' in build and "import finetune_serve.server" in build
     assert 'ENTRYPOINT ["finetune-serve"]' in " ".join(stages()["serve"])
