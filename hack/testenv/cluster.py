@@ -316,6 +316,7 @@ class LocalCluster:
         self.binaries = binaries
         self.procs: dict[str, subprocess.Popen] = {}
         self.pids: dict[str, int] = {}
+        self.argv: dict[str, list[str]] = {}  # each component's command line, to start it again after a fault
         self.ports: dict[str, int] = {}
         self.server = ""
         self._ctx: ssl.SSLContext | None = None
@@ -384,6 +385,24 @@ class LocalCluster:
         if self.state_file.exists():
             state["pids"] = {}
             self.state_file.write_text(json.dumps(state, indent=2))
+
+    def stop_component(self, name: str, timeout: float = 10.0) -> None:
+        """Stop one component (SIGTERM, then SIGKILL): an outage for a fault test; start_component ends it."""
+        proc = self.procs.pop(name)
+        self.pids.pop(name, None)
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        self._save_state()
+
+    def start_component(self, name: str, timeout: float = 60.0) -> None:
+        """Start a component stopped by stop_component again: same command line, ports, certificates, data."""
+        self._spawn(name, [], argv=self.argv[name])
+        if name == "kube-apiserver":
+            self._wait(name, lambda: self._https_ok(self.ports["apiserver"], "/readyz"), time.monotonic() + timeout)
 
     def stray_pids(self) -> dict[str, int]:
         """PIDs of components that are still alive (should be empty after stop())."""
@@ -500,6 +519,7 @@ class LocalCluster:
         """Start binaries[name] with `args`; or run `argv` (a wrapper that execs binaries[name])."""
         exe = self.binaries[name]
         cmd = argv or [str(exe), *args]
+        self.argv[name] = cmd
         logf = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         (self.logs / f"{name}.cmdline").write_text(" \\\n  ".join(cmd) + "\n")
         proc = subprocess.Popen(

@@ -303,7 +303,8 @@ class PodRun:
         self.removed = False  # DELETE sent (or the pod is gone)
         self.phase = "Pending"
         self.failed_start: str = ""
-        self.published: dict | None = None
+        self.published: str | None = None  # the last status the API server took (JSON)
+        self.published_final = False  # ... and it was the terminal one (an outage may have dropped that write)
         self.next_setup = 0.0
         self.waiting_reason: tuple[str, str] = ("ContainerCreating", "")
         self.killed = False
@@ -366,7 +367,7 @@ class PodRun:
 
     # ------------------------------------------------------------------ step
     def step(self, now: float) -> None:
-        if self.phase in TERMINATED and self.published and not self.deleted:
+        if self.phase in TERMINATED and self.published_final and not self.deleted:
             return  # finished; nothing to do until it is deleted
         for c in self.containers:
             if c.running and c.proc.poll() is not None:
@@ -631,11 +632,11 @@ class PodRun:
                 "PATCH", f"/api/v1/namespaces/{self.ns}/pods/{self.name}/status",
                 {"metadata": {"uid": self.uid}, "status": st}, content_type="application/merge-patch+json",
             )  # fmt: skip
-            self.published = cmp
+            self.published, self.published_final = cmp, self.phase in TERMINATED
             self.pod = obj
         except ApiError as e:
             if e.status in (404, 409):  # gone, or replaced by a pod of the same name
-                self.published = cmp
+                self.published, self.published_final = cmp, self.phase in TERMINATED
             else:
                 log(f"{self.ns}/{self.name}: status update failed: {e}")
         except OSError as e:

@@ -9,6 +9,7 @@ what FINETUNE_E2E_CHART / FINETUNE_E2E_OPERATOR change.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import re
 import time
@@ -28,6 +29,9 @@ RESTRICTED = {
     "pod-security.kubernetes.io/enforce-version": "latest",
     "pod-security.kubernetes.io/warn": "restricted",
 }
+# An API server that has just started answers 403 until its RBAC cache is filled (before /readyz says ready):
+# operator log lines from that long after a restart (test_infra_faults.py makes one) are no missing rule.
+RBAC_WARMUP = dt.timedelta(seconds=30)
 TRAIN_TIMEOUT = 240  # one tiny job start to finish; ~40-70 s on 2 busy cores (mostly `import torch`)
 
 
@@ -44,6 +48,7 @@ class OperatorEnv:
     http_port: int | None = None  # the operator's server port (Service targetPort) — what trainers push to
     http_problem: str | None = None  # why the operator's HTTP server is not where the chart says, if it is not
     values: dict[str, str] = field(default_factory=dict)
+    api_restarts: list[tuple[dt.datetime, dt.datetime]] = field(default_factory=list)  # (started, ready) times
 
     @property
     def core(self) -> client.CoreV1Api:
@@ -80,12 +85,20 @@ class OperatorEnv:
                     texts.append(self.core.read_namespaced_pod_log(pod.metadata.name, self.operator_namespace,
                                                                    tail_lines=2000))
         hits = [line.strip()[:400] for text in texts for line in text.splitlines()
-                if re.search(r"\b403\b", line) and "forbidden" in line.lower()]
+                if re.search(r"\b403\b", line) and "forbidden" in line.lower() and not self._rbac_warming(line)]
         if not hits:
             return None
         return (f"the operator was refused by the API server ({len(hits)} log lines with 403 Forbidden) — the "
                 "chart's RBAC (charts/finetune-operator/templates/rbac.yaml) lacks a permission it uses:\n"
                 + "\n".join(hits[:5]))
+
+    def _rbac_warming(self, line: str) -> bool:
+        """The log line (it starts with its local time) was written while a restarted API server warmed up."""
+        try:
+            when = dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        except ValueError:
+            return False
+        return any(started <= when <= ready + RBAC_WARMUP for started, ready in self.api_restarts)
 
     def wait_phase(self, jobs: Jobs, name: str, phases: tuple[str, ...], timeout: float) -> dict:
         return wait_phase(jobs, name, phases, timeout, lambda: self.diagnose(jobs, name), give_up=self.forbidden)

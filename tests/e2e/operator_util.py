@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client
+from kubernetes import client, watch
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "finetune-operator"
@@ -241,6 +241,42 @@ def table_rows(table: dict, cols: list[str] | None = None) -> list[dict[str, Any
     """Rows as {column: cell}; `cols` for watch events after the first (the server sends the columns once)."""
     cols = [c["name"] for c in table.get("columnDefinitions") or []] or cols or []
     return [dict(zip(cols, row.get("cells") or [], strict=False)) for row in table.get("rows") or []]
+
+
+class JobWatch(threading.Thread):
+    """Every Job ADDED in the namespace while it runs (a watch sees what a later list would not)."""
+
+    def __init__(self, api: client.ApiClient, namespace: str):
+        super().__init__(daemon=True)
+        self.batch, self.ns = client.BatchV1Api(api), namespace
+        self.added: dict[str, tuple[str, list[str]]] = {}  # uid -> (name, owner uids)
+        self.watch = watch.Watch()
+        self.ready, self.stopped = threading.Event(), threading.Event()
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        version = self.batch.list_namespaced_job(self.ns).metadata.resource_version
+        self.ready.set()
+        while not self.stopped.is_set():
+            try:  # resumed from the last version seen: a dropped connection loses no event
+                for ev in self.watch.stream(self.batch.list_namespaced_job, self.ns, resource_version=version,
+                                            timeout_seconds=60):
+                    meta = ev["object"].metadata
+                    version = meta.resource_version
+                    if ev["type"] == "ADDED":
+                        self.added[meta.uid] = (meta.name, [r.uid for r in meta.owner_references or []])
+            except Exception as e:  # anything but a stop is recorded, then the watch resumes
+                if not self.stopped.is_set():
+                    self.errors.append(repr(e))
+                    time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.watch.stop()
+        self.join(timeout=65)
+
+    def owned_by(self, uid: str) -> list[tuple[str, str]]:
+        return [(name, job_uid) for job_uid, (name, owners) in self.added.items() if uid in owners]
 
 
 def wait_phase(jobs: Jobs, name: str, phases: tuple[str, ...], timeout: float, operator_logs=None,

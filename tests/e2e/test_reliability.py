@@ -18,7 +18,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,9 +27,9 @@ import yaml
 pytestmark = pytest.mark.e2e
 
 kubernetes = pytest.importorskip("kubernetes")
-from kubernetes import client, watch  # noqa: E402
+from kubernetes import client  # noqa: E402
 from operator_env import TRAIN_TIMEOUT, wait_until  # noqa: E402
-from operator_util import TERMINAL, bad_manifests, metric_samples, tiny_job  # noqa: E402
+from operator_util import TERMINAL, JobWatch, bad_manifests, metric_samples, tiny_job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = bad_manifests()
@@ -154,42 +153,6 @@ def test_trainer_pod_deleted_mid_epoch_resumes_and_matches_an_uninterrupted_run(
 
 
 # ---------------------------------------------------------------- 3. operator killed five times
-
-
-class JobWatch(threading.Thread):
-    """Every Job ADDED in the namespace while it runs (a watch sees what a later list would not)."""
-
-    def __init__(self, api: client.ApiClient, namespace: str):
-        super().__init__(daemon=True)
-        self.batch, self.ns = client.BatchV1Api(api), namespace
-        self.added: dict[str, tuple[str, list[str]]] = {}  # uid -> (name, owner uids)
-        self.watch = watch.Watch()
-        self.ready, self.stopped = threading.Event(), threading.Event()
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        version = self.batch.list_namespaced_job(self.ns).metadata.resource_version
-        self.ready.set()
-        while not self.stopped.is_set():
-            try:  # resumed from the last version seen: a dropped connection loses no event
-                for ev in self.watch.stream(self.batch.list_namespaced_job, self.ns, resource_version=version,
-                                            timeout_seconds=60):
-                    meta = ev["object"].metadata
-                    version = meta.resource_version
-                    if ev["type"] == "ADDED":
-                        self.added[meta.uid] = (meta.name, [r.uid for r in meta.owner_references or []])
-            except Exception as e:  # anything but a stop is recorded, then the watch resumes
-                if not self.stopped.is_set():
-                    self.errors.append(repr(e))
-                    time.sleep(0.5)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.watch.stop()
-        self.join(timeout=65)
-
-    def owned_by(self, uid: str) -> list[tuple[str, str]]:
-        return [(name, job_uid) for job_uid, (name, owners) in self.added.items() if uid in owners]
 
 
 def _kill_operator(env, replaced: set[str]) -> str:
