@@ -23,6 +23,8 @@ from typing import Any
 import kopf
 
 from finetune_api.spec import API_GROUP, API_VERSION, RunPolicy
+from finetune_api.status import STOP_ANNOTATION, TERMINAL_PHASES
+from finetune_operator import sweep_handlers
 from finetune_operator.crd import PLURAL
 from finetune_operator.kube import Kube, ftj_path
 from finetune_operator.naming import ANNOTATION_NAME, LABEL_UID
@@ -85,7 +87,8 @@ def register(
     @kopf.on.event(*FTJ, registry=registry)
     def ftj_event(event: Mapping[str, Any], namespace: str, name: str, logger: Any, **_: Any) -> None:
         """No finalizer: a deleted FineTuneJob is noticed here, and its series and state dropped. A teacher's
-        change (it succeeded, failed, appeared, went) re-checks the students waiting on it at once."""
+        change (it succeeded, failed, appeared, went) re-checks the students waiting on it at once. The stop
+        annotation (a sweep pruning a trial) changes no spec field, so it is noticed here too."""
         if event.get("type") == "DELETED":
             rt.forget(namespace, name)
         for student in rt.dependents.students(namespace, name):
@@ -93,6 +96,8 @@ def register(
                 reconcile_on_event(rt, namespace, student, logger)
             except kopf.TemporaryError as err:  # the resync loop (or the teacher's next event) tries again
                 logger.warning(f"re-checking student {namespace}/{student} of teacher {name}: {err}")
+        if event.get("type") != "DELETED" and _stop_requested(event.get("object") or {}):
+            reconcile_on_event(rt, namespace, name, logger)  # on failure: the resync loop (it is unfinished)
 
     @kopf.on.create(*FTJ, registry=registry)
     @kopf.on.resume(*FTJ, registry=registry)
@@ -129,7 +134,13 @@ def register(
         if owner:
             _run(rt, namespace, owner, logger, permanent=False)
 
+    sweep_handlers.register(registry, rt)
     return rt
+
+
+def _stop_requested(body: Mapping[str, Any]) -> bool:
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    return STOP_ANNOTATION in annotations and (body.get("status") or {}).get("phase") not in TERMINAL_PHASES
 
 
 def _run(rt: Runtime, namespace: str, name: str, logger: Any, *, permanent: bool) -> None:

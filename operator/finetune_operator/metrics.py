@@ -51,6 +51,15 @@ class Metrics:
                            for key, (name, help_) in JOB_GAUGES.items()}
         self.stalled = Gauge("finetune_job_stalled", "1 while the job's Stalled condition is True (e.g. NoProgress).",
                              ["namespace", "name", "reason"], registry=r)
+        # FineTuneSweeps (sweep_handlers.py): trials by state and the best metric per sweep, and phase changes.
+        self.sweep_trials = Gauge("finetune_sweep_trials", "Trials of a FineTuneSweep, by state (running, "
+                                  "succeeded, failed, pruned).", ["namespace", "name", "state"], registry=r)
+        self.sweep_best = Gauge("finetune_sweep_best_metric", "The objective metric of the sweep's best trial.",
+                                ["namespace", "name", "metric"], registry=r)
+        self.sweep_transitions = Counter(
+            "finetune_sweep_phase_transitions_total", "FineTuneSweep phase changes, by new phase and reason.",
+            ["phase", "reason"], registry=r)
+        self._sweeps: dict[tuple[str, str], tuple[str, str | None]] = {}  # phase, the best series' metric label
         self._stalled: dict[tuple[str, str], str] = {}
         self._phases: dict[tuple[str, str], str] = {}
         for phase in PHASES:
@@ -96,6 +105,31 @@ class Metrics:
         self.observe_stalled(namespace, name, None)
         self._phases.pop((namespace, name), None)
         self._recount()
+
+    def observe_sweep(self, namespace: str, name: str, phase: str, reason: str, counts: dict[str, int],
+                      metric: str, best: float | None) -> None:
+        """One sweep's trial counts and best metric; a phase change is counted once."""
+        key = (namespace, name)
+        old_phase, old_metric = self._sweeps.get(key, ("", None))
+        if phase != old_phase:
+            self.sweep_transitions.labels(phase, reason).inc()
+        for state, n in counts.items():
+            self.sweep_trials.labels(namespace, name, state).set(n)
+        if old_metric is not None and (best is None or old_metric != metric):
+            with contextlib.suppress(KeyError):
+                self.sweep_best.remove(namespace, name, old_metric)
+        if best is not None:
+            self.sweep_best.labels(namespace, name, metric).set(best)
+        self._sweeps[key] = (phase, metric if best is not None else None)
+
+    def forget_sweep(self, namespace: str, name: str, states: tuple[str, ...]) -> None:
+        _, metric = self._sweeps.pop((namespace, name), ("", None))
+        for state in states:
+            with contextlib.suppress(KeyError):
+                self.sweep_trials.remove(namespace, name, state)
+        if metric is not None:
+            with contextlib.suppress(KeyError):
+                self.sweep_best.remove(namespace, name, metric)
 
     def _recount(self) -> None:
         counts = dict.fromkeys(PHASES, 0)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune_api.errors import JobFileError
 from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec, Output, RunPolicy, Training, parse_spec
+from finetune_api.status import STOP_ANNOTATION
 from finetune_operator.settings import Settings
 
 # Kubernetes objects: as a builder makes them (Obj), and as a pass reads them (ObjView: kopf bodies and
@@ -46,6 +47,7 @@ class FineTuneJob:
     training: Training
     run_policy: RunPolicy
     output: Output
+    stop: str | None = None  # the finetune.dev/stop annotation: stop this job (a sweep pruned it, or a person)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> FineTuneJob:
@@ -71,6 +73,7 @@ class FineTuneJob:
             training=spec.training if spec is not None else spec_section(Training, raw, "training"),
             run_policy=spec.run_policy if spec is not None else spec_section(RunPolicy, raw, "runPolicy"),
             output=spec.output if spec is not None else spec_section(Output, raw, "output"),
+            stop=(meta.get("annotations") or {}).get(STOP_ANNOTATION),
         )
 
     def valid_spec(self) -> FineTuneJobSpec:

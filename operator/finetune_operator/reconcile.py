@@ -132,7 +132,7 @@ def _reconcile(rt: Runtime, kube: Kube, namespace: str, name: str, logger: Any) 
     job = kube.get(job_path(namespace, naming.job_name(ftj.name)))
     _check_owner(job, ftj, "Job")
     export = None  # the teacher's export, when this pass resolved one
-    if job is None and _may_create(ftj.status):
+    if job is None and _may_create(ftj.status) and ftj.stop is None:  # a stopped job never starts
         problem = admission.spec_problem(ftj, rt.settings)
         if problem:
             rt.queue.track((namespace, name), unfinished=False)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_api.status import NOT_STARTED_REASONS, TERMINAL_PHASES, ConditionType, Phase, Reason
+from finetune_api.status import NOT_STARTED_REASONS, STOP_REASONS, TERMINAL_PHASES, ConditionType, Phase, Reason
 from finetune_operator import observe
 from finetune_operator.drift import changed_fields_message
 from finetune_operator.naming import job_name
@@ -47,7 +47,7 @@ def derive_status(
 ) -> dict:
     """The complete new status (declared fields only); the caller patches what changed."""
     prev = dict(ftj.status)
-    verdict = _keep_finished(prev, job) or _judge(ftj, job, pods, now, settings, prev)
+    verdict = _keep_finished(prev, job) or _stopped(ftj, job, now) or _judge(ftj, job, pods, now, settings, prev)
     status: dict[str, Any] = {
         "phase": verdict.phase,
         "reason": verdict.reason,
@@ -82,6 +82,17 @@ def _keep_finished(prev: Mapping[str, Any], job: ObjView | None) -> Verdict | No
     if prev.get("reason") in NOT_STARTED_REASONS and not prev.get("jobName"):
         return None  # nothing ran (invalid spec, no teacher); a fixed spec has started (or may start) its Job
     return Verdict(prev["phase"], prev.get("reason", prev["phase"]), prev.get("message", ""))
+
+
+def _stopped(ftj: FineTuneJob, job: ObjView | None, now: dt.datetime) -> Verdict | None:
+    """The stop annotation (finetune.dev/stop: "Pruned: why" from a sweep, or anything from a person) ends the
+    job as Pruned or Stopped, never back to Running; a Job that already succeeded keeps its result."""
+    if ftj.stop is None or (job is not None and observe.job_succeeded(job)):
+        return None
+    head, _, why = ftj.stop.partition(":")
+    reason = Reason.PRUNED if head.strip() == Reason.PRUNED else Reason.STOPPED
+    message = f"stopped ({why.strip() or ftj.stop.strip() or 'finetune.dev/stop is set'}); its Job is deleted"
+    return Verdict(Phase.FAILED, reason, message, completion_time=observe.format_time(now))
 
 
 def _judge(
@@ -282,14 +293,15 @@ def _condition(
 
 
 def should_stop_job(status: Mapping[str, Any], job: ObjView | None) -> bool:
-    """True when the operator failed the job (startup problem) but the Job still holds pods.
+    """True when the operator failed the job (startup problem, or stopped: finetune.dev/stop) but the Job still
+    holds pods.
 
     Deleting the Job frees the pending pod's resources and quota; the FineTuneJob keeps the
     reason. Suspending instead would not hold: a queue such as Kueue may unsuspend it.
     """
     if job is None or status.get("phase") != "Failed" or observe.job_finished(job):
         return False
-    return status.get("reason") in observe.STARTUP_PROBLEMS | observe.IMMEDIATE_FAILURES
+    return status.get("reason") in observe.STARTUP_PROBLEMS | observe.IMMEDIATE_FAILURES | set(STOP_REASONS)
 
 
 Event = tuple[str, str, str]  # (type, reason, message)
@@ -320,8 +332,8 @@ def _phase_events(phase: str | None, new: Mapping[str, Any]) -> list[Event]:
         return [("Normal", "Started", message)]
     if phase == "Succeeded":
         return [("Normal", "Succeeded", message)]
-    if phase == "Failed":
-        return [("Warning", new.get("reason") or "Failed", message)]
+    if phase == "Failed":  # stopped on purpose (a sweep's pruning) is no warning
+        return [("Normal" if new.get("reason") in STOP_REASONS else "Warning", new.get("reason") or "Failed", message)]
     if phase == "Suspended":
         return [("Normal", "Suspended", message)]
     if phase == "Pending" and new.get("reason") in observe.STARTUP_PROBLEMS:
