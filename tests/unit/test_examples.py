@@ -25,7 +25,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 CRD = ROOT / "charts/finetune-operator/crds/finetunejobs.finetune.dev.yaml"
 EXPECTED = {"augmentation-cpu.yaml", "augmented-views-cpu.yaml", "cpu-demo.yaml", "gradual-unfreezing-cpu.yaml",
             "gpu-resnet50.yaml", "gpu-timm-convnext.yaml", "mlp-head-cpu.yaml", "multi-worker-cpu.yaml",
-            "partial-unfreeze.yaml", "schedules-cpu.yaml", "suspended-kueue.yaml"}
+            "partial-unfreeze.yaml", "s3-dataset.yaml", "schedules-cpu.yaml", "suspended-kueue.yaml"}
 
 
 def _load(path: Path) -> dict[str, Any]:
