@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
 
-from fetch_servers import start_https, start_s3, stop_s3, write_secret  # noqa: E402
+from fetch_servers import start_https, start_s3, stop_s3, write_secret
 
-from finetune_api.spec import parse_spec  # noqa: E402
-from finetune_trainer.fetch import fetch_source  # noqa: E402
+from finetune_api.spec import parse_spec
+from finetune_trainer.fetch import fetch_source
 
 
 def archive(mb: int) -> bytes:
