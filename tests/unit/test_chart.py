@@ -242,9 +242,12 @@ def test_image_digest_wins_over_tag(helm: str) -> None:
 # ------------------------------------------------------------------ RBAC
 
 NAMESPACED_RULES = {
-    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "create", "patch"},  # create: a sweep's trials
     ("finetune.dev", "finetunejobs/status"): {"patch"},
     ("finetune.dev", "finetunejobs/finalizers"): {"update"},
+    ("finetune.dev", "finetunesweeps"): {"get", "list", "watch", "patch"},
+    ("finetune.dev", "finetunesweeps/status"): {"patch"},
+    ("finetune.dev", "finetunesweeps/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "configmaps"): {"get", "create"},

@@ -76,3 +76,14 @@ def test_alerts_cover_failed_stalled_down_and_rejected_pushes():
     alerts = {r["alert"] for g in doc["groups"] for r in g["rules"]}
     assert {"FineTuneJobFailed", "FineTuneJobStalled", "FineTuneOperatorDown",
             "FineTuneProgressPushesRejected"} <= alerts
+
+
+def test_sweeps_have_a_dashboard_row_and_an_alert_and_pruned_trials_do_not_page():
+    dash = json.loads((CHART / "dashboards" / "finetune-operator.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
+    assert any(p["type"] == "row" and "sweep" in p["title"].lower() for p in dash["panels"])
+    assert "finetune_sweep_trials" in exprs and "finetune_sweep_best_metric" in exprs
+    doc = yaml.safe_load((CHART / "rules" / "finetune-operator.rules.yaml").read_text())
+    rules = {r["alert"]: r["expr"] for g in doc["groups"] for r in g["rules"]}
+    assert "finetune_sweep_phase_transitions_total" in rules["FineTuneSweepFailed"]
+    assert 'reason!~"Pruned|Stopped"' in rules["FineTuneJobFailed"]
