@@ -115,6 +115,12 @@ def test_a_job_with_dataset_uri_on_s3_succeeds_through_the_fetch_init_container(
     assert init.name == "fetch" and init.state.terminated.exit_code == 0, init
     assert pod.spec.init_containers[0].args[:1] == ["fetch"]
     assert secret not in _everything_said(jobs, "from-s3", obj)
+    logs = {p.name: p.read_text(errors="replace")
+            for p in operator_env.local_cluster.pod_logs.glob(f"{jobs.ns}_{pod.metadata.name}_*.log")}
+    fetch_log, trainer_log = logs[f"{jobs.ns}_{pod.metadata.name}_fetch.log"], \
+        logs[f"{jobs.ns}_{pod.metadata.name}_trainer.log"]
+    assert "fetched and verified" in fetch_log and "reused from the verified cache" in trainer_log, logs
+    assert not any(secret in text for text in logs.values())
     e2e_report(f"dataset.uri on moto S3: Succeeded with status.output.sources {sources}")
 
 

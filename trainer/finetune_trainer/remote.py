@@ -128,6 +128,8 @@ def retrying(op: Callable[[], T], where: str) -> T:
         try:
             return op()
         except Exception as err:
+            if isinstance(err, OSError) and str(err.filename or "").startswith("/"):
+                raise  # the local side (the cache folder unwritable, the disk full): the CLI names the path
             permanent = classify(err, where)
             if permanent is not None:
                 raise permanent from None
