@@ -21,7 +21,11 @@ from finetune_api.spec import API_GROUP, API_VERSION, KIND, parse_job
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+ALL_EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+# FineTuneSweeps (kind FineTuneSweep) have their own tests at the end; the rest are FineTuneJobs.
+SWEEPS = [p for p in ALL_EXAMPLES if re.search(r"^kind: *FineTuneSweep *$", p.read_text(), re.M)]
+EXAMPLES = [p for p in ALL_EXAMPLES if p not in SWEEPS]
+SWEEP_CRD = ROOT / "charts/finetune-operator/crds/finetunesweeps.finetune.dev.yaml"
 CRD = ROOT / "charts/finetune-operator/crds/finetunejobs.finetune.dev.yaml"
 EXPECTED = {"augmentation-cpu.yaml", "augmented-views-cpu.yaml", "cpu-demo.yaml", "gradual-unfreezing-cpu.yaml",
             "gpu-resnet50.yaml", "gpu-timm-convnext.yaml", "mlp-head-cpu.yaml", "multi-worker-cpu.yaml",
@@ -187,3 +191,20 @@ def test_the_schema_check_catches_broken_manifests(mutate: Any, expected: str) -
     mutate(doc)
     errors = structural_errors(_crd_view(doc), _schema())
     assert any(expected in e for e in errors), errors
+
+
+def test_the_sweep_example_exists() -> None:
+    assert [p.name for p in SWEEPS] == ["sweep-cpu.yaml"]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_example_parses_and_fits_the_sweep_crd(path: Path) -> None:
+    from finetune_api.sweep import parse_sweep
+
+    doc = _load(path)
+    sweep = parse_sweep(doc)  # every parameter path exists and every probed value makes a valid trial
+    assert sweep.name == doc["metadata"]["name"] and "namespace" not in doc["metadata"]
+    crd = yaml.safe_load(SWEEP_CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == API_VERSION]
+    assert structural_errors(_crd_view(doc), version["schema"]["openAPIV3Schema"]) == []
+    assert sweep.spec.template.spec.resources.gpus == 0 and sweep.spec.template.spec.dataset.builtin == "digits"
