@@ -198,3 +198,23 @@ async def test_a_push_whose_status_write_failed_is_written_once_the_api_server_a
     finally:
         srv.close()
         await runner.cleanup()
+
+
+async def test_a_request_in_its_handler_is_never_cut_by_the_head_timeout():
+    """A slow digest lookup (the API server answering slowly) holds the handler past head_timeout: the push
+    still gets its answer, since only connections waiting for a request head are dropped."""
+
+    async def slow_lookup(ns: str, name: str) -> str | None:
+        await asyncio.sleep(LIMITS.head_timeout * 3)
+        return token_digest(TOKEN)
+
+    async def write(ns: str, name: str, fields: dict) -> None:
+        pass
+
+    service = ProgressService(Metrics(), slow_lookup, write, min_write_interval=0.0, limits=LIMITS)
+    srv, runner = await start_server(service, "127.0.0.1", 0)
+    try:
+        assert await _push(srv.sockets[0].getsockname()[1]) == 204
+    finally:
+        srv.close()
+        await runner.cleanup()
