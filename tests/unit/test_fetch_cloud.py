@@ -143,3 +143,19 @@ def test_weights_uri_implies_file_and_a_path_spec_keeps_its_fingerprint():
     b = parse_spec({"dataset": {"uri": "s3://b/x.zip", "endpoint": "http://b:2"}})
     c = parse_spec({"dataset": {"uri": "s3://b/y.zip"}})
     assert a.resume_fingerprint() == b.resume_fingerprint() != c.resume_fingerprint()
+
+
+def test_a_local_sweep_fetches_the_template_s_sources_once_for_every_trial(tmp_path, memory):
+    from finetune_api.sweep import parse_sweep, trial_job_spec
+    from finetune_trainer.fetch import prepare_sweep
+
+    fs, _ = memory
+    fs.pipe("/bucket/pets.tar.gz", _archive())
+    sweep = parse_sweep({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneSweep", "metadata": {"name": "s"},
+                         "spec": {"template": {"spec": {"dataset": {"uri": "s3://bucket/pets.tar.gz"},
+                                                        "output": {"path": str(tmp_path / "sweep")}}},
+                                  "parameters": [{"path": "training.learningRate", "categorical": [0.1, 0.01]}]}})
+    prepare_sweep(sweep)
+    trial = trial_job_spec(sweep.spec, "s-0", {"training.learningRate": 0.1})
+    assert trial.dataset.uri is None and Path(trial.dataset.path).is_relative_to(tmp_path / "sweep" / "sources")
+    assert sorted(p.name for p in Path(trial.dataset.path).iterdir()) == ["cat", "dog"]

@@ -184,7 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from finetune_api.sweep import parse_sweep
 
-    sweep = parse_sweep(read_job_document(args.file))
+    sweep = fetch.prepare_sweep(parse_sweep(read_job_document(args.file)), args.output)  # dataset.uri …
     if args.parallel is not None and args.parallel < 1:
         raise JobFileError(f"--parallel must be at least 1 (got {args.parallel})")
     from finetune_trainer.sweep import LocalSweep  # torch only once the file is known good

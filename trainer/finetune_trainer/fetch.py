@@ -252,3 +252,15 @@ def prepare_job(job: Any) -> Any:
         return job
     write_lineage(Path(spec.output.path), records)
     return job.model_copy(update={"spec": spec})
+
+
+def prepare_sweep(sweep: Any, output: str | None = None) -> Any:
+    """A local FineTuneSweep: the template's sources fetched once into <output>/sources, every trial reading
+    the same verified copy (on a cluster each trial FineTuneJob has its own fetch init container)."""
+    template = sweep.spec.template
+    root = Path(output or template.spec.output.path)
+    spec, records = fetch_job(template.spec, Path(os.environ.get(CACHE_ENV) or root / "sources"))
+    if records:
+        template.spec = spec
+        write_lineage(root, records)
+    return sweep
