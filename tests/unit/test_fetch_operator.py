@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from test_operator_status import at, ftj, job_condition, pod
 
 from finetune_operator.objects import build_job
 from finetune_operator.parsed import FineTuneJob
 from finetune_operator.settings import Settings
 from finetune_operator.status import derive_status, transition_events
-from test_operator_status import at, ftj, job_condition, pod
 
 SETTINGS = Settings(trainer_image="registry.local/trainer:1.0", startup_deadline_seconds=600,
                     progress_url="http://op:8080")
