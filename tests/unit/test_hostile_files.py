@@ -64,6 +64,7 @@ class Ctx:
     made: dict
     marker: Path
     monkeypatch: pytest.MonkeyPatch
+    cleanups: list[Callable[[], object]] = field(default_factory=list)
 
     def job(self, output: Path | None = None, **spec) -> Path:
         base = json.loads(json.dumps(self.made["spec"]))
@@ -495,6 +496,28 @@ def every_image_broken(c: Ctx) -> Expect:
                   "holds no readable images")
 
 
+@case("image")
+def dataset_folder_permission_denied(c: Ctx) -> Expect:
+    data = make_image_folder(c.tmp / "data", {"a": 3, "b": 3})
+    real = Path.iterdir
+
+    def refuse(self: Path):  # root reads through mode 000, so EACCES is injected
+        if self == data:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self)
+
+    c.monkeypatch.setattr(Path, "iterdir", refuse)
+    return Expect(["-f", c.job(dataset={"path": str(data), "builtin": None, "classes": None})], EXIT_INVALID_JOB,
+                  "dataset.path: ", check=lambda: _nothing_written(c.tmp / "out"))
+
+
+@case("image")
+def dataset_path_under_a_file(c: Ctx) -> Expect:
+    (c.tmp / "plain").write_text("x")
+    job = c.job(dataset={"path": str(c.tmp / "plain" / "images"), "builtin": None, "classes": None})
+    return Expect(["-f", job], EXIT_INVALID_JOB, "dataset.path: ")
+
+
 def _predict(c: Ctx, image: Path) -> Expect:
     return Expect(["predict", "--model", c.made["export"], image], EXIT_INVALID_JOB, "unreadable image")
 
@@ -666,6 +689,18 @@ def output_path_is_a_file(c: Ctx) -> Expect:
 
 
 @case("output volume")
+def output_path_on_a_read_only_mount(c: Ctx) -> Expect:
+    where = c.tmp / "ro"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {mounted.stderr.strip()}")
+    c.cleanups.append(lambda: subprocess.run(["umount", "-l", str(where)], check=False))
+    return Expect(["-f", c.job(where / "out")], EXIT_INVALID_JOB, "Read-only file system")
+
+
+@case("output volume")
 def output_path_name_too_long(c: Ctx) -> Expect:
     return Expect(["-f", c.job(c.tmp / ("o" * 300))], EXIT_INVALID_JOB, "output.path: ")
 
@@ -734,9 +769,13 @@ def _snapshot(paths: list[Path]) -> dict[Path, bytes | None]:
 def test_hostile_file(name: str, made, tmp_path: Path, capsys, caplog, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     ctx = Ctx(tmp_path, made, tmp_path / "planted-code-ran", monkeypatch)
-    expect = CASES[name](ctx)
-    before = _snapshot(expect.precious)
-    code = expect.cli([str(a) for a in expect.argv])
+    try:
+        expect = CASES[name](ctx)
+        before = _snapshot(expect.precious)
+        code = expect.cli([str(a) for a in expect.argv])
+    finally:
+        for undo in ctx.cleanups:
+            undo()
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     assert code == expect.code, err
@@ -783,3 +822,16 @@ def test_the_cache_loader_ignores_a_file_of_another_key(tmp_path: Path) -> None:
     path.parent.mkdir(parents=True)
     torch.save({"key": "other"}, path)
     assert feature_store.load(tmp_path, "k" * 64) is None
+
+
+def test_a_broken_or_planted_teacher_cache_is_ignored_without_running_code(tmp_path: Path) -> None:
+    from finetune_trainer import teacher
+
+    marker = tmp_path / "ran"
+    path = teacher.store_path(tmp_path, "k" * 64)
+    path.parent.mkdir(parents=True)
+    for write in (lambda: torch.save({"key": "k" * 64, "train": Planted(marker)}, path),
+                  lambda: path.write_bytes(os.urandom(700)), lambda: torch.save(["not", "a", "mapping"], path)):
+        write()
+        assert teacher.load_store(tmp_path, "k" * 64) is None
+    assert not marker.exists()
