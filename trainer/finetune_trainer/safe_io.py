@@ -126,8 +126,8 @@ def os_error(err: OSError, fields: Fields) -> FinetuneError:
     what = f"{path}: " if path else ""
     reason = err.strerror or type(err).__name__
     if err.errno in FULL_DISK:
-        return DiskFull(f"{where}{what}{reason} — nothing half-written was kept and the last good checkpoint is "
-                        "intact; give the volume more space and retry (the run resumes)")
+        return DiskFull(f"{where}{what}{reason} — nothing half-written was kept and earlier files (the last good "
+                        "checkpoint, an earlier export) are intact; give the volume more space and retry")
     if err.errno in WRONG_INPUT:
         return JobFileError(f"{where}{what}{reason}")
     return TrainingError(f"{where}{what}{reason} (errno {err.errno})")
