@@ -210,3 +210,21 @@ class StatusNeverGoesBackwards(RuleBasedStateMachine):
 StatusNeverGoesBackwards.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 test_status_never_goes_backwards = StatusNeverGoesBackwards.TestCase
+
+
+def test_the_trainers_result_read_after_an_early_succeeded_pass_is_filled_in() -> None:
+    """The case the machine found: a pass saw the Job succeed with a pod list from before the pod finished."""
+    machine = StatusNeverGoesBackwards()
+    machine.create_job()
+    machine.start_pod()
+    machine.pod_runs()
+    before_success = len(machine.history) - 1
+    machine.pod_succeeds()
+    machine.job_completes()
+    job_done, pods_running = machine.history[-1][0], machine.history[before_success][1]
+    first = derive_status(FineTuneJob.from_body(BODY), job_done, pods_running, T0, SETTINGS)
+    assert first["phase"] == "Succeeded" and "sha256" not in first["output"]
+    later = derive_status(FineTuneJob.from_body({**BODY, "status": first}), job_done, machine.history[-1][1],
+                          T0 + dt.timedelta(seconds=5), SETTINGS)
+    assert later["output"]["sha256"] == RESULT["sha256"] and later["output"]["valAccuracy"] == RESULT["valAccuracy"]
+    assert later["completionTime"] == first["completionTime"]
