@@ -47,6 +47,10 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.pushes = Counter("finetune_progress_pushes_total", "Progress pushes from trainers, by result and reason.",
                               ["result", "reason"], registry=r)
+        self.http_dropped = Counter(
+            "finetune_http_connections_dropped_total", "Connections the HTTP server dropped (server_limits.py): slow "
+            "(no request head in time), evicted (idle at the connection limit), refused (all busy).", ["reason"],
+            registry=r)
         self.job_gauges = {key: Gauge(name, help_, ["namespace", "name"], registry=r)
                            for key, (name, help_) in JOB_GAUGES.items()}
         self.stalled = Gauge("finetune_job_stalled", "1 while the job's Stalled condition is True (e.g. NoProgress).",

@@ -146,7 +146,7 @@ async def serve(service: ProgressService, host: str, port: int, flush_every: flo
 
 async def start_server(service: ProgressService, host: str, port: int) -> tuple[asyncio.Server, web.AppRunner]:
     """The app behind a ConnectionGuard (server_limits.py) on host:port; the caller closes both."""
-    guard = ConnectionGuard(service.limits)
+    guard = ConnectionGuard(service.limits, on_drop=lambda why: service.metrics.http_dropped.labels(why).inc())
     runner = web.AppRunner(make_app(service, guard), access_log=None, **service.limits.handler_args())
     await runner.setup()
     guard.factory = runner.server  # aiohttp's protocol factory exists once the runner is set up

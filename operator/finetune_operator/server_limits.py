@@ -85,8 +85,9 @@ class _GuardedProtocol(asyncio.Protocol):
 class ConnectionGuard:
     """Counts connections, drops slow ones, evicts idle ones at the limit (one per listening server)."""
 
-    def __init__(self, limits: Limits, factory: Callable[[], asyncio.Protocol] | None = None):
-        self.factory, self.limits = factory, limits
+    def __init__(self, limits: Limits, factory: Callable[[], asyncio.Protocol] | None = None,
+                 on_drop: Callable[[str], None] = lambda why: None):
+        self.factory, self.limits, self.on_drop = factory, limits, on_drop
         self.conns: set[_Conn] = set()
         self.by_transport: dict[object, _Conn] = {}
         self.dropped = {"slow": 0, "evicted": 0, "refused": 0}
@@ -100,6 +101,7 @@ class ConnectionGuard:
             idle = [c for c in self.conns if not c.busy]
             if not idle:
                 self.dropped["refused"] += 1
+                self.on_drop("refused")
                 return False
             self._drop(min(idle, key=lambda c: c.waiting_since), "evicted")
         self.conns.add(conn)
@@ -125,6 +127,7 @@ class ConnectionGuard:
 
     def _drop(self, conn: _Conn, why: str) -> None:
         self.dropped[why] += 1
+        self.on_drop(why)
         log.debug("dropping a %s HTTP connection", why)
         self.release(conn)
         if conn.transport is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 
 import pytest
 
@@ -60,6 +61,14 @@ async def _push(port: int) -> int | None:
         return await _status_of(reader)
     finally:
         writer.close()
+
+
+async def _get(port: int, path: str) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), WAIT)
+    writer.close()
+    return data.decode(errors="replace")
 
 
 async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
@@ -158,6 +167,9 @@ async def test_a_connection_flood_evicts_idle_connections_and_pushes_go_on(serve
     for _, writer in flood:
         writer.close()
     assert await _push(port) == 204
+    metrics = await _get(port, "/metrics")
+    evicted = re.search(r'^finetune_http_connections_dropped_total\{reason="evicted"\} (\S+)$', metrics, re.M)
+    assert evicted and float(evicted.group(1)) >= len(flood) - LIMITS.max_connections, metrics[-600:]
 
 
 async def test_a_trickled_body_times_out_with_408_and_pushes_go_on(server):
