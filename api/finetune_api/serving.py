@@ -86,6 +86,10 @@ class ServingStatus(_Model):
         None, description="what the InferenceService served before this job (restored, or kept by the canary "
         "rollback, when the smoke test fails)")
     smoke_job: str | None = Field(None, description="the batch/v1 Job running the smoke test")
+    smoke_url: str | None = Field(
+        None, description="where the smoke test sent its images: with a canary, the new revision's own URL "
+        "(KServe's tag routing, the traffic target tagged latest) when KServe reports one, else the "
+        "InferenceService's address (then it measures the traffic mix)")
     smoke_accuracy: float | None = Field(None, description="accuracy of the served model on the held-out images")
     smoke_samples: int | None = Field(None, ge=0, json_schema_extra={"format": "int64"},
                                       description="images the smoke test sent")

@@ -38,6 +38,9 @@ ISVC_API_VERSION = f"{KSERVE_GROUP}/{KSERVE_VERSION}"
 KSERVE_API = f"/apis/{ISVC_API_VERSION}"  # discovery: its resource list names inferenceservices when installed
 LABEL_SMOKE = f"{API_GROUP}/smoke-test-of"  # the FineTuneJob's uid on its smoke-test Job and pod
 ANNOTATION_PREVIOUS = f"{API_GROUP}/previous-storage-uri"  # what the InferenceService served before this job
+# KServe tags a canary's traffic targets "prev" and "latest", each with a URL of its own, when this is "true":
+# the smoke test then judges the new revision alone, not the traffic mix.
+TAG_ROUTING = f"{KSERVE_GROUP}/enable-tag-routing"
 SMOKE_CONTAINER = "smoke"
 TERMINATION_LOG = "/dev/termination-log"
 # The smoke test prints one JSON line; this keeps it (the kubelet caps termination messages at 4 KiB) and
@@ -144,11 +147,21 @@ def takeover_patch(ftj: FineTuneJob, isvc: ObjView, uri: str) -> Obj:
     if not any(r.get("uid") == ftj.uid for r in refs):
         refs.append(mine)
     spec = predictor(serving, uri)
+    annotations = {ANNOTATION_PREVIOUS: served_uri(isvc), ANNOTATION_NAME: ftj.name}
     if serving.canary_traffic_percent is None:
         spec["canaryTrafficPercent"] = None  # a canary left by an earlier job's spec would split the traffic
-    return {"metadata": {"ownerReferences": refs,
-                         "annotations": {ANNOTATION_PREVIOUS: served_uri(isvc), ANNOTATION_NAME: ftj.name}},
-            "spec": {"predictor": spec}}
+    else:
+        annotations[TAG_ROUTING] = "true"
+    return {"metadata": {"ownerReferences": refs, "annotations": annotations}, "spec": {"predictor": spec}}
+
+
+def revision_url(isvc: ObjView) -> str | None:
+    """The new revision's own URL: the predictor's traffic target KServe tags "latest" (tag routing)."""
+    predictor_status = ((((isvc.get("status") or {}).get("components") or {}).get("predictor")) or {})
+    for target in predictor_status.get("traffic") or []:
+        if target.get("tag") == "latest" and target.get("url"):
+            return str(target["url"])
+    return None
 
 
 def isvc_ready(isvc: ObjView, uri: str) -> tuple[bool, str | None]:
@@ -161,6 +174,15 @@ def isvc_ready(isvc: ObjView, uri: str) -> tuple[bool, str | None]:
         status["observedGeneration"] >= generation
     ready = (observe.condition(isvc, "Ready") or {}).get("status") == "True"
     return bool(ready and current and url and served_uri(isvc) == uri), url
+
+
+def smoke_url(smoke: ObjView) -> str | None:
+    """The URL a smoke-test Job was given (its --url argument): status is derived from what exists."""
+    for c in ((((smoke.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []):
+        args = list(c.get("args") or [])
+        if "--url" in args[:-1]:
+            return str(args[args.index("--url") + 1])
+    return None
 
 
 def build_smoke_job(ftj: FineTuneJob, settings: Settings, url: str) -> Obj:
@@ -302,10 +324,17 @@ def plan(ftj: FineTuneJob, settings: Settings, installed: bool, isvc: ObjView | 
                         f"waiting for KServe to report InferenceService {name} Ready with {uri}"))
         if serving.smoke_test is None:
             return _decide(ftj, base, SmokeResult(True), previous)
-        return Plan({**base, "smokeJob": smoke_job_name(ftj)}, (False, ServingReason.SMOKE_TESTING,
-                    f"smoke-testing InferenceService {name} at {url}"),
-                    create_smoke=build_smoke_job(ftj, settings, str(url)))
+        target, what = str(url), ""
+        if serving.canary_traffic_percent is not None:
+            latest = revision_url(isvc)
+            target, what = (latest, " (the new revision alone)") if latest else \
+                (target, " (KServe reports no revision URL, so the traffic mix: is tag routing off?)")
+        return Plan({**base, "smokeJob": smoke_job_name(ftj), "smokeUrl": target}, (False, ServingReason.SMOKE_TESTING,
+                    f"smoke-testing InferenceService {name} at {target}{what}"),
+                    create_smoke=build_smoke_job(ftj, settings, target))
     base["smokeJob"] = smoke["metadata"]["name"]
+    if (sent_to := smoke_url(smoke)) is not None:
+        base["smokeUrl"] = sent_to
     result = smoke_result(smoke, smoke_pods)
     if result.passed is None:
         return Plan(base, (False, ServingReason.SMOKE_TESTING, f"smoke test {base['smokeJob']} is running"))

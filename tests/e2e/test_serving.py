@@ -152,9 +152,11 @@ def predictors(tmp_path_factory):
         p.stop()
 
 
-def play_kserve(jobs, name: str, storage_uri: str, predictor: Predictor) -> dict:
+def play_kserve(jobs, name: str, storage_uri: str, predictor: Predictor, canary_of: Predictor | None = None) -> dict:
     """KServe's part: wait for the InferenceService to ask for `storage_uri`, then report it Ready at the
-    predictor's URL for its current generation (the status subresource, as KServe's controller writes it)."""
+    predictor's URL for its current generation (the status subresource, as KServe's controller writes it).
+    `canary_of`: the revision before, as under tag routing: the address stays the old revision's (a stand-in
+    for the traffic mix), and the traffic targets tagged prev and latest each carry their own URL."""
     def asking() -> dict | None:
         with contextlib.suppress(client.ApiException):
             isvc = jobs.co.get_namespaced_custom_object(*ISVC[:2], jobs.ns, ISVC[2], name)
@@ -164,11 +166,15 @@ def play_kserve(jobs, name: str, storage_uri: str, predictor: Predictor) -> dict
 
     isvc = wait_until(asking, 60, f"InferenceService {name} with storageUri {storage_uri}")
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    jobs.co.patch_namespaced_custom_object_status(*ISVC[:2], jobs.ns, ISVC[2], name, {"status": {
-        "observedGeneration": isvc["metadata"]["generation"], "url": predictor.url,
-        "address": {"url": predictor.url},
-        "conditions": [{"type": t, "status": "True", "lastTransitionTime": now}
-                       for t in ("PredictorReady", "IngressReady", "Ready")]}})
+    address = (canary_of or predictor).url
+    status = {"observedGeneration": isvc["metadata"]["generation"], "url": address, "address": {"url": address},
+              "conditions": [{"type": t, "status": "True", "lastTransitionTime": now}
+                             for t in ("PredictorReady", "IngressReady", "Ready")]}
+    if canary_of is not None:
+        status["components"] = {"predictor": {"traffic": [
+            {"tag": "prev", "percent": 70, "url": canary_of.url},
+            {"tag": "latest", "percent": 30, "latestRevision": True, "url": predictor.url}]}}
+    jobs.co.patch_namespaced_custom_object_status(*ISVC[:2], jobs.ns, ISVC[2], name, {"status": status})
     return isvc
 
 
@@ -237,8 +243,9 @@ def test_the_smoke_test_gates_promotion_and_a_failed_canary_is_rolled_back(local
     jobs.create(serving_job("serve-b", "bad", 1.0, inferenceService={"name": isvc_name}, canaryTrafficPercent=30))
     local.wait_phase(jobs, "serve-b", ("Succeeded",), TRAIN_TIMEOUT)
     pred_b = predictors(_export(local, "serve-b"), isvc_name)
-    isvc = play_kserve(jobs, isvc_name, uri_b, pred_b)
+    isvc = play_kserve(jobs, isvc_name, uri_b, pred_b, canary_of=pred_a)
     assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 30, isvc["spec"]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/enable-tag-routing"] == "true"
     assert isvc["metadata"]["annotations"]["finetune.dev/previous-storage-uri"] == uri_a
     assert {r["name"] for r in isvc["metadata"]["ownerReferences"]} == {"serve-a", "serve-b"}
     b = wait_until(lambda: _decided(jobs, "serve-b"), 180, "serve-b's smoke test to decide", give_up=local.forbidden)
@@ -246,6 +253,8 @@ def test_the_smoke_test_gates_promotion_and_a_failed_canary_is_rolled_back(local
     assert b["serving"]["promoted"] is False and (cond["status"], cond["reason"]) == ("False", "SmokeTestFailed"), b
     assert b["serving"]["smokeAccuracy"] < 1.0 and "below minAccuracy 1.0" in cond["message"], cond
     assert b["serving"]["previousStorageUri"] == uri_a and b["phase"] == "Succeeded"
+    # The smoke test judged the canary revision alone (its tagged URL), not the address shared with A.
+    assert b["serving"]["smokeUrl"] == pred_b.url and b["serving"]["url"] == pred_a.url, b["serving"]
     after = jobs.co.get_namespaced_custom_object(*ISVC[:2], jobs.ns, ISVC[2], isvc_name)
     assert after["spec"]["predictor"]["canaryTrafficPercent"] == 0, after["spec"]["predictor"]
     assert jobs.event_counts("serve-b").get(("Warning", "SmokeTestFailed")), jobs.event_counts("serve-b")

@@ -363,3 +363,34 @@ def test_the_handoff_example_fits_the_crd_and_names_the_example_runtime_and_its_
     assert model["storageUri"] == "pvc://outputs/digits-v1" and isvc["metadata"]["name"] == "digits"
     by_hand = yaml.safe_load((folder / "inferenceservice.yaml").read_text())["spec"]["predictor"]["model"]
     assert {k: by_hand[k] for k in ("modelFormat", "runtime")} == {k: model[k] for k in ("modelFormat", "runtime")}
+
+
+@pytest.mark.parametrize("tagged", [True, False])
+def test_a_canarys_smoke_test_judges_the_new_revision_alone_when_kserve_tags_it(tagged: bool) -> None:
+    rt, kube = _second_revision(20)
+    reconcile(rt, "ml", "demo", LOG)
+    isvc = kube.objects[ISVC_PATH]
+    assert isvc["metadata"]["annotations"][serving.TAG_ROUTING] == "true"  # asks KServe for revision URLs
+    kserve_reports_ready(kube)
+    latest = "http://latest-digits-predictor.ml.svc.cluster.local"
+    if tagged:  # KServe's traffic targets under tag routing: the previous revision and the new one, each its own URL
+        isvc["status"]["components"] = {"predictor": {"traffic": [
+            {"tag": "prev", "percent": 80, "url": "http://prev-digits-predictor.ml.svc.cluster.local"},
+            {"tag": "latest", "percent": 20, "latestRevision": True, "url": latest}]}}
+    new = reconcile(rt, "ml", "demo", LOG).status
+    args = kube.objects[SMOKE_PATH]["spec"]["template"]["spec"]["containers"][0]["args"]
+    sent_to = args[args.index("--url") + 1]
+    if tagged:
+        assert sent_to == latest and "the new revision alone" in served(new)["message"]
+    else:  # no revision URL (tag routing off or an older KServe): the address, and the message says what it measures
+        assert sent_to == "http://digits.ml.svc.cluster.local" and "traffic mix" in served(new)["message"]
+    assert new["serving"]["smokeUrl"] == sent_to and new["serving"]["url"] == "http://digits.ml.svc.cluster.local"
+    smoke_finished(kube, 1, {"accuracy": 0.1, "samples": 50})
+    assert reconcile(rt, "ml", "demo", LOG).status["serving"]["smokeUrl"] == sent_to  # derived from the Job again
+    assert_declared(new, STATUS_SCHEMA)
+
+
+def test_a_first_revision_or_no_canary_asks_for_no_tag_routing() -> None:
+    rt, kube = _second_revision(None)
+    reconcile(rt, "ml", "demo", LOG)
+    assert serving.TAG_ROUTING not in kube.objects[ISVC_PATH]["metadata"]["annotations"]
