@@ -49,8 +49,9 @@ PROGRESS_DIR = "/var/run/finetune/progress"
 PROGRESS_TOKEN_FILE = f"{PROGRESS_DIR}/token"
 # spec.distillation.teacher.fromJob: the teacher FineTuneJob's export, mounted read-only from its PVC.
 VOL_TEACHER = "finetune-teacher"
+VOL_FEATURE_CACHE = "finetune-feature-cache"  # training.featureCacheDir outside every other mount
 TEACHER_DIR = "/var/run/finetune/teacher"
-RESERVED_VOLUMES = (VOL_JOB_FILE, VOL_TMP, VOL_SHM, VOL_OUTPUT, VOL_PROGRESS, VOL_TEACHER)
+RESERVED_VOLUMES = (VOL_JOB_FILE, VOL_TMP, VOL_SHM, VOL_OUTPUT, VOL_PROGRESS, VOL_TEACHER, VOL_FEATURE_CACHE)
 RESERVED_MOUNTS = (JOB_FILE_DIR, TMP_DIR, SHM_DIR, PROGRESS_DIR, TEACHER_DIR)
 # Multi-worker jobs: torchrun's static rendezvous on worker 0, reached as <job>-0.<service>.
 RENDEZVOUS_PORT = 29500
@@ -364,7 +365,23 @@ def _volumes(ftj: FineTuneJob, spec: FineTuneJobSpec, settings: Settings) -> tup
     for vol in spec.volumes:
         volumes.append(vol.source())
         mounts.append({"name": vol.name, "mountPath": vol.mount_path, "readOnly": vol.read_only})
+    if (cache := _shared_cache_mount(spec, settings)) is not None:
+        volumes.append(cache[0])
+        mounts.append(cache[1])
     return volumes, mounts
+
+
+def _shared_cache_mount(spec: FineTuneJobSpec, settings: Settings) -> tuple[Obj, Obj] | None:
+    """training.featureCacheDir outside every mount (a sweep trial on the output PVC): the PVC's feature-cache
+    folder, shared by content digest; with no PVC an emptyDir (unshared) keeps the trainer working."""
+    where = spec.training.feature_cache_dir and posixpath.normpath(spec.training.feature_cache_dir)
+    if not where or any(within(where, posixpath.normpath(m)) for m in
+                        [*(v.mount_path for v in spec.volumes), spec.output.path]):
+        return None
+    if settings.output_pvc:
+        return ({"name": VOL_FEATURE_CACHE, "persistentVolumeClaim": {"claimName": settings.output_pvc}},
+                {"name": VOL_FEATURE_CACHE, "mountPath": where, "subPath": "feature-cache"})
+    return {"name": VOL_FEATURE_CACHE, "emptyDir": {}}, {"name": VOL_FEATURE_CACHE, "mountPath": where}
 
 
 def progress_endpoint(ftj: FineTuneJob, settings: Settings) -> str:

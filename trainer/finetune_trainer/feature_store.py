@@ -129,13 +129,20 @@ def _digest(pairs: tuple[Pair, Pair]) -> str:
 def computing(shared: Path, key: str) -> Iterator[None]:
     """Hold the shared folder's lock for `key` while the frozen pass runs: jobs that need the same features
     wait here, then find the file published. flock is released by the kernel if the holder dies, so a
-    killed trial never blocks the others; where the file system has no locks, jobs compute side by side."""
-    shared.mkdir(parents=True, exist_ok=True)
-    with open(shared / f".{PREFIX}{key[:32]}.lock", "a") as lock:
+    killed trial never blocks the others. A folder that cannot be made or locked (read-only, no locks on
+    the file system) only costs the sharing: the job computes on its own and says so."""
+    try:
+        shared.mkdir(parents=True, exist_ok=True)
+        lock = open(shared / f".{PREFIX}{key[:32]}.lock", "a")  # noqa: SIM115  (held across the yield)
+    except OSError as err:
+        log.warning("feature cache folder %s unusable (%s): computing without sharing", shared, err.strerror)
+        yield
+        return
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError as err:
-            log.warning("feature cache lock unavailable in %s (%s): computing without it", shared, err)
+            log.warning("feature cache lock unavailable in %s (%s): computing without it", shared, err.strerror)
         try:
             yield
         finally:
