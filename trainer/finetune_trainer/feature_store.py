@@ -85,9 +85,9 @@ def load(output: Path, key: str, shared: Path | None = None) -> tuple[Pair, Pair
     """The cached (train, val) features for `key`, or None (absent, unreadable, another key, or tensors
     that are not what was written)."""
     path = path_for(output, key, shared)
-    if not path.exists():
-        return None
     try:
+        if not path.is_file():
+            return None
         data = torch.load(path, map_location="cpu", weights_only=True)
         if data.get("key") != key:
             return None
