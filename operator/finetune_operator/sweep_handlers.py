@@ -80,7 +80,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> Sweeps:
                       if r.get("kind") == SWEEP_KIND), None)
         if owner:
             try:
-                sw.queue.run_unless_busy((namespace, owner), lambda: reconcile_sweep(sw, namespace, owner, logger))
+                sw.queue.run_unless_busy((namespace, owner), lambda: _pass(sw, namespace, owner, logger))
             except kopf.TemporaryError as err:  # the resync loop (or the next event) tries again
                 logger.warning(f"sweep {namespace}/{owner}: {err}")
 
@@ -89,13 +89,18 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> Sweeps:
 
 def reconcile_sweep(sw: Sweeps, namespace: str, name: str, logger: logging.Logger | Any) -> str | None:
     """One pass (queued per sweep); the invalid-spec message when the spec cannot run."""
+    return sw.queue.run((namespace, name), lambda: _pass(sw, namespace, name, logger))
+
+
+def _pass(sw: Sweeps, namespace: str, name: str, logger: Any) -> str | None:
+    """Runs inside the queue (its per-sweep lock is not re-entrant: never call reconcile_sweep from here)."""
     try:
-        return sw.queue.run((namespace, name), lambda: _pass(sw, namespace, name, logger))
+        return _plan_and_act(sw, namespace, name, logger)
     except ApiError as err:
         raise kopf.TemporaryError(f"Kubernetes API: {err}", delay=RETRY_DELAY) from None
 
 
-def _pass(sw: Sweeps, namespace: str, name: str, logger: Any) -> str | None:
+def _plan_and_act(sw: Sweeps, namespace: str, name: str, logger: Any) -> str | None:
     assert sw.rt.kube is not None, "the startup handler sets the API client"
     kube, now = sw.rt.kube, sw.rt.clock()
     body = kube.get(sweep_path(namespace, name))
