@@ -203,7 +203,7 @@ def test_more_failed_trials_than_max_failed_fails_the_sweep_and_stops_the_runnin
     assert ("Warning", "TooManyFailedTrials", out.status["message"]) in out.events
     assert {c["type"] for c in out.status["conditions"] if c["status"] == "True"} == {"Stalled", "Failed"}
     # Sticky: a later pass creates nothing, and posts no second event.
-    later = run(next_pass(body, out), trials[:2] + [as_created(created[2], "Failed", "Stopped")])
+    later = run(next_pass(body, out), [*trials[:2], as_created(created[2], "Failed", "Stopped")])
     assert later.status["reason"] == "TooManyFailedTrials" and later.create == [] and later.events == []
     assert later.status["pruned"] == 1 and later.status["failed"] == 2
 
@@ -327,5 +327,5 @@ def test_finished_trials_count_in_the_median() -> None:
     for t, h in zip(done, (0.9, 0.8), strict=True):
         t["status"]["progress"] = {"epoch": 1, "valAccuracy": h}
     second = run(body, done).create
-    out = run(body, done + [at_epoch(second[0], 1, 0.3), at_epoch(second[1], 1, 0.95)])
+    out = run(body, [*done, at_epoch(second[0], 1, 0.3), at_epoch(second[1], 1, 0.95)])
     assert list(out.stop) == ["lr-002"]
