@@ -203,7 +203,8 @@ def test_a_four_trial_sweep_two_at_a_time_succeeds_with_best_through_operator_ki
     wait_until(lambda: not sweeps.trials(name), 90, f"the trials of {name} to be deleted with it")
 
 
-def test_failed_trials_past_max_failed_fail_the_sweep_and_stop_the_running_trial(operator_env, sweeps, jobs):
+def test_failed_trials_past_max_failed_fail_the_sweep_and_stop_the_running_trial(operator_env, sweeps, jobs,
+                                                                                 e2e_report):
     env, name = operator_env, "broken"
     # The paths pass validation; the trainer finds no such folder (exit 2, InvalidJobFile). The third trial
     # starts after the first failure (1 is tolerated) and is stopped when the second one fails.
@@ -234,6 +235,8 @@ def test_failed_trials_past_max_failed_fail_the_sweep_and_stop_the_running_trial
                                                                           f"{t['metadata']['uid']}").items == []
         else:
             assert (st["phase"], st["reason"]) == ("Failed", "InvalidJobFile"), st
+    e2e_report(f"sweep {name}: Failed {status['reason']} ({status['message']}); trials "
+               + ", ".join(f"{t['metadata']['name']} {t['status'].get('reason')}" for t in items))
     events = {(e.type, e.reason) for e in jobs.core.list_namespaced_event(
         jobs.ns, field_selector=f"involvedObject.kind=FineTuneSweep,involvedObject.name={name}").items}
     assert ("Warning", "TooManyFailedTrials") in events and ("Normal", "TrialCreated") in events, events
