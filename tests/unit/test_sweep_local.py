@@ -12,7 +12,10 @@ import yaml
 from trainer_util import make_image_folder
 
 from finetune_api.errors import EXIT_OK, EXIT_RUNTIME_ERROR
+from finetune_api.sweep import parse_sweep, trial_job_spec
 from finetune_trainer import cli, feature_store
+from finetune_trainer.fit import fit
+from finetune_trainer.report import Reporter
 
 TEMPLATE = {
     "model": {"architecture": "resnet18", "weights": {"source": "none"}},
@@ -43,7 +46,8 @@ def test_trials_share_one_frozen_pass_and_best_is_the_best_trials_export(tmp_pat
     trials = [f"tune-{i:03d}" for i in range(3)]
     stored = [model_json(out, t)["featureCache"]["stored"] for t in trials]
     assert stored == ["written", "reused", "reused"]  # one frozen pass for the three trials
-    assert len(list((out / "feature-cache").glob("features-*.pt"))) == 1  # kept after the exports, for others
+    # kept after the exports, for the others: the train/val pass and the final evaluation's (val here: no test split)
+    assert len(list((out / "feature-cache").glob("features-*.pt"))) == 2
     doc = json.loads((out / "sweep.json").read_text())
     metrics = {t["name"]: t["metric"] for t in doc["trials"]}
     best = max(metrics, key=metrics.get)
@@ -130,3 +134,24 @@ def test_bad_arguments_are_one_line(tmp_path, capsys, argv, message):
     path = write_sweep(tmp_path, [{"path": "head.dropout", "categorical": [0.0]}])
     assert cli.main(["sweep", "-f", str(path), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_final_evaluation_shares_the_frozen_pass_and_matches_the_whole_model(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"a": 24, "b": 24, "c": 24})
+    template = {**TEMPLATE, "dataset": {"path": str(data), "imageSize": 16, "testFraction": 0.25},
+                "training": {**TEMPLATE["training"], "precision": "auto"}}
+    path = write_sweep(tmp_path, [{"path": "head.dropout", "categorical": [0.0, 0.4]}], template=template,
+                       algorithm={"grid": {}})
+    assert cli.main(["sweep", "-f", str(path)]) == EXIT_OK
+    out = tmp_path / "out"
+    assert len(list((out / "feature-cache").glob("features-*.pt"))) == 2  # the train/val pass and the test split's
+    # The second trial's report came from the shared outputs; the same trial run alone, through the whole model:
+    spec = trial_job_spec(parse_sweep(yaml.safe_load(path.read_text())).spec, "tune-001", {"head.dropout": 0.4})
+    alone = spec.model_copy(deep=True)
+    alone.training.feature_cache_dir = None
+    alone.output.path = str(tmp_path / "alone")
+    fit(alone, Reporter(), tmp_path / "alone", name="alone")
+    shared, whole = (json.loads((p / "evaluation.json").read_text()) for p in (out / "tune-001", tmp_path / "alone"))
+    assert shared["split"] == whole["split"] == "test"
+    for key in ("accuracy", "perClass", "confusionMatrix", "samples"):
+        assert shared[key] == whole[key], key

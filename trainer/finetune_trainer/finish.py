@@ -15,6 +15,7 @@ from finetune_api.errors import JobFileError
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import feature_store
 from finetune_trainer.data import Splits, eval_loader
+from finetune_trainer.eval_features import shared_head_eval
 from finetune_trainer.export import read_export, write_export
 from finetune_trainer.fetch import read_lineage
 from finetune_trainer.model import BuiltModel
@@ -60,7 +61,7 @@ def write_result(output: Path, spec: FineTuneJobSpec, name: str, model: nn.Modul
     weights, best, ema_note = _exported(spec, state)
     if weights is not None:
         model.load_state_dict(weights, strict=False)
-    evaluation = _evaluate_best(output, model, splits, built, env, state.history, spec)
+    evaluation = _evaluate_best(output, model, splits, built, env, state.history, spec, state.frozen_digest)
     reporter.event("message", level="info", text=evaluation["summary"])
     if "distillation" in extra:  # the student's own scores beside its teacher's
         test = evaluation["accuracy"] if evaluation.get("split") == "test" else None
@@ -109,11 +110,14 @@ def _exported(spec: FineTuneJobSpec, state: TrainState) -> tuple[dict | None, di
 
 
 def _evaluate_best(output: Path, model: nn.Module, splits: Splits, built: BuiltModel, env: Env,
-                   history: list[dict], spec: FineTuneJobSpec) -> dict:
-    """The report on the held-out test split (val when there is none), best weights, full model on images."""
+                   history: list[dict], spec: FineTuneJobSpec, frozen: str = "") -> dict:
+    """The report on the held-out test split (val when there is none), best weights, full model on images
+    (or, for head-only jobs sharing a feature cache folder, the head on the frozen part's shared outputs)."""
     split, samples = ("test", splits.test) if splits.test else ("val", splits.val)
     loader = eval_loader(samples, built.preprocessing, spec.training.batch_size, spec.dataset.num_workers)
-    labels, probs = predict_probabilities(model, loader, env.compute)
+    shared = shared_head_eval(model, built.head_name, loader, samples, splits.classes, built.preprocessing,
+                              env.compute, spec, frozen, output)
+    labels, probs = shared if shared is not None else predict_probabilities(model, loader, env.compute)
     return write_report(output, labels, probs, splits.classes, split=split, history=history)
 
 
