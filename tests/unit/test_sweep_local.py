@@ -54,6 +54,12 @@ def test_trials_share_one_frozen_pass_and_best_is_the_best_trials_export(tmp_pat
     assert doc["best"]["trial"] == best and doc["best"]["metric"] == metrics[best]
     assert doc["best"]["sha256"] == model_json(out, best)["sha256"] == model_json(out, "best")["sha256"]
     assert doc["counts"] == {"Succeeded": 3, "Failed": 0, "Pruned": 0}
+    # Trials keep their evaluation's numbers; its pictures are drawn for best/ and listed in its model.json.
+    for t in trials:
+        assert (out / t / "evaluation.json").exists() and not list((out / t).glob("*.png"))
+        assert set(model_json(out, t)["evaluation"]["files"]) == {"report"}
+    assert set(model_json(out, "best")["evaluation"]["files"]) == {"report", "confusionMatrix", "trainingCurves"}
+    assert all((out / "best" / f).stat().st_size > 0 for f in model_json(out, "best")["evaluation"]["files"].values())
     assert f"best trial {best}" in capsys.readouterr().err
 
     # Run again: every trial's folder holds its finished export, so nothing trains and the answer is the same.

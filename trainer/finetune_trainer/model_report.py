@@ -7,8 +7,11 @@ on any ImageFolder. Numbers come from evaluation.py, pictures from plots.py.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,19 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "evaluation.json"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
+# A local sweep writes each trial's numbers and draws the pictures for its best export only (see
+# finetune_trainer.sweep): drawing is close to half of what a trial costs once the frozen pass is shared.
+_DRAW = contextvars.ContextVar("finetune_draw_plots", default=True)
+
+
+@contextlib.contextmanager
+def without_plots() -> Iterator[None]:
+    """Reports written inside leave out the PNGs (evaluation.json and model.json say which files exist)."""
+    token = _DRAW.set(False)
+    try:
+        yield
+    finally:
+        _DRAW.reset(token)
 
 
 @torch.inference_mode()
@@ -52,11 +68,21 @@ def write_report(folder: Path, labels: np.ndarray, probs: np.ndarray, classes: l
     report = {"split": split, **(extra or {}), **evaluation_report(labels, probs, classes)}
     names = {"report": prefix + REPORT_FILE, "confusionMatrix": prefix + CONFUSION_PNG}
     atomic_write(folder / names["report"], lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
-    plots = _plots(folder, report, history, names)
+    if _DRAW.get():
+        plots = _plots(folder, report, history, names)
+    else:
+        plots = {}
+        del names["confusionMatrix"]
     return {"split": split, "samples": report["samples"], "accuracy": report["accuracy"],
             "topK": report["topK"], "macroF1": report["macroAvg"]["f1"],
             "expectedCalibrationError": report["expectedCalibrationError"], "files": {**names, **plots},
             "summary": summary_line(report, split)}
+
+
+def draw_plots(folder: Path, report: dict, history: list[dict] | None) -> dict[str, str]:
+    """The PNGs of a report written without them: {"confusionMatrix": …, "trainingCurves": …} as drawn."""
+    names = {"confusionMatrix": CONFUSION_PNG}
+    return {**names, **_plots(folder, report, history, names)}
 
 
 def _plots(folder: Path, report: dict, history: list[dict] | None, names: dict[str, str]) -> dict[str, str]:

@@ -9,7 +9,8 @@ preprocessing pay for one frozen pass between them and then only train their hea
 Re-running a sweep resumes it: a trial whose folder holds a finished export of its spec is not trained
 again (fit() returns that export), and the search sees the same history, so it asks the same questions.
 At the end `<output>/sweep.json` records every trial and the best, and `<output>/best/` holds a copy of the
-best trial's export.
+best trial's export. Trials write their evaluation's numbers (evaluation.json); its pictures are drawn for
+best/ alone, since drawing is about half of what a trial costs once the frozen pass is shared.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ class LocalSweep:
             dest = self.root / BEST_DIR
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(best.output, dest, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+            _draw_best(dest)
             doc["best"] = {"trial": best.name, "parameters": best.values, "metric": best.metric,
                            "export": str(dest), "sha256": best.sha256, "weightsFile": best.weights_file}
         self.root.mkdir(parents=True, exist_ok=True)
@@ -171,6 +173,21 @@ class LocalSweep:
         if self.ended and self.ended.startswith("TooManyFailedTrials"):
             raise TrainingError(f"sweep {self.name}: {self.ended}; the best so far is in {self.root / BEST_DIR}")
         return doc
+
+
+def _draw_best(export: Path) -> None:
+    """The pictures of the best export's report, drawn now (trials write the numbers only) and listed in
+    its model.json, as a single job's export lists them."""
+    from finetune_trainer.checkpoint import atomic_write
+    from finetune_trainer.model_report import REPORT_FILE, draw_plots
+
+    meta = json.loads((export / "model.json").read_text())
+    evaluation = meta.get("evaluation")
+    if not evaluation:
+        return
+    report = json.loads((export / evaluation["files"].get("report", REPORT_FILE)).read_text())
+    evaluation["files"] = {**evaluation["files"], **draw_plots(export, report, meta.get("history"))}
+    atomic_write(export / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
 
 
 def _public(t: Trial) -> dict[str, Any]:
@@ -208,10 +225,13 @@ def run_trial(job: dict[str, Any], name: str, reporter: Reporter, stop_reason, m
     """Train one trial; its outcome as the sweep records it. Errors end the trial, never the sweep."""
     from finetune_api.spec import parse_spec
     from finetune_trainer.fit import fit
+    from finetune_trainer.model_report import without_plots
 
     spec = parse_spec(job, "template.spec")
     try:
-        result = fit(spec, reporter, Path(spec.output.path), name=name, should_stop=lambda: bool(stop_reason()))
+        with without_plots():  # drawn for the best export only, at the end: half of a warm trial's cost
+            result = fit(spec, reporter, Path(spec.output.path), name=name,
+                         should_stop=lambda: bool(stop_reason()))
     except Preempted:
         why = stop_reason() or "Stopped"
         return {"state": search.PRUNED, "reason": why}
