@@ -281,16 +281,21 @@ def parse_spec(data: Any, prefix: str = "spec") -> FineTuneJobSpec:
         raise JobFileError(format_validation_error(err, prefix)) from None
 
 
+def check_type(doc: dict, kind: str) -> None:
+    """A manifest's kind and apiVersion, when given, must be ours (a missing one is taken to be)."""
+    if doc.get("kind", kind) != kind:
+        raise JobFileError(f"kind: expected {kind!r}, got {doc.get('kind')!r}")
+    expected = f"{API_GROUP}/{API_VERSION}"
+    if doc.get("apiVersion", expected) != expected:
+        raise JobFileError(f"apiVersion: expected {expected!r}, got {doc.get('apiVersion')!r}")
+
+
 def parse_job(doc: Any) -> JobFile:
     """A full FineTuneJob manifest, or just its spec."""
     if not isinstance(doc, dict):
         raise JobFileError("job file must be a YAML mapping (a FineTuneJob or its spec)")
     if "kind" in doc or "apiVersion" in doc or "spec" in doc:
-        if doc.get("kind", KIND) != KIND:
-            raise JobFileError(f"kind: expected {KIND!r}, got {doc.get('kind')!r}")
-        expected = f"{API_GROUP}/{API_VERSION}"
-        if doc.get("apiVersion", expected) != expected:
-            raise JobFileError(f"apiVersion: expected {expected!r}, got {doc.get('apiVersion')!r}")
+        check_type(doc, KIND)
         name = str((doc.get("metadata") or {}).get("name") or "finetune")
         return JobFile(name=name, spec=parse_spec(doc.get("spec")))
     return JobFile(spec=parse_spec(doc))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from finetune_api.base import _Model
 from finetune_api.errors import JobFileError, format_validation_error
-from finetune_api.spec import API_GROUP, API_VERSION, FineTuneJobSpec, parse_spec
+from finetune_api.spec import FineTuneJobSpec, check_type, parse_spec
 
 SWEEP_KIND = "FineTuneSweep"
 MAX_TRIALS = 1000
@@ -307,11 +307,7 @@ def parse_sweep(doc: Any) -> SweepFile:
     """A full FineTuneSweep manifest (kind, apiVersion, metadata.name, spec)."""
     if not isinstance(doc, dict):
         raise JobFileError("sweep file must be a YAML mapping (a FineTuneSweep)")
-    if doc.get("kind", SWEEP_KIND) != SWEEP_KIND:
-        raise JobFileError(f"kind: expected {SWEEP_KIND!r}, got {doc.get('kind')!r}")
-    expected = f"{API_GROUP}/{API_VERSION}"
-    if doc.get("apiVersion", expected) != expected:
-        raise JobFileError(f"apiVersion: expected {expected!r}, got {doc.get('apiVersion')!r}")
+    check_type(doc, SWEEP_KIND)
     name = str((doc.get("metadata") or {}).get("name") or "sweep")
     if not NAME_PATTERN.match(name) or len(name) > 48:
         raise JobFileError(f"metadata.name: {name!r} must be a DNS label of at most 48 characters")

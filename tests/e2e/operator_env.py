@@ -288,3 +288,16 @@ def jobs(operator_env) -> Jobs:
                     if p.status.phase not in ("Succeeded", "Failed")]
 
     wait_until(trainers_stopped, 90, "the trainer pods of this test to stop (the next test gets the CPUs)")
+
+
+def kill_operator(env, replaced: set[str]) -> str:
+    """Delete the current operator pod with grace 0 (SIGKILL): no cleanup handler, no last write."""
+    def current():
+        pods = [p for p in env.operator_pods() if p.metadata.name not in replaced
+                and p.metadata.deletion_timestamp is None and p.status.phase == "Running"]
+        return pods[0].metadata.name if pods else None
+
+    name = wait_until(current, 90, "a running operator pod to kill", interval=0.1, give_up=env.forbidden)
+    env.core.delete_namespaced_pod(name, env.operator_namespace, grace_period_seconds=0)
+    replaced.add(name)
+    return name

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client  # noqa: E402
-from operator_env import TRAIN_TIMEOUT, wait_until  # noqa: E402
+from operator_env import TRAIN_TIMEOUT, kill_operator, wait_until  # noqa: E402
 from operator_util import TERMINAL, JobWatch, bad_manifests, metric_samples, tiny_job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,19 +155,6 @@ def test_trainer_pod_deleted_mid_epoch_resumes_and_matches_an_uninterrupted_run(
 # ---------------------------------------------------------------- 3. operator killed five times
 
 
-def _kill_operator(env, replaced: set[str]) -> str:
-    """Delete the current operator pod with grace 0 (SIGKILL): no cleanup handler, no last write."""
-    def current():
-        pods = [p for p in env.operator_pods() if p.metadata.name not in replaced
-                and p.metadata.deletion_timestamp is None and p.status.phase == "Running"]
-        return pods[0].metadata.name if pods else None
-
-    name = wait_until(current, 90, "a running operator pod to kill", interval=0.1, give_up=env.forbidden)
-    env.core.delete_namespaced_pod(name, env.operator_namespace, grace_period_seconds=0)
-    replaced.add(name)
-    return name
-
-
 def test_operator_killed_five_times_during_a_run_creates_exactly_one_job(operator_env, jobs, e2e_report):
     env, name = operator_env, "chaos"
     body = tiny_job(name, {**LONGER, "training": {**LONGER["training"], "epochs": 6}})
@@ -176,13 +163,13 @@ def test_operator_killed_five_times_during_a_run_creates_exactly_one_job(operato
     assert watcher.ready.wait(30)
     killed: set[str] = set()
     created = jobs.create(body)
-    kills = [("right after create", _kill_operator(env, killed))]
+    kills = [("right after create", kill_operator(env, killed))]
     for i in range(4):
         # A new pod, killed as soon as it runs (mid-startup, mid-reconcile) or a moment later.
         time.sleep([0.0, 1.5, 0.5, 3.0][i])
         phase = jobs.status(name).get("phase")
         assert phase not in TERMINAL, f"{name} ended ({phase}) before kill {i + 2}: make the job longer"
-        kills.append((f"phase {phase}", _kill_operator(env, killed)))
+        kills.append((f"phase {phase}", kill_operator(env, killed)))
     status = env.wait_phase(jobs, name, ("Succeeded",), TRAIN_TIMEOUT * 2)["status"]
     time.sleep(1)  # the watch's last events
     watcher.stop()

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client, watch  # noqa: E402
-from operator_env import TRAIN_TIMEOUT, wait_until  # noqa: E402
+from operator_env import TRAIN_TIMEOUT, kill_operator, wait_until  # noqa: E402
 from operator_util import GROUP, TABLE_ACCEPT, TERMINAL, VERSION, deep_merge, raw_json, table_rows, tiny_job  # noqa: E402
 
 SWEEPS = "finetunesweeps"
@@ -130,19 +130,6 @@ def sweeps(operator_env, jobs):
         s.delete(item["metadata"]["name"])
 
 
-def _kill_operator(env, replaced: set[str]) -> str:
-    """Delete the current operator pod with grace 0 (SIGKILL): no cleanup handler, no last write."""
-    def current():
-        pods = [p for p in env.operator_pods() if p.metadata.name not in replaced
-                and p.metadata.deletion_timestamp is None and p.status.phase == "Running"]
-        return pods[0].metadata.name if pods else None
-
-    name = wait_until(current, 90, "a running operator pod to kill", interval=0.1, give_up=env.forbidden)
-    env.core.delete_namespaced_pod(name, env.operator_namespace, grace_period_seconds=0)
-    replaced.add(name)
-    return name
-
-
 def _format_table(rows: list[dict]) -> str:
     cols = [c for c in ("Name", "Phase", "Trials", "Best", "Best-Job", "Reason", "Age") if c in rows[0]]
     cells = [[c.upper() for c in cols]] + [[str(r.get(c, "")) for c in cols] for r in rows]
@@ -168,7 +155,7 @@ def test_a_four_trial_sweep_two_at_a_time_succeeds_with_best_through_operator_ki
         wait_until(lambda n=created: sweeps.status(name).get("created", 0) >= n, TRAIN_TIMEOUT * 2,
                    f"sweep {name} to create trial {created}", interval=0.2, give_up=env.forbidden)
         assert sweeps.status(name).get("phase") not in TERMINAL, "the sweep finished before the kill"
-        kills.append(_kill_operator(env, killed))
+        kills.append(kill_operator(env, killed))
     status = sweeps.wait_phase(name, ("Succeeded",), TRAIN_TIMEOUT * 4, give_up=env.forbidden)
     took = time.monotonic() - t0
     time.sleep(1)  # the watch's last events
