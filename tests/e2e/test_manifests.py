@@ -44,7 +44,8 @@ def test_examples_pass_server_side_validation(k8s, namespace, example):
         if not doc:
             continue
         doc.setdefault("metadata", {})["namespace"] = namespace
-        path = f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs"
+        plural = {"FineTuneJob": "finetunejobs", "FineTuneSweep": "finetunesweeps"}[doc["kind"]]
+        path = f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/{plural}"
         status, body = _dry_run(k8s, path, doc)
         assert status == 201, f"{example.name}: HTTP {status}: {body[:500]}"
 
