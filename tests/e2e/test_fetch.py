@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import tarfile
+import urllib.request
 
 import numpy as np
 import pytest
@@ -57,6 +58,9 @@ def bucket():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # moto's backends are global to the process: a server started earlier in this run (another test module)
+    # left its users and buckets there. Start from nothing.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
     admin = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup",
              "aws_secret_access_key": "setup"}
     iam = boto3.client("iam", **admin)

@@ -9,6 +9,7 @@ import io
 import ssl
 import tarfile
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def start_s3(objects: dict[str, bytes]):
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # moto's backends are global to the process: a server started earlier in this run (another test module)
+    # left its users and buckets there. Start from nothing.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
     admin = {"endpoint_url": endpoint, "region_name": REGION, "aws_access_key_id": "setup",
              "aws_secret_access_key": "setup"}
     iam = boto3.client("iam", **admin)
