@@ -138,6 +138,9 @@ class Training(_Model):
     frozen_pass: Literal["auto", "eager"] = Field(
         "auto", description="how the feature cache's frozen pass runs: auto: the fastest path that agrees with "
         "eager (on CPUs with bf16, a TorchScript-compiled bf16 prefix); eager: the model op by op")
+    frozen_pass_batch_size: int | None = Field(
+        None, ge=1, le=65536, description="images per batch of the feature cache's frozen pass (inference only, "
+        "no gradients; default: batchSize, at least 64); augmented views count as images")
     warmup_epochs: int = Field(
         0, ge=0, le=1000,
         description="linear learning-rate warm-up: epoch e of the first N trains at learningRate x e/(N+1), "
@@ -240,7 +243,7 @@ class FineTuneJobSpec(_Model):
         t = _dump(self.training, {"warmup_epochs": 0, "grad_clip_norm": None, "ema": None,
                                   "feature_cache_views": 0},
                   {"epochs", "early_stopping", "log_every_steps", "device", "feature_cache", "frozen_pass",
-                   "feature_cache_dir"})
+                   "feature_cache_dir", "frozen_pass_batch_size"})
         model = self.model.model_dump(exclude={"library"} if self.model.library == "torchvision" else set())
         model["weights"] = self.model.weights.model_dump(include=fingerprint_fields(self.model.weights))
         dataset = self.dataset.model_dump(exclude={"num_workers", "augment", *(() if self.dataset.test_fraction else

@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader
 
 from finetune_api.errors import TrainingError
 from finetune_api.spec import FineTuneJobSpec
-from finetune_trainer import feature_store, features, frozen_pass
-from finetune_trainer.cached_views import SeededViews
+from finetune_trainer import feature_store, features, frozen_pass, pass_input
 from finetune_trainer.data import Preprocessing, Splits
 from finetune_trainer.distributed import Dist, shard
 from finetune_trainer.freeze import FreezePlan
@@ -85,7 +84,8 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
             loaders = features.cached_loaders(found[0], found[1], batch_size, 1, 0, views)
             return Prepared(net, *loaders, decision, "reused", note)
         train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size,
-                                             dist, views, spec.training.seed, _eager_reason(spec, env))
+                                             dist, views, spec.training.seed, _eager_reason(spec, env),
+                                             spec.training.frozen_pass_batch_size)
         stored = _store(store, train, val)
     loaders = features.cached_loaders(train, val, batch_size, dist.world, dist.rank, views)
     return Prepared(net, *loaders, decision, stored, note, how)
@@ -124,36 +124,33 @@ def _of(views: int) -> str:
 
 
 def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_loader: DataLoader, env: Env,
-                 batch_size: int, dist: Dist, views: int = 0, seed: int = 0, eager: str | None = None):
+                 batch_size: int, dist: Dist, views: int = 0, seed: int = 0, eager: str | None = None,
+                 pass_batch: int | None = None):
     """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
 
-    `views` > 0: train is passed `views` times, view k under cached_views.SeededViews(seed, k), and its
-    features are stacked to (views, N, ...); val is passed once, unaugmented, as always.
+    `views` > 0: each train image is decoded once and passed as `views` augmented copies, view k of image i
+    as cached_views.SeededViews(seed, k)[i] draws it; the features are stacked to (views, N, ...); val is
+    passed once, unaugmented, as always. The pass loads with a batch size and workers of its own
+    (pass_input.pass_plan), uint8 images made float per batch (pass_input: the same values).
 
     Data parallel: each rank computes a contiguous slice of train, and the slices are gathered in rank
     order (= dataset order), so every rank holds the whole train cache and samples it exactly as one
     process would; each rank keeps only the features of its own val shard.
     """
     start = time.perf_counter()
-    dataset = train_loader.dataset
-    order = {"sampler": shard(len(dataset), dist.world, dist.rank)} if dist.active else {"shuffle": False}
-
-    def in_order(data) -> DataLoader:
-        return DataLoader(data, batch_size=batch_size, collate_fn=train_loader.collate_fn,
-                          num_workers=train_loader.num_workers, **order)
-
+    plan = pass_input.pass_plan(pass_batch, batch_size, train_loader.num_workers, env.frozen_compute.device)
+    order = shard(len(train_loader.dataset), dist.world, dist.rank) if dist.active else None
+    train_in = pass_input.pass_input(train_loader.dataset, train_loader.collate_fn, plan, views, seed, order)
+    val_in = pass_input.pass_input(val_loader.dataset, val_loader.collate_fn, plan,
+                                   sampler=val_loader.sampler if dist.active else None)
     limit = features.MAX_CACHE_BYTES // dist.world
     frozen = features.frozen_pass_model(model, env.frozen_precision)  # one copy for train and val
     fast = _fast_prefix(frozen, boundary) if eager is None else None
-    run = functools.partial(features.extract, frozen, boundary, compute=env.frozen_compute, fast=fast)
+    run = functools.partial(features.extract, frozen, boundary, compute=env.frozen_compute, fast=fast, limit=limit)
     try:
-        if views:
-            with torch.random.fork_rng(devices=[]):  # the per-image seeds leave the run's own stream as it was
-                passes = [run(in_order(SeededViews(dataset, seed, k)), limit=limit // views) for k in range(views)]
-            train = (torch.stack([x for x, _ in passes]), passes[0][1])
-        else:
-            train = run(in_order(dataset), limit=limit)
-        val = run(val_loader, limit=limit)
+        with torch.random.fork_rng(devices=[]):  # the views' per-image seeds leave the run's own stream as it was
+            train = run(train_in)
+        val = run(val_in)
     except MemoryError as err:
         fix = f"use fewer training.featureCacheViews (now {views})" if views else "set training.featureCache: off"
         raise TrainingError(f"feature cache: {err}{' (all views together)' if views else ''}; {fix}") from None
@@ -161,10 +158,13 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
         train = (dist.concat_rows(train[0].transpose(0, 1)).transpose(0, 1).contiguous() if views
                  else dist.concat_rows(train[0]), dist.concat_rows(train[1]))
     n_val = len(val_loader.dataset) if dist.active else len(val[1])
-    how = fast.describe() if fast is not None else {"path": "eager", "reason": eager}
+    seconds, passed = time.perf_counter() - start, len(train[1]) * max(1, views) + len(val[1])
+    how = {**(fast.describe() if fast is not None else {"path": "eager", "reason": eager}), **plan.describe(),
+           "inputs": "uint8 per image, float per batch" if train_in.batched else "float per image",
+           "seconds": round(seconds, 3), "imagesPerSecond": round(passed / seconds, 1) if seconds > 0 else None}
     note = (f"frozen-part outputs for {len(train[1]) + n_val} images{_of(views)} computed once in "
-            f"{time.perf_counter() - start:.1f}s ({env.frozen_precision.name}, {how['path']}); training continues "
-            f"from {boundary}")
+            f"{seconds:.1f}s ({env.frozen_precision.name}, {how['path']}, {how['imagesPerSecond']} img/s, batch "
+            f"{plan.batch_size}, {plan.workers} loader workers); training continues from {boundary}")
     return train, val, note, how
 
 

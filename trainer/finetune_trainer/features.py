@@ -26,9 +26,11 @@ from finetune_trainer.cached_views import ViewSampler, ViewsDataset
 from finetune_trainer.engine import Compute, Precision
 from finetune_trainer.freeze import FreezePlan
 from finetune_trainer.frozen_pass import FastPrefix
+from finetune_trainer.pass_input import PassInput, batches
 from finetune_trainer.sampling import EpochSampler
 
 MAX_CACHE_BYTES = 4 << 30
+DEVICE_CHUNK = 1 << 30  # outputs gathered on the device before one copy to the host
 
 
 @dataclass
@@ -73,39 +75,51 @@ def extract(model: nn.Module, boundary: str, loader, compute: Compute, limit: in
             fast: FastPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs of `boundary`, labels) for every image, frozen prefix in eval mode, kept on the CPU.
 
-    `model` comes from `frozen_pass_model`. `limit` is this process's share of the budget (a data-parallel
-    rank extracts a shard that is then gathered, so every rank ends up holding the whole cache). `fast`:
-    the compiled prefix (frozen_pass), used once the first batch shows it agrees with the eager pass."""
+    `model` comes from `frozen_pass_model`. `loader`: a DataLoader of float image batches, or a
+    pass_input.PassInput (uint8 batches made float per batch; with views, (B, K, ...) batches whose outputs
+    come back as (K, N, ...)). `limit` is this process's share of the budget (a data-parallel rank extracts
+    a shard that is then gathered, so every rank ends up holding the whole cache). `fast`: the compiled
+    prefix (frozen_pass), used once the first batch shows it agrees with the eager pass. Outputs stay on
+    the device until the end (no host sync per batch), in chunks of at most DEVICE_CHUNK bytes."""
     captured: list[torch.Tensor] = []
+    moved: list[torch.Tensor] = []  # earlier chunks, already on the CPU
 
     def grab(module, args):
-        captured.append(args[0].float().cpu())
+        captured.append(args[0].float())
         raise _Stop
 
     model.eval()
     handle = model.get_submodule(boundary).register_forward_pre_hook(grab)
-    labels, total = [], 0
+    labels, total, on_device = [], 0, 0
     try:
-        for batch in loader:
-            if batch is None:
-                continue
-            images, targets = compute.batch(batch[0]), batch[1]
+        for images, targets in batches(loader, compute):
             if fast is not None and fast.usable and fast.scripted is not None:
-                captured.append(fast(images).cpu())
+                captured.append(fast(images))
             else:
                 with compute.precision.autocast(), contextlib.suppress(_Stop):
                     model(images)
                 if fast is not None and fast.usable is None and fast.compile(images):
-                    compiled = fast(images).cpu()
+                    compiled = fast(images)
                     if fast.check(compiled, captured[-1]):
                         captured[-1] = compiled  # every row of the cache from the same path
             labels.append(targets)
-            total += captured[-1].numel() * 4
+            size = captured[-1].numel() * 4
+            total, on_device = total + size, on_device + size
             if total > limit:
                 raise MemoryError("boundary activations exceed the in-memory cache budget")
+            if on_device > DEVICE_CHUNK:
+                moved.append(torch.cat(captured).cpu())
+                captured.clear()
+                on_device = 0
     finally:
         handle.remove()
-    return torch.cat(captured), torch.cat(labels)
+    if captured:
+        moved.append(torch.cat(captured).cpu())
+    out = torch.cat(moved)
+    views = loader.views if isinstance(loader, PassInput) else 0
+    if views:  # rows are (image, view) pairs in image order: regroup as (K, N, ...)
+        out = out.unflatten(0, (-1, views)).transpose(0, 1).contiguous()
+    return out, torch.cat(labels)
 
 
 def build_prefix(model: nn.Module, boundary: str) -> fx.GraphModule | None:

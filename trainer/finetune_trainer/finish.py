@@ -14,12 +14,13 @@ from torch import nn
 from finetune_api.errors import JobFileError
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import feature_store
-from finetune_trainer.data import Splits, eval_loader
+from finetune_trainer.data import Splits
 from finetune_trainer.eval_features import shared_head_eval
 from finetune_trainer.export import read_export, write_export
 from finetune_trainer.fetch import read_lineage
 from finetune_trainer.model import BuiltModel
 from finetune_trainer.model_report import predict_probabilities, write_report
+from finetune_trainer.pass_input import eval_input
 from finetune_trainer.portable import write_graphs
 from finetune_trainer.report import Reporter
 from finetune_trainer.runtime import Env
@@ -114,7 +115,8 @@ def _evaluate_best(output: Path, model: nn.Module, splits: Splits, built: BuiltM
     """The report on the held-out test split (val when there is none), best weights, full model on images
     (or, for head-only jobs sharing a feature cache folder, the head on the frozen part's shared outputs)."""
     split, samples = ("test", splits.test) if splits.test else ("val", splits.val)
-    loader = eval_loader(samples, built.preprocessing, spec.training.batch_size, spec.dataset.num_workers)
+    loader = eval_input(samples, built.preprocessing, spec.training.batch_size, spec.dataset.num_workers,
+                        env.compute.device)
     shared = shared_head_eval(model, built.head_name, loader, samples, splits.classes, built.preprocessing,
                               env.compute, spec, frozen, output)
     labels, probs = shared if shared is not None else predict_probabilities(model, loader, env.compute)

@@ -22,6 +22,7 @@ from torch import nn
 from finetune_trainer.checkpoint import atomic_write
 from finetune_trainer.engine import Compute
 from finetune_trainer.evaluation import evaluation_report, summary_line
+from finetune_trainer.pass_input import batches
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,11 @@ def without_plots() -> Iterator[None]:
 
 @torch.inference_mode()
 def predict_probabilities(model: nn.Module, loader, compute: Compute) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, softmax probabilities) for every readable image of `loader`, in order."""
+    """(labels, softmax probabilities) for every readable image of `loader` (a DataLoader or a
+    pass_input.PassInput), in order."""
     model.eval()
     labels, probs = [], []
-    for batch in loader:
-        if batch is None:
-            continue
-        images, targets = compute.batch(batch[0]), batch[1]
+    for images, targets in batches(loader, compute):
         with compute.precision.autocast():
             logits = model(images)
         probs.append(logits.float().softmax(dim=1).cpu())

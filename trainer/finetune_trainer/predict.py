@@ -96,9 +96,10 @@ def predict_files(model_dir: str, paths: list[str], top: int = 1, batch_size: in
 def evaluate_folder(model_dir: Path, data: Path, report_dir: str | Path | None = None,
                     batch_size: int = 64) -> dict:
     """The export's evaluation report on an ImageFolder whose class folders are (some of) the model's classes."""
-    from finetune_trainer.data import eval_loader, folder_samples_for
+    from finetune_trainer.data import folder_samples_for
     from finetune_trainer.engine import Compute, Precision
     from finetune_trainer.model_report import predict_probabilities, write_report
+    from finetune_trainer.pass_input import eval_input
 
     predictor = Predictor.load(model_dir)
     samples, skipped = folder_samples_for(data, predictor.classes)
@@ -107,8 +108,8 @@ def evaluate_folder(model_dir: Path, data: Path, report_dir: str | Path | None =
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise JobFileError(f"--report-dir: cannot create {folder} ({err.strerror})") from None
-    loader = eval_loader(samples, predictor.preprocessing, batch_size)
     cpu = Compute(torch.device("cpu"), Precision("fp32", None, "cpu"))
+    loader = eval_input(samples, predictor.preprocessing, batch_size, 0, cpu.device)
     labels, probs = predict_probabilities(predictor.model, loader, cpu)
     summary = write_report(folder, labels, probs, predictor.classes, split=f"folder:{data}",
                            extra={"model": str(model_dir), "skippedImages": skipped})

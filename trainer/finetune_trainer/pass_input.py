@@ -1,0 +1,151 @@
+"""What the frozen pass reads: images decoded and resized as uint8 per image, turned to float in whole batches.
+
+The image datasets end every transform with ToDtype(float32, scale) + Normalize, per image. For a pass that
+only runs the network, that tail is most of the per-image work besides decoding (two elementwise passes over
+a float image, each its own small parallel region) and makes every collated batch four times larger. Here
+the same two torchvision transforms run once per batch instead (both accept (..., C, H, W)); they are
+elementwise, so every value is bit-for-bit what the per-image path computes — an fp32 cache is unchanged.
+
+With augmented views, each image is decoded once and its K views drawn from that one decoded image, under
+the same per-(seed, view, image) seeds as cached_views.SeededViews: the same views, K - 1 fewer decodes.
+
+A transform whose tail is anything else (random erasing runs after Normalize, per image) is left whole:
+the pass then reads float images as before, and `PassInput.batched` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+from finetune_trainer.cached_views import image_seed
+from finetune_trainer.data import ImageDataset, Preprocessing, Sample, skip_broken
+
+log = logging.getLogger(__name__)
+
+
+def split_tail(transform: Callable) -> tuple[Callable, Callable | None]:
+    """(per-image part, per-batch tail): the tail is the final ToDtype(float32, scale) + Normalize, or None
+    (the transform stays whole) when the transform does not end with exactly those two."""
+    ops = list(getattr(transform, "transforms", ()))
+    if len(ops) < 3 or not (isinstance(ops[-2], T.ToDtype) and isinstance(ops[-1], T.Normalize)):
+        return transform, None
+    to_dtype = ops[-2]
+    if not (to_dtype.scale and to_dtype.dtype in (torch.float32, {torch.Tensor: torch.float32})):
+        return transform, None
+    return T.Compose(ops[:-2]), T.Compose(ops[-2:])
+
+
+class Pixels(Dataset):
+    """An ImageDataset's samples through its transform's per-image part (uint8 tensors, or the whole
+    transform's float output when it cannot be split). Unreadable images are None, as there."""
+
+    def __init__(self, images: ImageDataset, transform: Callable):
+        self.samples, self.transform = images.samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(self.samples[i].load()), self.samples[i].label
+        except Exception as err:  # PIL raises many types for crafted data, as in ImageDataset
+            log.warning("skipping unreadable image %s: %s", self.samples[i].path, err)
+            return None
+
+
+class Views(Pixels):
+    """K augmented views of each image, decoded once: item i is (K, C, H, W) — view k drawn with torch's
+    generator seeded by image_seed(seed, k, i), exactly what SeededViews(…, k)[i] computes."""
+
+    def __init__(self, images: ImageDataset, transform: Callable, seed: int, views: int):
+        super().__init__(images, transform)
+        self.seed, self.views = seed, views
+
+    def __getitem__(self, i: int):
+        try:
+            image = self.samples[i].load()
+            out = []
+            for k in range(self.views):
+                torch.manual_seed(image_seed(self.seed, k, i))
+                out.append(self.transform(image))
+        except Exception as err:
+            log.warning("skipping unreadable image %s: %s", self.samples[i].path, err)
+            return None
+        return torch.stack(out), self.samples[i].label
+
+
+@dataclass
+class PassInput:
+    """A loader for one split of the frozen pass and what turns its batches into the network's input."""
+
+    loader: DataLoader
+    tail: Callable | None  # per batch: uint8 → normalised float (None: the loader yields float already)
+    views: int = 0  # > 0: batches are (B, K, C, H, W); the pass flattens them and regroups its outputs
+
+    @property
+    def batched(self) -> bool:
+        return self.tail is not None
+
+    def network_input(self, images: torch.Tensor) -> torch.Tensor:
+        if self.views:
+            images = images.flatten(0, 1)
+        return self.tail(images) if self.tail is not None else images
+
+
+def batches(loader, compute) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(network input on the device, labels) per readable batch of a PassInput or of a float-image DataLoader;
+    uint8 batches travel to the device before they are made float (a quarter of the bytes)."""
+    source = loader if isinstance(loader, PassInput) else PassInput(loader, None)
+    for batch in source.loader:
+        if batch is not None:
+            yield source.network_input(compute.batch(batch[0])), batch[1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the frozen pass loads: images per batch, DataLoader workers, pinned memory (CUDA)."""
+
+    batch_size: int
+    workers: int
+    pin_memory: bool = False
+
+    def describe(self) -> dict:
+        return {"batchSize": self.batch_size, "workers": self.workers, "pinMemory": self.pin_memory}
+
+
+def pass_plan(batch_size: int | None, train_batch: int, workers: int, device: torch.device) -> Plan:
+    """The pass's own batch size (default: the training batch, at least 64: inference needs no gradient memory
+    and oneDNN/cuDNN run larger batches more efficiently) and its workers (dataset.numWorkers when set, else
+    one per spare core up to 4, so decoding overlaps with the network)."""
+    size = batch_size or max(train_batch, 64)
+    spare = max(0, min(4, (os.cpu_count() or 1) - 1))
+    return Plan(size, workers if workers > 0 else spare, device.type == "cuda")
+
+
+def pass_input(images: ImageDataset, collate_fn: Callable, plan: Plan, views: int = 0, seed: int = 0,
+               sampler=None) -> PassInput:
+    """The frozen pass's loader over `images` (an ImageDataset): in dataset order (or `sampler`'s), views
+    K > 0 drawn per image as cached_views.SeededViews draws them."""
+    pixels, tail = split_tail(images.transform)
+    data = Views(images, pixels, seed, views) if views else Pixels(images, pixels)
+    per_batch = max(1, plan.batch_size // views) if views else plan.batch_size  # views count toward the batch
+    loader = DataLoader(data, batch_size=per_batch, collate_fn=collate_fn, num_workers=plan.workers,
+                        pin_memory=plan.pin_memory, shuffle=False, sampler=sampler,
+                        **({"prefetch_factor": 4} if plan.workers else {}))
+    return PassInput(loader, tail, views)
+
+
+def eval_input(samples: list[Sample], prep: Preprocessing, batch_size: int, workers: int,
+               device: torch.device) -> PassInput:
+    """The held-out split in order with the eval transform (uint8 per image, float per batch): what the
+    final evaluation and `evaluate` read. Same batches and values as data.eval_loader; decoding overlaps
+    with the network (pass_plan's workers)."""
+    plan = pass_plan(batch_size, batch_size, workers, device)
+    return pass_input(ImageDataset(samples, prep.eval_transform()), skip_broken, plan)
