@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from finetune_api.spec import parse_spec
@@ -37,8 +41,12 @@ from finetune_trainer.runtime import seed_everything
 
 
 def make_spec(args, policy: str, out: Path, weights: Path, data: Path, precision: str = "auto"):
+    return parse_spec(spec_dict(args, policy, out, weights, data, precision))
+
+
+def spec_dict(args, policy: str, out: Path, weights: Path, data: Path, precision: str = "auto") -> dict:
     freeze = {"policy": policy, **({"trainableStages": 1} if policy == "partial" else {})}
-    return parse_spec({
+    return ({
         "model": {"library": "timm", "architecture": "tf_efficientnet_lite0",
                   "weights": {"source": "file", "path": str(weights)}},
         "dataset": {"path": str(data), "imageSize": args.size},
@@ -47,6 +55,29 @@ def make_spec(args, policy: str, out: Path, weights: Path, data: Path, precision
                      "seed": 0, "logEverySteps": 1000, "precision": precision},
         "output": {"path": str(out)},
     })
+
+
+def whole_process(args, policy: str, work: Path, weights: Path, data: Path) -> tuple[float, float, float, float]:
+    """(plain seconds, plain val acc, ours seconds, ours val acc), each a fresh Python process from its start
+    to its exit: the plain loop as a child of this script, ours as `finetune-train train -f job.yaml`, so both
+    pay the interpreter, the imports and the data scan, as a user's run does."""
+    common = ["--size", str(args.size), "--epochs", str(args.epochs), "--device", args.device,
+              "--demo-output", args.demo_output]
+    start = time.perf_counter()
+    child = subprocess.run([sys.executable, __file__, "--plain-child", policy, *common], check=True,
+                           capture_output=True, text=True)
+    t_plain, acc_plain = time.perf_counter() - start, json.loads(child.stdout.splitlines()[-1])["valAccuracy"]
+    out = work / f"process-{policy}"
+    job = work / f"process-{policy}.yaml"
+    job.write_text(yaml.safe_dump({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+                                   "metadata": {"name": f"bench-{policy}"},
+                                   "spec": spec_dict(args, policy, out, weights, data)}))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "finetune_trainer.cli", "train", "-f", str(job)], check=True,
+                   capture_output=True)
+    t_ours = time.perf_counter() - start
+    meta = json.loads((out / "model.json").read_text())
+    return t_plain, acc_plain, t_ours, meta["metrics"]["valAccuracy"]
 
 
 def plain_loop(spec, device: torch.device) -> tuple[float, float, int]:
@@ -129,8 +160,17 @@ def main() -> None:
     parser.add_argument("--policies", default="head,partial")
     parser.add_argument("--demo-output", default="demo-output", help="where the backbone and patches are kept")
     parser.add_argument("--repeat", type=int, default=3, help="runs of ours per policy (median reported)")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="also time each loop as its own process, from Python's start to its exit")
+    parser.add_argument("--plain-child", help=argparse.SUPPRESS)  # whole_process(): one plain loop, then exit
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.plain_child:
+        weights, data = prepare(Path(args.demo_output))
+        with tempfile.TemporaryDirectory() as tmp:
+            _, acc, _ = plain_loop(make_spec(args, args.plain_child, Path(tmp), weights, data), device)
+        print(json.dumps({"valAccuracy": acc}))
+        return
     work = Path(tempfile.mkdtemp(prefix="finetune-bench-"))
     try:
         weights, data = prepare(Path(args.demo_output))
@@ -140,6 +180,7 @@ def main() -> None:
         print(f"tf_efficientnet_lite0 (ImageNet) on photo patches, {args.size}px, {args.epochs} epochs, "
               f"device {args.device}, torch threads {torch.get_num_threads()}")
         print(f"one backbone pass over train+val: fp32 {fp32:.1f}s, bf16 {bf16:.1f}s")
+        processes: list[tuple] = []
         print(f"{'policy':8} {'loop':6} {'seconds':>8} {'img/s':>8} {'speed-up':>9} {'x bf16 pass':>12} {'val acc':>8}")
         for policy in args.policies.split(","):
             spec_plain = make_spec(args, policy, work / f"plain-{policy}", weights, data)
@@ -156,6 +197,16 @@ def main() -> None:
                                     ("ours32", t_fp32, acc_fp32)):
                 print(f"{policy:8} {name:6} {secs:8.1f} {n * args.epochs / secs:8.0f} {t_plain / secs:8.1f}x "
                       f"{secs / bf16:11.2f}x {acc:8.3f}")
+            if args.whole_process:
+                p_plain, pa_plain, p_ours, pa_ours = whole_process(args, policy, work, weights, data)
+                processes.append((policy, p_plain, pa_plain, p_ours, pa_ours))
+        if processes:
+            print("\nwhole process, python start to exit (plain: a child running the loop above; ours: "
+                  "finetune-train train -f job.yaml)")
+            print(f"{'policy':8} {'plain s':>8} {'ours s':>8} {'speed-up':>9} {'plain acc':>10} {'ours acc':>9}")
+            for policy, p_plain, pa_plain, p_ours, pa_ours in processes:
+                print(f"{policy:8} {p_plain:8.1f} {p_ours:8.1f} {p_plain / p_ours:8.1f}x {pa_plain:10.3f} "
+                      f"{pa_ours:9.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

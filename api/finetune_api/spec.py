@@ -135,12 +135,16 @@ class Training(_Model):
         None, description="a folder shared by several jobs (a sweep's trials) for the feature cache instead of "
         "<output>/cache: files there are published atomically, verified when read, kept after the export for the "
         "other jobs, and computed by one job at a time (the others wait and reuse them)")
-    frozen_pass: Literal["auto", "eager"] = Field(
-        "auto", description="how the feature cache's frozen pass runs: auto: the fastest path that agrees with "
-        "eager (on CPUs with bf16, a TorchScript-compiled bf16 prefix); eager: the model op by op")
+    frozen_pass: Literal["auto", "eager", "torchscript"] = Field(
+        "auto", description="how the feature cache's frozen pass runs: auto: on CPUs with bf16 and passes of "
+        "2048 images or more, a TorchScript-compiled bf16 prefix (kept only if it agrees with eager), else eager; "
+        "eager: the model op by op; torchscript: the compiled prefix whatever the pass's size (bf16 CPU passes)")
     frozen_pass_batch_size: int | None = Field(
         None, ge=1, le=65536, description="images per batch of the feature cache's frozen pass (inference only, "
         "no gradients; default: batchSize, at least 64); augmented views count as images")
+    frozen_pass_workers: int | None = Field(
+        None, ge=0, le=64, description="DataLoader worker processes decoding images while the frozen pass runs "
+        "(0: in the pass's own process; default: dataset.numWorkers when set, else one per spare core, up to 4)")
     warmup_epochs: int = Field(
         0, ge=0, le=1000,
         description="linear learning-rate warm-up: epoch e of the first N trains at learningRate x e/(N+1), "
@@ -243,7 +247,7 @@ class FineTuneJobSpec(_Model):
         t = _dump(self.training, {"warmup_epochs": 0, "grad_clip_norm": None, "ema": None,
                                   "feature_cache_views": 0},
                   {"epochs", "early_stopping", "log_every_steps", "device", "feature_cache", "frozen_pass",
-                   "feature_cache_dir", "frozen_pass_batch_size"})
+                   "feature_cache_dir", "frozen_pass_batch_size", "frozen_pass_workers"})
         model = self.model.model_dump(exclude={"library"} if self.model.library == "torchvision" else set())
         model["weights"] = self.model.weights.model_dump(include=fingerprint_fields(self.model.weights))
         dataset = self.dataset.model_dump(exclude={"num_workers", "augment", *(() if self.dataset.test_fraction else

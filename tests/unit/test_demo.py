@@ -144,3 +144,30 @@ def test_the_compiled_bf16_frozen_pass_agrees_with_eager_and_fp32_on_the_real_ba
     # pass before this path: 6.4 %); the direction is kept.
     assert (got - reference).norm() <= 0.08 * reference.norm()
     assert torch.nn.functional.cosine_similarity(got, reference).min() >= 0.99
+
+
+@pytest.mark.slow
+def test_head_only_accuracy_through_the_compiled_bf16_pass_is_within_a_point_of_fp32(demo_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    """The fast frozen pass keeps the numbers right where it matters: the demo's head-only job (real backbone,
+    real photos) trained on its bf16 TorchScript features scores within one point of the fp32 run."""
+    from finetune_trainer import frozen_pass
+    from finetune_trainer.cli import load_job_with_overrides
+    from finetune_trainer.fit import fit
+    from finetune_trainer.report import Reporter
+
+    scores = {}
+    for name, training in {"fp32": {"precision": "fp32"},
+                           "fast": {"precision": "bf16", "frozenPass": "torchscript"}}.items():
+        out = tmp_path / name
+        overrides = {("output", "path"): str(out), ("dataset", "path"): str(demo_dir / "data" / "photos"),
+                     ("model", "weights", "path"): str(demo_dir / "backbone" / backbone.FILE_NAME),
+                     **{("training", key): value for key, value in training.items()}}
+        job = load_job_with_overrides(str(EXAMPLES / "pretrained.yaml"), overrides)
+        result = fit(job.spec, Reporter(), out)
+        meta = json.loads((out / "model.json").read_text())
+        expected = frozen_pass.PATH if name == "fast" else "eager"
+        assert meta["featureCache"]["frozenPass"]["path"] == expected, meta["featureCache"]
+        scores[name] = (result.val_accuracy, result.test_accuracy)
+    (val32, test32), (val16, test16) = scores["fp32"], scores["fast"]
+    assert abs(val16 - val32) <= 0.01 and abs(test16 - test32) <= 0.01, scores

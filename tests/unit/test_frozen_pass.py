@@ -92,7 +92,7 @@ def test_a_prefix_that_cannot_be_compiled_leaves_the_pass_eager() -> None:
     fast = frozen_pass.FastPrefix(torch.nn.Module())  # no forward: tracing fails
     eager, _ = extract(frozen, "fc", _loader(), BF16)
     got, _ = extract(frozen, "fc", _loader(), BF16, fast=fast)
-    assert torch.equal(got, eager) and fast.describe() == {
+    assert torch.equal(got, eager) and {k: v for k, v in fast.describe().items() if k != "preparationSeconds"} == {
         "path": "eager", "reason": "TorchScript could not compile the frozen part (NotImplementedError)"}
 
 
@@ -104,7 +104,9 @@ def test_the_fast_path_applies_to_bf16_on_the_cpu_only() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,choice,path,reason", [
-    ("fp32", "auto", "eager", "fp32 (bit-for-bit"), ("bf16", "auto", frozen_pass.PATH, "TorchScript bf16 prefix"),
+    ("fp32", "auto", "eager", "fp32 (bit-for-bit"), ("fp32", "torchscript", "eager", "fp32 (bit-for-bit"),
+    ("bf16", "auto", "eager", "images to pass (auto compiles from 2048)"),  # too short to pay for compiling
+    ("bf16", "torchscript", frozen_pass.PATH, "TorchScript bf16 prefix"),
     ("bf16", "eager", "eager", "training.frozenPass: eager")])
 def test_model_json_records_how_the_frozen_pass_ran(tmp_path, precision, choice, path, reason) -> None:
     if precision == "bf16" and not torch.backends.mkldnn.is_available():
@@ -112,4 +114,4 @@ def test_model_json_records_how_the_frozen_pass_ran(tmp_path, precision, choice,
     fit(tiny_spec(tmp_path, **{"training.precision": precision, "training.epochs": 1, "training.frozenPass": choice}),
         Reporter(), tmp_path)
     cache = json.loads((tmp_path / "model.json").read_text())["featureCache"]
-    assert cache["frozenPass"]["path"] == path and cache["frozenPass"]["reason"].startswith(reason), cache
+    assert cache["frozenPass"]["path"] == path and reason in cache["frozenPass"]["reason"], cache

@@ -5,6 +5,9 @@ pass's own batch size change nothing in the cache; what the pass did is recorded
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from trainer_util import tiny_spec
 
 from finetune_api.errors import JobFileError
 from finetune_api.spec import parse_spec
-from finetune_trainer import augment, pass_input
+from finetune_trainer import augment, pass_input, startup
 from finetune_trainer.cached_views import SeededViews
 from finetune_trainer.data import ImageDataset, Preprocessing, load_splits, skip_broken
 from finetune_trainer.engine import Compute, Precision
@@ -93,20 +96,33 @@ def test_views_pass_equals_one_pass_per_view_whatever_the_workers_and_batch(work
 
 def test_the_pass_plan_defaults_and_overrides() -> None:
     cpu = torch.device("cpu")
-    assert pass_input.pass_plan(None, 32, 0, cpu).batch_size == 64
-    assert pass_input.pass_plan(None, 256, 0, cpu).batch_size == 256
-    assert pass_input.pass_plan(16, 256, 3, cpu) == pass_input.Plan(16, 3, False)
-    assert pass_input.pass_plan(None, 32, 0, torch.device("cuda")).pin_memory
+    spare = max(0, min(4, (os.cpu_count() or 1) - 1))
+    assert pass_input.pass_plan(None, 32, None, 0, cpu) == pass_input.Plan(64, spare, False)
+    assert pass_input.pass_plan(None, 256, None, 2, cpu) == pass_input.Plan(256, 2, False)  # dataset.numWorkers
+    assert pass_input.pass_plan(16, 256, 0, 3, cpu) == pass_input.Plan(16, 0, False)  # frozenPassWorkers: 0
+    assert pass_input.pass_plan(None, 32, None, 0, torch.device("cuda")).pin_memory
 
 
 def test_fit_records_how_the_frozen_pass_loaded(tmp_path) -> None:
     spec = tiny_spec(tmp_path / "out", **{"freeze.policy": "head", "training.epochs": 1,
                                           "training.precision": "fp32", "training.frozenPassBatchSize": 20,
-                                          "dataset.numWorkers": 1})
+                                          "training.frozenPassWorkers": 1})
     fit(spec, Reporter(), tmp_path / "out")
-    how = json.loads((tmp_path / "out" / "model.json").read_text())["featureCache"]["frozenPass"]
+    meta = json.loads((tmp_path / "out" / "model.json").read_text())
+    how = meta["featureCache"]["frozenPass"]
     assert (how["batchSize"], how["workers"], how["inputs"]) == (20, 1, "uint8 per image, float per batch")
     assert how["path"] == "eager" and how["imagesPerSecond"] > 0 and how["seconds"] > 0
+    # start-up: the first batch came after fit() began, which came after this (long-lived) process started
+    t = meta["timings"]
+    assert 0 < t["fitToFirstBatchSeconds"] < t["processStartToFirstBatchSeconds"]
+
+
+def test_process_age_counts_from_the_process_start() -> None:
+    older = startup.process_age()
+    child = subprocess.run([sys.executable, "-c", "from finetune_trainer import startup; print(startup.process_age())"],
+                           capture_output=True, text=True, check=True)
+    younger = float(child.stdout)
+    assert older is not None and 0 <= younger < older + 0.05  # the child started after this process
 
 
 def test_a_bad_frozen_pass_batch_size_is_one_clear_line() -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from finetune_trainer import startup
+
 
 @dataclass
 class Precision:
@@ -115,6 +117,7 @@ def train_one_epoch(
         if batch is None:  # every image of this batch was unreadable
             skipped += 1
             continue
+        startup.first_batch()
         images, targets = compute.batch(batch[0]), batch[1].to(device, non_blocking=True)
         with compute.precision.autocast():
             loss = criterion(model(images), targets)

@@ -69,9 +69,10 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
         return Prepared(net, train_loader, val_loader, decision)
     # On disk for one process only: ranks of a group may not share a writable output volume.
     views = decision.views
+    eager = _eager_reason(spec, env, len(train_loader.dataset) * max(1, views) + len(val_loader.dataset))
     shared = Path(spec.training.feature_cache_dir) if spec.training.feature_cache_dir else None
     store = None if dist.active else (inputs.output, feature_store.cache_key(
-        inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, _precision_key(spec, env),
+        inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, _precision_key(env, eager),
         env.channels_last, views=feature_store.views_key(spec, inputs.preprocessing) if views else None), shared)
     lock = feature_store.computing(shared, store[1]) if store and shared else contextlib.nullcontext()
     with lock:  # a shared folder: one job computes a key at a time, the others wait and reuse its file
@@ -84,26 +85,31 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
             loaders = features.cached_loaders(found[0], found[1], batch_size, 1, 0, views)
             return Prepared(net, *loaders, decision, "reused", note)
         train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size,
-                                             dist, views, spec.training.seed, _eager_reason(spec, env),
-                                             spec.training.frozen_pass_batch_size)
+                                             dist, views, spec.training.seed, eager,
+                                             (spec.training.frozen_pass_batch_size, spec.training.frozen_pass_workers))
         stored = _store(store, train, val)
     loaders = features.cached_loaders(train, val, batch_size, dist.world, dist.rank, views)
     return Prepared(net, *loaders, decision, stored, note, how)
 
 
-def _eager_reason(spec: FineTuneJobSpec, env: Env) -> str | None:
+def _eager_reason(spec: FineTuneJobSpec, env: Env, images: int) -> str | None:
     """Why the frozen pass stays eager; None when the compiled prefix is to be tried (training.frozenPass)."""
-    if spec.training.frozen_pass == "eager":
+    choice = spec.training.frozen_pass
+    if choice == "eager":
         return "training.frozenPass: eager"
     if not frozen_pass.intended(env.frozen_compute):
-        return "fp32 (bit-for-bit the plain loop's numbers) or a CUDA pass"
+        return ("fp32 (bit-for-bit the plain loop's numbers) or a CUDA pass" +
+                (": training.frozenPass torchscript applies to bf16 passes on the CPU" if choice != "auto" else ""))
+    if choice == "auto" and images < frozen_pass.MIN_IMAGES:
+        return (f"{images} images to pass (auto compiles from {frozen_pass.MIN_IMAGES}): compiling the prefix "
+                "costs about a second, more than it saves on a pass this short")
     return None
 
 
-def _precision_key(spec: FineTuneJobSpec, env: Env) -> str:
+def _precision_key(env: Env, eager: str | None) -> str:
     """How the cached numbers were computed: the pass's precision, and its path when not eager."""
     name = env.frozen_precision.name
-    return name if _eager_reason(spec, env) else f"{name}+{frozen_pass.PATH}"
+    return name if eager else f"{name}+{frozen_pass.PATH}"
 
 
 def _plan(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan) -> tuple[features.CacheDecision, nn.Module]:
@@ -125,7 +131,7 @@ def _of(views: int) -> str:
 
 def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_loader: DataLoader, env: Env,
                  batch_size: int, dist: Dist, views: int = 0, seed: int = 0, eager: str | None = None,
-                 pass_batch: int | None = None):
+                 pass_loading: tuple[int | None, int | None] = (None, None)):
     """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
 
     `views` > 0: each train image is decoded once and passed as `views` augmented copies, view k of image i
@@ -138,7 +144,8 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
     process would; each rank keeps only the features of its own val shard.
     """
     start = time.perf_counter()
-    plan = pass_input.pass_plan(pass_batch, batch_size, train_loader.num_workers, env.frozen_compute.device)
+    plan = pass_input.pass_plan(pass_loading[0], batch_size, pass_loading[1], train_loader.num_workers,
+                                env.frozen_compute.device)
     order = shard(len(train_loader.dataset), dist.world, dist.rank) if dist.active else None
     train_in = pass_input.pass_input(train_loader.dataset, train_loader.collate_fn, plan, views, seed, order)
     val_in = pass_input.pass_input(val_loader.dataset, val_loader.collate_fn, plan,

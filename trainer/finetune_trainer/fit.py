@@ -22,6 +22,7 @@ from torch import nn
 from finetune_api.errors import JobFileError, Preempted
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer import checkpoint as ckpt
+from finetune_trainer import startup
 from finetune_trainer.data import build_dataloaders, load_splits
 from finetune_trainer.distill import Distiller
 from finetune_trainer.distributed import Dist
@@ -67,6 +68,7 @@ def fit(
 def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, should_stop: Callable[[], bool],
          dist: Dist, device: torch.device) -> Result:
     t = spec.training
+    startup.begin()
     batch = dist.per_rank_batch(t.batch_size)
     seed_everything(t.seed)  # the same on every rank: identical model initialisation everywhere
     splits = load_splits(spec.dataset, t.seed)
@@ -99,6 +101,7 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
                                                             state, output, dist, batch))
     if prepared.note:
         reporter.event("message", level="info", text=prepared.note)
+    started = _report_startup(reporter, False)
     prepared = distiller.prepare(prepared, loaders[0], env, batch, dist, CacheInputs(
         splits, built.preprocessing, state.frozen_digest, output), reporter, needed=not state.done(t))
     if t.ema is not None:
@@ -125,6 +128,7 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
                                 on_log=on_log(epoch), log_every=t.log_every_steps, should_stop=should_stop,
                                 begin=begin, clip_norm=t.grad_clip_norm, after_step=average)
         stats = _global_stats(stats, dist)
+        started = started or _report_startup(reporter, started)
         if stats.stopped:
             raise _stop_mid_epoch(output, spec, epoch, stats, state, reporter, dist)
         if state.scheduler is not None:
@@ -140,10 +144,19 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
             raise Preempted(f"stopped after epoch {epoch}; its checkpoint is saved, a restart resumes there")
 
     extra = {"featureCache": prepared.describe(), **env.describe(), **distiller.describe(),
+             **({"timings": startup.timings()} if startup.timings() else {}),
              **({"distributed": _parallel(dist, batch)} if dist.active else {})}
     meta = dist.from_main(lambda: write_result(output, spec, name, model, built, splits, state, env, resumed,
                                                reporter, extra))
     return result_from_export(output, meta, resumed)
+
+
+def _report_startup(reporter: Reporter, done: bool) -> bool:
+    """The start-up line, once, as soon as a first batch was seen (the frozen pass's, or the first epoch's)."""
+    line = None if done else startup.describe()
+    if line:
+        reporter.event("message", level="info", text=line)
+    return done or line is not None
 
 
 def _parallel(dist: Dist, batch: int) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 import warnings
 
 import torch
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 # the two paths round in different places, and measured differences sit near 1-2 % of the largest value.
 TOLERANCE = 0.05
 PATH = "torchscript-bf16"
+# training.frozenPass auto compiles only passes of at least this many images: tracing, freezing and oneDNN's
+# fusion take about a second (bench/frozen_pass.py, "preparation"), and once BatchNorms are folded the
+# compiled prefix gains 0-10 % over eager autocast on the CPUs measured, so a shorter pass would pay more for
+# the compilation than it saves. `torchscript` compiles whatever the size.
+MIN_IMAGES = 2048
 
 
 def intended(compute: Compute) -> bool:
@@ -40,11 +46,13 @@ class FastPrefix:
         self._prefix, self.scripted = prefix, None
         self.usable: bool | None = None if prefix is not None else False  # None: not tried yet
         self.reason = why_not
+        self.preparation = 0.0  # seconds spent compiling
 
     def compile(self, images: torch.Tensor) -> bool:
         """Trace, freeze and optimise the bf16 prefix once; False (with the reason) when it cannot be."""
         if self.usable is not None:
             return self.usable
+        start = time.perf_counter()
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # TorchScript's deprecation notices: it is what runs fastest here
@@ -55,6 +63,7 @@ class FastPrefix:
             self.usable, self.reason = False, f"TorchScript could not compile the frozen part ({type(err).__name__})"
             log.info("frozen pass stays eager: %s", self.reason)
         self._prefix = None
+        self.preparation = time.perf_counter() - start
         return self.usable is not False
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -73,4 +82,5 @@ class FastPrefix:
         return self.usable
 
     def describe(self) -> dict:
-        return {"path": PATH if self.usable else "eager", "reason": self.reason}
+        return {"path": PATH if self.usable else "eager", "reason": self.reason,
+                "preparationSeconds": round(self.preparation, 3)}

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
+from finetune_trainer import startup
 from finetune_trainer.cached_views import image_seed
 from finetune_trainer.data import ImageDataset, Preprocessing, Sample, skip_broken
 
@@ -105,6 +106,7 @@ def batches(loader, compute) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     source = loader if isinstance(loader, PassInput) else PassInput(loader, None)
     for batch in source.loader:
         if batch is not None:
+            startup.first_batch()
             yield source.network_input(compute.batch(batch[0])), batch[1]
 
 
@@ -120,13 +122,15 @@ class Plan:
         return {"batchSize": self.batch_size, "workers": self.workers, "pinMemory": self.pin_memory}
 
 
-def pass_plan(batch_size: int | None, train_batch: int, workers: int, device: torch.device) -> Plan:
+def pass_plan(batch_size: int | None, train_batch: int, workers: int | None, loader_workers: int,
+              device: torch.device) -> Plan:
     """The pass's own batch size (default: the training batch, at least 64: inference needs no gradient memory
-    and oneDNN/cuDNN run larger batches more efficiently) and its workers (dataset.numWorkers when set, else
-    one per spare core up to 4, so decoding overlaps with the network)."""
+    and oneDNN/cuDNN run larger batches more efficiently) and its workers (default: dataset.numWorkers when
+    set, else one per spare core up to 4, so decoding overlaps with the network)."""
     size = batch_size or max(train_batch, 64)
-    spare = max(0, min(4, (os.cpu_count() or 1) - 1))
-    return Plan(size, workers if workers > 0 else spare, device.type == "cuda")
+    if workers is None:
+        workers = loader_workers if loader_workers > 0 else max(0, min(4, (os.cpu_count() or 1) - 1))
+    return Plan(size, workers, device.type == "cuda")
 
 
 def pass_input(images: ImageDataset, collate_fn: Callable, plan: Plan, views: int = 0, seed: int = 0,
@@ -147,5 +151,5 @@ def eval_input(samples: list[Sample], prep: Preprocessing, batch_size: int, work
     """The held-out split in order with the eval transform (uint8 per image, float per batch): what the
     final evaluation and `evaluate` read. Same batches and values as data.eval_loader; decoding overlaps
     with the network (pass_plan's workers)."""
-    plan = pass_plan(batch_size, batch_size, workers, device)
+    plan = pass_plan(batch_size, batch_size, None, workers, device)
     return pass_input(ImageDataset(samples, prep.eval_transform()), skip_broken, plan)

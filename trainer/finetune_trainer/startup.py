@@ -1,0 +1,58 @@
+"""The trainer's start-up: from process start (and from fit() entry) to the first batch entering a network.
+
+Everything before that first batch is overhead no faster kernel removes — the interpreter, imports, the
+dataset scan, building and loading the model — so it is measured on every run and written to model.json
+(`timings`) and the log. Process start comes from /proc (Linux); elsewhere only the fit() figure is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_fit_start: float | None = None
+_first: tuple[float, float | None] | None = None  # (seconds since fit() entry, seconds since process start)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started, from /proc (clock-tick resolution); None where unavailable."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: starttime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def begin() -> None:
+    """fit() starts: the next first batch is this run's."""
+    global _fit_start, _first
+    _fit_start, _first = time.perf_counter(), None
+
+
+def first_batch() -> None:
+    """Called as a batch reaches a network; only the first call of a run counts."""
+    global _first
+    if _first is None and _fit_start is not None:
+        _first = (time.perf_counter() - _fit_start, process_age())
+
+
+def timings() -> dict:
+    """model.json's `timings`: empty until a first batch was seen (a run that only re-exported)."""
+    if _first is None:
+        return {}
+    fit, process = _first
+    return {"fitToFirstBatchSeconds": round(fit, 3),
+            **({"processStartToFirstBatchSeconds": round(process, 2)} if process is not None else {})}
+
+
+def describe() -> str | None:
+    t = timings()
+    if not t:
+        return None
+    process = t.get("processStartToFirstBatchSeconds")
+    return (f"start-up: first batch {process:.1f}s after the process started ({t['fitToFirstBatchSeconds']:.1f}s "
+            "after the run began: data, model, weights)" if process is not None else
+            f"start-up: first batch {t['fitToFirstBatchSeconds']:.1f}s after the run began")
