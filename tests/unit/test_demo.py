@@ -162,6 +162,7 @@ def test_head_only_accuracy_through_the_compiled_bf16_pass_is_within_a_point_of_
         out = tmp_path / name
         overrides = {("output", "path"): str(out), ("dataset", "path"): str(demo_dir / "data" / "photos"),
                      ("model", "weights", "path"): str(demo_dir / "backbone" / backbone.FILE_NAME),
+                     ("dataset", "imageSize"): 224, ("training", "epochs"): 10,  # the backbone's own size
                      **{("training", key): value for key, value in training.items()}}
         job = load_job_with_overrides(str(EXAMPLES / "pretrained.yaml"), overrides)
         result = fit(job.spec, Reporter(), out)
