@@ -171,7 +171,7 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
            "seconds": round(seconds, 3), "imagesPerSecond": round(passed / seconds, 1) if seconds > 0 else None}
     note = (f"frozen-part outputs for {len(train[1]) + n_val} images{_of(views)} computed once in "
             f"{seconds:.1f}s ({env.frozen_precision.name}, {how['path']}, {how['imagesPerSecond']} img/s, batch "
-            f"{plan.batch_size}, {plan.workers} loader workers); training continues from {boundary}")
+            f"{plan.batch_size}, loader workers {plan.workers}); training continues from {boundary}")
     return train, val, note, how
 
 
