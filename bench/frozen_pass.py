@@ -7,7 +7,7 @@ trainer folds them. Inputs are random images already in memory, so the rows time
 best row is "the limit". Then the trainer's own frozen pass in a real head-only run on the demo's photos
 (decoding and resizing included) is timed from its log line, and compared with the limit.
 
-    .venv/bin/python bench/frozen_pass.py [--size 224] [--batch 64] [--batches 6] [--no-compile]
+    .venv/bin/python bench/frozen_pass.py [--size 224] [--batch 8] [--batches 16] [--no-compile]
 
 Rows: fp32 eager; bf16 autocast (the eager pass the trainer falls back to); bf16 weights eager; bf16
 TorchScript trace + freeze + optimize_for_inference (the trainer's fast path, frozen_pass.FastPrefix);
@@ -52,7 +52,7 @@ def _spec(args, weights: Path, data: Path, out: Path, epochs: int = 1):
                   "weights": {"source": "file", "path": str(weights)}},
         "dataset": {"path": str(data), "imageSize": args.size},
         "freeze": {"policy": "head"} if args.boundary == "head" else {"policy": "partial", "trainableStages": 1},
-        "training": {"epochs": epochs, "batchSize": args.batch, "device": args.device, "seed": 0,
+        "training": {"epochs": epochs, "batchSize": 32, "device": args.device, "seed": 0,
                      "logEverySteps": 1000},
         "output": {"path": str(out)},
     })
@@ -106,8 +106,8 @@ def candidates(model, boundary: str, x: torch.Tensor, compile_too: bool) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--boundary", choices=["head", "last-stage"], default="head")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-compile", action="store_true")
@@ -132,6 +132,12 @@ def main() -> None:
                 _time(run, x, 1, sync)  # compilation happens on the first call: count it as preparation
             prep = time.perf_counter() - start
             rows.append((name, _time(run, x, args.batches, sync), prep))
+        for b in (4, 8, 16, 32, 64):  # the batch size matters as much as the path on CPUs (caches)
+            if b != args.batch:
+                xb = torch.rand(b, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
+                run = candidates(built.model, boundary, xb, False)["bf16 autocast, eager (the fallback)"]()
+                rows.append((f"bf16 autocast, eager, batch {b}",
+                             _time(run, xb, max(2, args.batches * args.batch // b), sync), 0.0))
         limit = max(r[1] for r in rows)
         # The trainer's own frozen pass in a real run over the demo's 605 photos (decode + resize included).
         log = _Log()

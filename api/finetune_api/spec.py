@@ -141,10 +141,12 @@ class Training(_Model):
         "eager: the model op by op; torchscript: the compiled prefix whatever the pass's size (bf16 CPU passes)")
     frozen_pass_batch_size: int | None = Field(
         None, ge=1, le=65536, description="images per batch of the feature cache's frozen pass (inference only, "
-        "no gradients; default: batchSize, at least 64); augmented views count as images")
+        "no gradients; default on CPUs: 4 per torch thread, at least 8 — small batches run fastest there; on CUDA: "
+        "batchSize, at least 128); augmented views count as images")
     frozen_pass_workers: int | None = Field(
         None, ge=0, le=64, description="DataLoader worker processes decoding images while the frozen pass runs "
-        "(0: in the pass's own process; default: dataset.numWorkers when set, else one per spare core, up to 4)")
+        "(0: in the pass's own process; default: dataset.numWorkers when set, else none below 4 cores, then one per "
+        "4 cores up to 4; on CUDA every core but one, up to 4)")
     warmup_epochs: int = Field(
         0, ge=0, le=1000,
         description="linear learning-rate warm-up: epoch e of the first N trains at learningRate x e/(N+1), "

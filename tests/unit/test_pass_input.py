@@ -94,13 +94,17 @@ def test_views_pass_equals_one_pass_per_view_whatever_the_workers_and_batch(work
     assert torch.equal(labels, per_view[0][1])
 
 
-def test_the_pass_plan_defaults_and_overrides() -> None:
-    cpu = torch.device("cpu")
-    spare = max(0, min(4, (os.cpu_count() or 1) - 1))
-    assert pass_input.pass_plan(None, 32, None, 0, cpu) == pass_input.Plan(64, spare, False)
-    assert pass_input.pass_plan(None, 256, None, 2, cpu) == pass_input.Plan(256, 2, False)  # dataset.numWorkers
+def test_the_pass_plan_defaults_and_overrides(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert pass_input.pass_plan(None, 32, None, 0, cpu) == pass_input.Plan(8, 0, False)  # small batches, no worker
+    assert pass_input.pass_plan(None, 256, None, 2, cpu) == pass_input.Plan(8, 2, False)  # dataset.numWorkers
     assert pass_input.pass_plan(16, 256, 0, 3, cpu) == pass_input.Plan(16, 0, False)  # frozenPassWorkers: 0
-    assert pass_input.pass_plan(None, 32, None, 0, torch.device("cuda")).pin_memory
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert pass_input.pass_plan(None, 32, None, 0, cpu) == pass_input.Plan(64, 4, False)
+    assert pass_input.pass_plan(None, 32, None, 0, cuda) == pass_input.Plan(128, 4, True)
 
 
 def test_fit_records_how_the_frozen_pass_loaded(tmp_path) -> None:
