@@ -115,7 +115,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from finetune_trainer.distributed import Dist  # torch import only once the job file is known good
     from finetune_trainer.fit import fit
     from finetune_trainer.report import Reporter
+    from finetune_trainer.startup import keep_freed_memory
 
+    keep_freed_memory()  # this process is the trainer: reuse freed tensor memory instead of faulting it in anew
     dist = Dist.from_environment()  # one process, or a torchrun worker
 
     stop = {"requested": False}

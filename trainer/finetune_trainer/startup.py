@@ -56,3 +56,24 @@ def describe() -> str | None:
     return (f"start-up: first batch {process:.1f}s after the process started ({t['fitToFirstBatchSeconds']:.1f}s "
             "after the run began: data, model, weights)" if process is not None else
             f"start-up: first batch {t['fitToFirstBatchSeconds']:.1f}s after the run began")
+
+
+# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(limit: int = 1 << 30) -> bool:
+    """Ask glibc to serve allocations up to `limit` bytes from its heap and keep freed memory for reuse.
+
+    By default glibc maps each large tensor buffer fresh and unmaps it on free, so every batch of a CPU pass
+    page-faults its activations in again: measured on the demo's backbone (2 cores, 224 px, batch 8), the
+    first pass over 440 photos took 3.1 s with the defaults and 2.3 s with this (the cost PyTorch's CPU
+    tuning guide meets with jemalloc or tcmalloc). The price: memory freed stays in the process for reuse
+    rather than going back to the system. Does nothing (False) where the C library is not glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * limit))
+    except (OSError, AttributeError):
+        return False
