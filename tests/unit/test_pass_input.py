@@ -111,7 +111,15 @@ def test_fit_records_how_the_frozen_pass_loaded(tmp_path) -> None:
     spec = tiny_spec(tmp_path / "out", **{"freeze.policy": "head", "training.epochs": 1,
                                           "training.precision": "fp32", "training.frozenPassBatchSize": 20,
                                           "training.frozenPassWorkers": 1})
-    fit(spec, Reporter(), tmp_path / "out")
+    messages = []
+
+    class Messages(Reporter):
+        def event(self, kind, **f):
+            if kind == "message":
+                messages.append(f["text"])
+
+    fit(spec, Messages(), tmp_path / "out")
+    assert sum(m.startswith("start-up: first batch") for m in messages) == 1, messages
     meta = json.loads((tmp_path / "out" / "model.json").read_text())
     how = meta["featureCache"]["frozenPass"]
     assert (how["batchSize"], how["workers"], how["inputs"]) == (20, 1, "uint8 per image, float per batch")

@@ -101,7 +101,7 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
                                                             state, output, dist, batch))
     if prepared.note:
         reporter.event("message", level="info", text=prepared.note)
-    started = _report_startup(reporter, False)
+    started = _report_startup(reporter)
     prepared = distiller.prepare(prepared, loaders[0], env, batch, dist, CacheInputs(
         splits, built.preprocessing, state.frozen_digest, output), reporter, needed=not state.done(t))
     if t.ema is not None:
@@ -128,7 +128,7 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
                                 on_log=on_log(epoch), log_every=t.log_every_steps, should_stop=should_stop,
                                 begin=begin, clip_norm=t.grad_clip_norm, after_step=average)
         stats = _global_stats(stats, dist)
-        started = started or _report_startup(reporter, started)
+        started = started or _report_startup(reporter)
         if stats.stopped:
             raise _stop_mid_epoch(output, spec, epoch, stats, state, reporter, dist)
         if state.scheduler is not None:
@@ -151,12 +151,12 @@ def _fit(spec: FineTuneJobSpec, reporter: Reporter, output: Path, name: str, sho
     return result_from_export(output, meta, resumed)
 
 
-def _report_startup(reporter: Reporter, done: bool) -> bool:
-    """The start-up line, once, as soon as a first batch was seen (the frozen pass's, or the first epoch's)."""
-    line = None if done else startup.describe()
+def _report_startup(reporter: Reporter) -> bool:
+    """The start-up line, once a first batch was seen (the frozen pass's, or the first epoch's); True if sent."""
+    line = startup.describe()
     if line:
         reporter.event("message", level="info", text=line)
-    return done or line is not None
+    return line is not None
 
 
 def _parallel(dist: Dist, batch: int) -> dict:
