@@ -146,8 +146,7 @@ def test_a_bad_frozen_pass_batch_size_is_one_clear_line() -> None:
 
 
 def test_keep_freed_memory_sets_glibcs_thresholds_in_its_own_process() -> None:
-    code = ("import ctypes, sys; from finetune_trainer import startup; ok = startup.keep_freed_memory(); "
-            "libc = ctypes.CDLL('libc.so.6'); print(ok)")
+    code = "from finetune_trainer import startup; print(startup.keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ("True" if os.path.exists("/lib/x86_64-linux-gnu/libc.so.6") or
                            os.path.exists("/usr/lib/x86_64-linux-gnu/libc.so.6") else out.strip())

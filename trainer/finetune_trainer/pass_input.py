@@ -55,10 +55,13 @@ class Pixels(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(self.samples[i].load()), self.samples[i].label
+            return self._pixels(i), self.samples[i].label
         except Exception as err:  # PIL raises many types for crafted data, as in ImageDataset
             log.warning("skipping unreadable image %s: %s", self.samples[i].path, err)
             return None
+
+    def _pixels(self, i: int) -> torch.Tensor:
+        return self.transform(self.samples[i].load())
 
 
 class Views(Pixels):
@@ -69,17 +72,13 @@ class Views(Pixels):
         super().__init__(images, transform)
         self.seed, self.views = seed, views
 
-    def __getitem__(self, i: int):
-        try:
-            image = self.samples[i].load()
-            out = []
-            for k in range(self.views):
-                torch.manual_seed(image_seed(self.seed, k, i))
-                out.append(self.transform(image))
-        except Exception as err:
-            log.warning("skipping unreadable image %s: %s", self.samples[i].path, err)
-            return None
-        return torch.stack(out), self.samples[i].label
+    def _pixels(self, i: int) -> torch.Tensor:
+        image = self.samples[i].load()
+        out = []
+        for k in range(self.views):
+            torch.manual_seed(image_seed(self.seed, k, i))
+            out.append(self.transform(image))
+        return torch.stack(out)
 
 
 @dataclass
