@@ -73,7 +73,8 @@ k8s_minor_patch="${K8S_VERSION#v1.}"          # 37.2
 staging_version="v0.${k8s_minor_patch}"       # v0.37.2
 k8s_dir="$CACHE/kubernetes-$K8S_VERSION"
 k8s_bins=(kube-apiserver kube-controller-manager kube-scheduler)
-[[ $with_kubelet == 1 ]] && k8s_bins+=(kubelet)
+# The real node: kubelet + kube-proxy (Services, iptables mode); CoreDNS below.
+[[ $with_kubelet == 1 ]] && k8s_bins+=(kubelet kube-proxy)
 k8s_stamp="$K8S_VERSION $go_version $LDFLAGS_BASE"
 
 build_kubernetes() {
@@ -102,7 +103,7 @@ build_kubernetes() {
     echo "package tools"
     echo
     echo "import ("
-    local b; for b in kube-apiserver kube-controller-manager kube-scheduler kubelet; do
+    local b; for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
       echo "	_ \"k8s.io/kubernetes/cmd/$b\""
     done
     echo ")"
@@ -178,6 +179,8 @@ install_tool() { # name version package binary
 }
 install_tool kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok kwok
 install_tool helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm helm
+# Cluster DNS for the real node (Service names, Indexed-Job pod hostnames): CoreDNS, whose go.mod has no replaces.
+[[ $with_kubelet == 1 ]] && install_tool coredns "$COREDNS_VERSION" github.com/coredns/coredns coredns
 
 # kwok needs Stage objects (the lifecycle of fake nodes and pods) in its --config. These are the stages
 # `kwokctl` uses by default (node: initialize + heartbeat with lease; pod: fast ready/complete/delete),
@@ -201,3 +204,5 @@ echo "etcd=$etcd_dir/bin/etcd"
 echo "kwok=$CACHE/kwok-$KWOK_VERSION/bin/kwok"
 echo "kwok-stages=$kwok_stages"
 echo "helm=$CACHE/helm-$HELM_VERSION/bin/helm"
+[[ $with_kubelet == 1 ]] && echo "coredns=$CACHE/coredns-$COREDNS_VERSION/bin/coredns"
+exit 0

@@ -57,6 +57,7 @@ VERSIONS_ENV = HERE / "versions.env"
 RUNNER_PY = HERE / "runner.py"
 DEPS_SH = HERE / "deps.sh"
 KUBELET_NODE_PY = HERE / "kubelet_node.py"
+PROVISIONER_PY = HERE / "provisioner.py"
 
 # The node whose pods really run (hack/testenv/runner.py): kwok keeps it Ready, plays no pod stage on it.
 RUNNER_NODE = "finetune-runner"
@@ -241,12 +242,13 @@ def kubelet_image_dir() -> Path:
     return Path(cache) / "images"
 
 
-def default_kubelet_images() -> list[Path]:
+def default_kubelet_images() -> list[str]:
+    """$FINETUNE_KUBELET_IMAGES (os.pathsep-separated image names or archive paths), else the archives there."""
     env = os.environ.get("FINETUNE_KUBELET_IMAGES")
     if env is not None:
-        return [Path(p) for p in env.split(os.pathsep) if p]
+        return [p for p in env.split(os.pathsep) if p]
     d = kubelet_image_dir()
-    return sorted(d.glob("*.tar")) if d.is_dir() else []
+    return [str(p) for p in sorted(d.glob("*.tar"))] if d.is_dir() else []
 
 
 def _load_kubelet_node():
@@ -260,6 +262,19 @@ def _load_kubelet_node():
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
     return sys.modules[name]
+
+
+def _tcp_ok(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+def _rfc3339(stamp: str) -> float:
+    """time.time() of a Kubernetes timestamp (2026-01-02T03:04:05Z)."""
+    import calendar
+
+    return float(calendar.timegm(time.strptime(stamp.rstrip("Z").split(".")[0], "%Y-%m-%dT%H:%M:%S")))
 
 
 def _b64(path: Path) -> str:
@@ -296,11 +311,13 @@ class LocalCluster:
         kubelet_node: bool = False,
         kubelet_images: list[Path | str] | None = None,
     ):
-        """nodes: kwok-only (fake) nodes, default 0 with the runner, 1 without.
+        """nodes: kwok-only (fake) nodes, default 0 with the runner or the kubelet node, else 1.
 
         kubelet_node: also start containerd + the real kubelet as node `finetune-kubelet` (kubelet_node.py);
-        kubelet_images: image archives (`docker save` / OCI) imported into its containerd before it starts;
-        None: $FINETUNE_KUBELET_IMAGES (os.pathsep-separated) or else every *.tar in kubelet_image_dir().
+        kubelet_images: images imported into its containerd before it starts: names of Docker images
+        (`docker save | ctr import`) or archives (`docker save` / OCI); None: default_kubelet_images().
+        Without the runner the kubelet node is the cluster's only node (no taint), with kube-proxy, CoreDNS
+        and the local-path provisioner (provisioner.py) next to it.
         """
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="finetune-testenv-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -310,7 +327,7 @@ class LocalCluster:
         self.runner = runner
         self.runner_dir = self.workdir / "runner"
         self.pod_logs = self.logs / "pods"
-        fake = nodes if nodes is not None else (0 if runner else 1)
+        fake = nodes if nodes is not None else (0 if runner or kubelet_node else 1)
         self.nodes = ([RUNNER_NODE] if runner else []) + [f"kwok-node-{i}" for i in range(fake)]
         self.detach = detach  # True: children survive this Python process (CLI `start`)
         self.binaries = binaries
@@ -322,7 +339,7 @@ class LocalCluster:
         self._ctx: ssl.SSLContext | None = None
         self.timings: dict[str, float] = {}
         self.kubelet_node = kubelet_node
-        self.kubelet_images = default_kubelet_images() if kubelet_images is None else [Path(p) for p in kubelet_images]
+        self.kubelet_images = default_kubelet_images() if kubelet_images is None else [str(p) for p in kubelet_images]
         self.node_dir = self.workdir / "kubelet-node"
         self._node = None  # kubelet_node.KubeletNode while it runs
 
@@ -382,6 +399,10 @@ class LocalCluster:
             self.timings[f"stop {name}"] = time.monotonic() - t0
         self.procs.clear()
         self.pids.clear()
+        if state.get("kubelet_node") and exe.get("kube-proxy"):  # its iptables chains outlive it
+            _load_kubelet_node().KubeletNode(self.node_dir, state["kubelet_node"]).kube_proxy_cleanup(
+                Path(exe["kube-proxy"]), log
+            )
         if self.state_file.exists():
             state["pids"] = {}
             self.state_file.write_text(json.dumps(state, indent=2))
@@ -421,7 +442,10 @@ class LocalCluster:
         return stray
 
     def pod_log_tails(self, since: float = 0.0, max_bytes: int = 3000) -> list[tuple[str, str]]:
-        """(file name, tail) of every pod container log written since `since` (time.time())."""
+        """(name, tail) of every pod container log written since `since` (time.time()): the runner's files,
+        or on the kubelet node what `kubectl logs` reads (pods/log through the API server from the kubelet)."""
+        if not self.runner:
+            return self._api_log_tails(since, max_bytes)
         out = []
         for f in sorted(self.pod_logs.glob("*.log")) if self.pod_logs.is_dir() else []:
             with contextlib.suppress(OSError):
@@ -429,6 +453,34 @@ class LocalCluster:
                     data = f.read_bytes()
                     out.append((f.name, data[-max_bytes:].decode(errors="replace")))
         return out
+
+    def _api_log_tails(self, since: float, max_bytes: int) -> list[tuple[str, str]]:
+        out = []
+        status, pods = self.api("GET", "/api/v1/pods")
+        for pod in pods.get("items", []) if status == 200 else []:
+            md = pod["metadata"]
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                state = cs.get("state") or {}
+                started = (state.get("running") or state.get("terminated") or {}).get("startedAt")
+                if not started or _rfc3339(started) < since - 1:
+                    continue
+                path = (f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}/log?container={cs['name']}"
+                        f"&tailLines=60&limitBytes={max_bytes}")  # fmt: skip
+                with contextlib.suppress(OSError):
+                    code, text = self.api("GET", path)
+                    name = f"{md['namespace']}/{md['name']}/{cs['name']}"
+                    out.append((name, text if code == 200 else f"HTTP {code}"))
+        return out
+
+    def pvc_dir(self, namespace: str, claim: str) -> Path | None:
+        """The host directory behind a bound PVC (its PV's hostPath: the provisioner's or the runner's)."""
+        status, pvc = self.api("GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}")
+        volume = pvc.get("spec", {}).get("volumeName") if status == 200 else None
+        if not volume:
+            return None
+        status, pv = self.api("GET", f"/api/v1/persistentvolumes/{volume}")
+        path = (pv.get("spec", {}).get("hostPath") or {}).get("path") if status == 200 else None
+        return Path(path) if path else None
 
     def rss_bytes(self) -> dict[str, int]:
         out = {}
@@ -604,7 +656,8 @@ class LocalCluster:
         for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"):
             self.ports[name] = free_port()
         if self.kubelet_node:
-            self.ports["kubelet"], self.ports["kubelet-healthz"] = free_port(), free_port()
+            for name in ("kubelet", "kubelet-healthz", "kube-proxy-healthz", "kube-proxy-metrics"):
+                self.ports[name] = free_port()
         self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
 
         # PKI ----------------------------------------------------------------
@@ -753,19 +806,20 @@ class LocalCluster:
                 "--v=1",
             ],
         )
-        self._spawn(
-            "kwok",
-            [
-                f"--kubeconfig={kwok_kc}",
-                f"--config={self._kwok_stages()}",
-                "--manage-all-nodes=false",
-                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                f"--cidr={POD_CIDR}",
-                "--node-ip=127.0.0.1",
-                f"--server-address=127.0.0.1:{self.ports['kwok']}",
-                "--node-lease-duration-seconds=40",
-            ],
-        )
+        if self.nodes:  # kwok keeps the runner's and the fake nodes Ready; the kubelet node is real
+            self._spawn(
+                "kwok",
+                [
+                    f"--kubeconfig={kwok_kc}",
+                    f"--config={self._kwok_stages()}",
+                    "--manage-all-nodes=false",
+                    "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                    f"--cidr={POD_CIDR}",
+                    "--node-ip=127.0.0.1",
+                    f"--server-address=127.0.0.1:{self.ports['kwok']}",
+                    "--node-lease-duration-seconds=40",
+                ],
+            )
         # Nodes can be created as soon as the API is up; kwok and the node-lifecycle controller do the rest.
         for node in self.nodes:
             self._create_node(node)
@@ -779,7 +833,8 @@ class LocalCluster:
             lambda: self._https_ok(self.ports["scheduler"], "/healthz", client_cert=False, verify=False),
             deadline,
         )
-        self._wait("kwok", lambda: self._http_ok(self.ports["kwok"], "/healthz"), deadline)
+        if self.nodes:
+            self._wait("kwok", lambda: self._http_ok(self.ports["kwok"], "/healthz"), deadline)
         if self.runner:
             self.runner_dir.mkdir(parents=True, exist_ok=True)
             self.pod_logs.mkdir(parents=True, exist_ok=True)
@@ -809,13 +864,14 @@ class LocalCluster:
     def _start_kubelet_node(self, knode, deadline: float) -> None:
         """containerd + kubelet as node finetune-kubelet (see kubelet_node.py); state kept in state.json."""
         t = time.monotonic()
-        node = self._node = knode.KubeletNode(self.node_dir)
+        node = self._node = knode.KubeletNode(self.node_dir, taint=self.runner)
         self._save_node_state()  # from here on, stop() knows what to tear down
         try:
             node.prepare(
                 server=self.server, apiserver_port=self.ports["apiserver"], pki=self.pki,
                 kubelet_port=self.ports["kubelet"], healthz_port=self.ports["kubelet-healthz"],
-                write_kubeconfig=write_kubeconfig,
+                proxy_ports=(self.ports["kube-proxy-healthz"], self.ports["kube-proxy-metrics"]),
+                admin_kubeconfig=self.kubeconfig, write_kubeconfig=write_kubeconfig,
             )  # fmt: skip
         finally:
             self._save_node_state()
@@ -834,6 +890,21 @@ class LocalCluster:
         self._spawn("kubelet", [], argv=node.kubelet_argv(self.binaries["kubelet"], proc.pid))
         self._wait("kubelet node ready", lambda: self._node_ready(knode.NODE_NAME), deadline, interval=0.2)
         self.timings["kubelet start -> node Ready"] = time.monotonic() - t_kubelet
+        if self.runner:  # the runner's node keeps serving the rest of the suite: no Services, DNS, volumes here
+            return
+        self._spawn("kube-proxy", [], argv=node.kube_proxy_argv(self.binaries["kube-proxy"]))
+        self._spawn("coredns", [], argv=node.coredns_argv(self.binaries["coredns"]))
+        self.binaries["provisioner"] = Path(sys.executable)
+        pv_root = self.workdir / "volumes"
+        self._spawn(
+            "provisioner",
+            [str(PROVISIONER_PY), f"--server={self.server}", f"--ca={self.pki.ca_crt}",
+             f"--cert={self.pki.root / 'admin.crt'}", f"--key={self.pki.root / 'admin.key'}", f"--root={pv_root}"],
+        )  # fmt: skip
+        gw = node.state["gateway"]
+        self._wait("kube-proxy", lambda: self._http_ok(self.ports["kube-proxy-healthz"], "/healthz"), deadline)
+        self._wait("coredns", lambda: _tcp_ok(gw, 53), deadline)
+        self._wait("provisioner", lambda: (pv_root / ".ready").exists(), deadline, interval=0.05)
 
     def _save_node_state(self) -> None:
         state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}

@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
-# System packages the local e2e cluster's pod runner (hack/testenv/runner.py) needs, installed when missing:
-#   bwrap    (Debian: bubblewrap)  private mount/PID namespace per container, bind-mounted volumes
-#   setpriv  (Debian: util-linux)  runAsUser/runAsGroup/fsGroup, dropping capabilities
+# System packages of the local e2e cluster's node, installed when missing:
+#
+#   hack/testenv/deps.sh kubelet   # the real node (kubelet_node.py) and its images (hack/images/)
+#   hack/testenv/deps.sh runner    # the pod runner (runner.py): bwrap, setpriv
+#
 # Idempotent: a no-op (no apt, no network) when everything is present. Installing needs root and apt-get.
 # Exit codes: 0 ready, 1 could not install (the message says what to install).
 set -euo pipefail
 
-declare -A pkg_of=([bwrap]=bubblewrap [setpriv]=util-linux)
+declare -A pkg_of
+case "${1:-runner}" in
+  runner) pkg_of=([bwrap]=bubblewrap [setpriv]=util-linux) ;;
+  kubelet)
+    # containerd + ctr (CRI runtime, image import), runc, the CNI plugins (bridge, host-local, loopback),
+    # iptables (kube-proxy, the pod bridge's rules), ip, unshare/nsenter (the node's mount namespace), gcc
+    # (the pause image), debootstrap + dockerd (the base image and the image builds).
+    pkg_of=([containerd]=containerd [ctr]=containerd [runc]=runc [/usr/lib/cni/bridge]=containernetworking-plugins
+            [iptables]=iptables [ip]=iproute2 [nsenter]=util-linux [unshare]=util-linux [gcc]=gcc
+            [debootstrap]=debootstrap [dockerd]=docker.io)
+    ;;
+  *) echo "usage: $0 [runner|kubelet]" >&2; exit 2 ;;
+esac
+have() { if [[ $1 == /* ]]; then [[ -e $1 ]]; else command -v "$1" >/dev/null 2>&1; fi; }
 missing=()
 for bin in "${!pkg_of[@]}"; do
-  command -v "$bin" >/dev/null 2>&1 || missing+=("${pkg_of[$bin]}")
+  have "$bin" || missing+=("${pkg_of[$bin]}")
 done
 [[ ${#missing[@]} -eq 0 ]] && exit 0
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 
 echo "[testenv/deps] installing: ${missing[*]}" >&2
 if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
@@ -25,5 +41,5 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq >&2 || true  # stale lists: the install below may still succeed from the cache
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 for bin in "${!pkg_of[@]}"; do
-  command -v "$bin" >/dev/null 2>&1 || { echo "[testenv/deps] $bin still missing after installing" >&2; exit 1; }
+  have "$bin" || { echo "[testenv/deps] $bin still missing after installing" >&2; exit 1; }
 done

@@ -55,6 +55,7 @@ NODE_LABEL = "finetune.dev/kubelet-node"
 # Pods land here only when they ask to (the rest of the e2e suite keeps running on the pod runner).
 NODE_TAINT = {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}
 SERVICE_IP = "10.96.0.1"  # the `kubernetes` Service (first address of cluster.py's service range)
+CLUSTER_DOMAIN = "cluster.local"
 
 CONTAINERD = "/usr/bin/containerd"
 CNI_BIN_DIRS = ["/usr/lib/cni", "/opt/cni/bin"]
@@ -169,13 +170,14 @@ def _kill_all(pids_fn, sig: int, wait: float) -> list[int]:
 class KubeletNode:
     """containerd + kubelet for LocalCluster; `spawn(name, argv, exe)` is the cluster's child launcher."""
 
-    def __init__(self, root: Path, state: dict | None = None):
+    def __init__(self, root: Path, state: dict | None = None, taint: bool = True):
         self.root = root
         self.state: dict = state or {}
+        self.taint = taint  # False: the cluster's only node for pods (the default e2e node)
 
     # ------------------------------------------------------------------ set-up
     def prepare(self, *, server: str, apiserver_port: int, pki, kubelet_port: int, healthz_port: int,
-                write_kubeconfig) -> None:  # fmt: skip
+                proxy_ports: tuple[int, int], admin_kubeconfig: Path, write_kubeconfig) -> None:  # fmt: skip
         """Certificates (from cluster.py's PKI), config files, the bridge, iptables chain and cgroup root.
 
         The node's address is the bridge's gateway address: the kubelet refuses a loopback node IP, and the
@@ -185,7 +187,7 @@ class KubeletNode:
         if problems:
             raise NodeError("kubelet node: " + "; ".join(problems))
         r = self.root
-        for d in ("containerd", "cni/net.d", "cni/ipam", "kubelet", "var-log", "sysctl"):
+        for d in ("containerd", "cni/net.d", "cni/ipam", "kubelet", "var-log", "sysctl", "kube-proxy", "coredns"):
             (r / d).mkdir(parents=True, exist_ok=True)
         ident = hashlib.sha256(str(r).encode()).hexdigest()[:6]
         subnet_n = self._free_subnet()
@@ -202,6 +204,7 @@ class KubeletNode:
                 "socket": str(r / "containerd" / "containerd.sock"),
                 "kubelet_port": kubelet_port,
                 "healthz_port": healthz_port,
+                "proxy_ports": proxy_ports,
                 "apiserver_port": apiserver_port,
                 "host_sysctls": {k: Path("/proc/sys", k).read_text().strip() for k in KUBELET_SYSCTLS + CNI_SYSCTLS},
             }
@@ -215,7 +218,12 @@ class KubeletNode:
         self._containerd_config()
         self._cni_config()
         write_kubeconfig(r / "kubelet.kubeconfig", server, ca, node_crt, node_key, f"system:node:{NODE_NAME}")
+        # kube-proxy as kubeadm runs it: user system:kube-proxy, bound to system:node-proxier by default RBAC.
+        proxy_crt, proxy_key = pki.make_cert("kube-proxy", "system:kube-proxy")
+        write_kubeconfig(r / "kube-proxy.kubeconfig", server, ca, proxy_crt, proxy_key, "system:kube-proxy")
         self._kubelet_config(ca, *serving)
+        self._kube_proxy_config()
+        self._coredns_config(admin_kubeconfig)
         self._network()
         self._cgroup_root()
 
@@ -251,14 +259,34 @@ class KubeletNode:
         sock = self.state["socket"]
         return Path(sock).exists() and _run("ctr", "--address", sock, "version", check=False, timeout=5).returncode == 0
 
-    def import_images(self, tars: list[Path]) -> dict[str, float]:
-        """`ctr -n k8s.io images import` the pause image and `tars` (docker save / OCI archives)."""
+    def import_images(self, images: list[str]) -> dict[str, float]:
+        """`ctr -n k8s.io images import` the pause image and `images`: archives (docker save / OCI), or names of
+        Docker images, streamed from `docker save` (no archive on disk: the trainer image is several GB)."""
         times = {}
-        for tar in [Path(self.state["pause_tar"]), *tars]:
+        ctr = ["ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "import"]
+        for item in [self.state["pause_tar"], *images]:
             t = time.monotonic()
-            _run("ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "import", str(tar), timeout=900)
-            times[tar.name] = time.monotonic() - t
+            if Path(item).is_file():
+                _run(*ctr, item, timeout=900)
+            else:
+                self._import_from_docker(ctr, item)
+            times[Path(item).name] = time.monotonic() - t
         return times
+
+    @staticmethod
+    def _import_from_docker(ctr: list[str], image: str) -> None:
+        docker = shutil.which("docker") or "docker"
+        save = subprocess.Popen([docker, "save", image], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            imp = subprocess.run([*ctr, "-"], stdin=save.stdout, capture_output=True, text=True, timeout=900,
+                                 check=False)  # fmt: skip
+        finally:
+            save.stdout.close()
+            save_err = save.stderr.read().decode(errors="replace")
+            save.wait(60)
+        if save.returncode != 0 or imp.returncode != 0:
+            raise NodeError(f"docker save {image} | ctr import failed: {save_err.strip()[-800:]} "
+                            f"{imp.stderr.strip()[-800:]}")  # fmt: skip
 
     def images(self) -> list[str]:
         out = _run("ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "ls", "-q").stdout
@@ -336,6 +364,10 @@ class KubeletNode:
                 pass
             _run("iptables", "-w", "-t", "nat", "-F", chain, check=False)
             _run("iptables", "-w", "-t", "nat", "-X", chain, check=False)
+            while _run("iptables", "-w", "-D", "FORWARD", "-j", chain, check=False).returncode == 0:
+                pass
+            _run("iptables", "-w", "-F", chain, check=False)
+            _run("iptables", "-w", "-X", chain, check=False)
         if bridge and Path(f"/sys/class/net/{bridge}").exists():
             _run("ip", "link", "del", bridge, check=False)
         # The host's sysctls were never exposed to the kubelet; check they are what they were.
@@ -467,9 +499,12 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "imageGCLowThresholdPercent": 99,
             "evictionHard": {"memory.available": "100Mi", "nodefs.available": "2%", "imagefs.available": "2%"},
             "registerNode": True,
-            "registerWithTaints": [NODE_TAINT],
-            "clusterDomain": "cluster.local",
-            "resolvConf": "/etc/resolv.conf",
+            "registerWithTaints": [NODE_TAINT] if self.taint else [],
+            # Cluster DNS: CoreDNS on the bridge's gateway address (see coredns_argv). The host's resolv.conf
+            # is not passed on: its servers (often a loopback stub) are unreachable from pod networks.
+            "clusterDNS": [st["gateway"]],
+            "clusterDomain": CLUSTER_DOMAIN,
+            "resolvConf": str(self.root / "kubelet" / "resolv.conf"),
             "syncFrequency": "10s",
             "fileCheckFrequency": "20s",
             "nodeStatusUpdateFrequency": "5s",
@@ -481,6 +516,69 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "shutdownGracePeriod": "0s",
         }
         (self.root / "kubelet" / "config.json").write_text(json.dumps(cfg, indent=2))
+        (self.root / "kubelet" / "resolv.conf").write_text("")
+
+    def _kube_proxy_config(self) -> None:
+        """iptables mode, masquerading all Service traffic: a pod reaching a Service backed by a pod on the same
+        bridge gets its reply through the node (no br_netfilter here), and no conntrack sysctls are touched."""
+        st = self.state
+        health, metrics = st["proxy_ports"]
+        cfg = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "mode": "iptables",
+            "clientConnection": {"kubeconfig": str(self.root / "kube-proxy.kubeconfig")},
+            "hostnameOverride": NODE_NAME,
+            "bindAddress": st["gateway"],
+            "healthzBindAddress": f"127.0.0.1:{health}",
+            "metricsBindAddress": f"127.0.0.1:{metrics}",
+            "clusterCIDR": st["subnet"],
+            "detectLocalMode": "ClusterCIDR",
+            "nodePortAddresses": [f"{st['gateway']}/32"],
+            "iptables": {"masqueradeAll": True, "localhostNodePorts": False, "syncPeriod": "5s",
+                         "minSyncPeriod": "0s"},
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+        }
+        (self.root / "kube-proxy" / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    def _coredns_config(self, admin_kubeconfig: Path) -> None:
+        """Service and pod names (Indexed-Job hostnames through their headless Service) for cluster.local only;
+        nothing is forwarded upstream (pods here reach nothing outside the node)."""
+        gw = self.state["gateway"]
+        corefile = f"""{CLUSTER_DOMAIN}:53 in-addr.arpa:53 ip6.arpa:53 {{
+    bind {gw}
+    errors
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {admin_kubeconfig}
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+    }}
+    cache 2
+}}
+.:53 {{
+    bind {gw}
+    errors
+    template ANY ANY {{
+        rcode NXDOMAIN
+    }}
+}}
+"""
+        (self.root / "coredns" / "Corefile").write_text(corefile)
+
+    def kube_proxy_argv(self, kube_proxy: Path) -> list[str]:
+        """kube-proxy in the host's namespaces (it shares the host's iptables lock, /run/xtables.lock); the
+        configuration above leaves every sysctl alone (no conntrack tuning, no localhost NodePorts)."""
+        return [str(kube_proxy), f"--config={self.root / 'kube-proxy' / 'config.json'}", "--v=1"]
+
+    def coredns_argv(self, coredns: Path) -> list[str]:
+        return [str(coredns), "-conf", str(self.root / "coredns" / "Corefile")]
+
+    def kube_proxy_cleanup(self, kube_proxy: Path, log) -> None:
+        """Remove every KUBE-* chain and rule kube-proxy made (`kube-proxy --cleanup`)."""
+        proc = _run(str(kube_proxy), "--cleanup", f"--config={self.root / 'kube-proxy' / 'config.json'}",
+                    check=False, timeout=60)  # fmt: skip
+        if proc.returncode != 0:
+            log(f"kube-proxy --cleanup failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
 
     def _network(self) -> None:
         st = self.state
@@ -498,6 +596,14 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "-j", "DNAT", "--to-destination", f"127.0.0.1:{st['apiserver_port']}",
         )  # fmt: skip
         _run("iptables", "-w", "-t", "nat", "-I", "PREROUTING", "-i", br, "-j", chain)
+        # Pod -> Service -> pod is routed through the node: forwarding on, and accepted on our bridge even where
+        # Docker set the FORWARD policy to DROP.
+        _run("iptables", "-w", "-N", chain, check=False)
+        _run("iptables", "-w", "-F", chain)
+        _run("iptables", "-w", "-A", chain, "-i", br, "-j", "ACCEPT")
+        _run("iptables", "-w", "-A", chain, "-o", br, "-j", "ACCEPT")
+        _run("iptables", "-w", "-I", "FORWARD", "-j", chain)
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
 
     def _cgroup_root(self) -> None:
         """Create the kubelet's cgroup root in every v1 hierarchy (the kubelet checks it exists)."""
