@@ -574,11 +574,21 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         return [str(coredns), "-conf", str(self.root / "coredns" / "Corefile")]
 
     def kube_proxy_cleanup(self, kube_proxy: Path, log) -> None:
-        """Remove every KUBE-* chain and rule kube-proxy made (`kube-proxy --cleanup`)."""
+        """Remove the iptables chains and rules kube-proxy (`kube-proxy --cleanup`) and the kubelet made
+        (its canary chains, KUBE-IPTABLES-HINT and the KUBE-FIREWALL rule that drops outside traffic to
+        127.0.0.0/8): they outlive both processes."""
         proc = _run(str(kube_proxy), "--cleanup", f"--config={self.root / 'kube-proxy' / 'config.json'}",
                     check=False, timeout=60)  # fmt: skip
         if proc.returncode != 0:
             log(f"kube-proxy --cleanup failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        for hook in ("INPUT", "OUTPUT"):
+            while _run("iptables", "-w", "-D", hook, "-j", "KUBE-FIREWALL", check=False).returncode == 0:
+                pass
+        for table, chain in (("filter", "KUBE-FIREWALL"), ("filter", "KUBE-KUBELET-CANARY"),
+                             ("nat", "KUBE-KUBELET-CANARY"), ("mangle", "KUBE-KUBELET-CANARY"),
+                             ("mangle", "KUBE-IPTABLES-HINT")):  # fmt: skip
+            _run("iptables", "-w", "-t", table, "-F", chain, check=False)
+            _run("iptables", "-w", "-t", table, "-X", chain, check=False)
 
     def _network(self) -> None:
         st = self.state
