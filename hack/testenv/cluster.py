@@ -472,6 +472,15 @@ class LocalCluster:
                     out.append((name, text if code == 200 else f"HTTP {code}"))
         return out
 
+    @property
+    def host_address(self) -> str:
+        """Where pods reach a server on this host: the runner's pods share its loopback; the kubelet node's pods
+        reach the node at its bridge address (its InternalIP)."""
+        if self.runner or not self.kubelet_node:
+            return "127.0.0.1"
+        state = self._node.state if self._node else json.loads(self.state_file.read_text())["kubelet_node"]
+        return state["gateway"]
+
     def pvc_dir(self, namespace: str, claim: str) -> Path | None:
         """The host directory behind a bound PVC (its PV's hostPath: the provisioner's or the runner's)."""
         status, pvc = self.api("GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}")

@@ -10,13 +10,14 @@ Which cluster:
     ``hack/testenv/build.sh``; the cluster is started once per session and stopped by PID at the end
     (a leftover process — a component or a pod's process — fails the session).
 
-``FINETUNE_E2E_NODE=kubelet`` (``make e2e-kubelet``) adds a real node to the local control plane: Debian's
-containerd + the upstream kubelet, pods from locally built images (``hack/testenv/kubelet_node.py``; the
-image archives in ``~/.cache/finetune-operator/testenv/images/`` are imported). Opt-in: it needs root,
-containerd, runc and the CNI plugins; ``tests/e2e/test_kubelet_node.py`` skips without it.
+``FINETUNE_E2E_NODE=kubelet`` replaces the pod runner with a real node: Debian's containerd + the upstream
+kubelet + kube-proxy + CoreDNS (``hack/testenv/kubelet_node.py``), pods from the project's own images
+(``hack/testenv/kubelet-images.sh`` builds the operator and trainer images once per content, before the first
+test; the node imports them). The operator is installed by Helm from the operator image and its trainer pods
+run the trainer image. It needs root; ``hack/testenv/deps.sh kubelet`` installs the system packages.
 
-A failed e2e test gets the tails of the pod logs written during it (``<logs>/pods/<ns>_<pod>_<container>.log``)
-as a report section.
+A failed e2e test gets the tails of the pod logs written during it as a report section (on the kubelet node
+read as ``kubectl logs`` reads them: pods/log through the API server; under the runner its log files).
 
 When no cluster can be provisioned (no Go toolchain, build failure, ...) the e2e tests are skipped with the
 reason, except with ``CI=true``, where that is a failure. The component logs of a session with a failed
@@ -52,6 +53,7 @@ E2E_DIR = Path(__file__).resolve().parent
 _failed_key = pytest.StashKey[bool]()
 _report_key = pytest.StashKey[list]()
 _build_key = pytest.StashKey[object]()  # {name: Path} from build.sh, or the ClusterError it raised
+_images_key = pytest.StashKey[dict]()  # kubelet node: {"operator": image, "trainer": image} from kubelet-images.sh
 _cluster_key = pytest.StashKey[object]()  # the session's LocalCluster
 _started_key = pytest.StashKey[float]()  # per test: when it started (time.time())
 
@@ -112,19 +114,44 @@ def pytest_collection_finish(session):
         except testenv.ClusterError as e:
             config.stash[_build_key] = e
             return
-        problem = _install_deps(testenv)
+        problem = _install_deps(testenv) or (_build_images(config, testenv) if _kubelet_node() else None)
         if problem:
             config.stash[_build_key] = testenv.ClusterError(problem)
 
 
 def _install_deps(testenv) -> str | None:
-    """Run hack/testenv/deps.sh (the pod runner's system packages; a no-op when present)."""
+    """Run hack/testenv/deps.sh (the node's system packages; a no-op when present)."""
     import subprocess
 
-    proc = subprocess.run(["bash", str(testenv.DEPS_SH)], capture_output=True, text=True, check=False)
+    profile = "kubelet" if _kubelet_node() else "runner"
+    proc = subprocess.run(["bash", str(testenv.DEPS_SH), profile], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        return f"{testenv.DEPS_SH.name} failed: {proc.stderr.strip()[-800:]}"
+        return f"{testenv.DEPS_SH.name} {profile} failed: {proc.stderr.strip()[-800:]}"
     return None
+
+
+def _build_images(config, testenv) -> str | None:
+    """hack/testenv/kubelet-images.sh: the operator and trainer images (built once per content; warm: hashing)."""
+    import subprocess
+
+    script = REPO / "hack" / "testenv" / "kubelet-images.sh"
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(script), "operator", "trainer"], stdout=subprocess.PIPE, text=True,
+                          check=False, env={**os.environ, "DOCKER_HOST": _docker_host()})  # fmt: skip
+    if proc.returncode != 0:
+        return f"{script.name} failed (exit code {proc.returncode}); its output is above"
+    images = dict(line.split("=", 1) for line in proc.stdout.split() if "=" in line)
+    config.stash[_images_key] = images
+    config.stash.setdefault(_report_key, []).append(
+        f"e2e: images for the kubelet node ready in {time.monotonic() - t0:.1f} s: "
+        + ", ".join(f"{k} {v}" for k, v in images.items())
+    )
+    return None
+
+
+def _docker_host() -> str:
+    """The Docker engine the images live in: $DOCKER_HOST, else the private one hack/images/dockerd.sh runs."""
+    return os.environ.get("DOCKER_HOST") or "unix:///run/finetune-docker/docker.sock"
 
 
 def pytest_runtest_setup(item):
@@ -181,7 +208,16 @@ def local_cluster(request) -> Iterator[object | None]:
         problem = _install_deps(testenv)
         if problem:
             _unavailable(problem)
-    cluster = testenv.LocalCluster(binaries=binaries, kubelet_node=_kubelet_node())
+    images = request.config.stash.get(_images_key, {})
+    if _kubelet_node() and not images:
+        problem = _build_images(request.config, testenv)
+        images = request.config.stash.get(_images_key, {})
+        if problem:
+            _unavailable(problem)
+    os.environ["DOCKER_HOST"] = _docker_host()  # the node imports the images with `docker save`
+    cluster = testenv.LocalCluster(binaries=binaries, kubelet_node=_kubelet_node(), runner=not _kubelet_node(),
+                                   kubelet_images=list(images.values()))  # fmt: skip
+    cluster.images = images
     try:
         cluster.start()
     except testenv.ClusterError as e:
@@ -194,6 +230,12 @@ def local_cluster(request) -> Iterator[object | None]:
         f"e2e: local control plane {cluster.server} started in {cluster.timings.get('total', 0):.1f} s, "
         f"RSS {sum(rss.values()) / 2**20:.0f} MiB (" + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items()) + ")"
     )
+    if images:
+        request.config.stash.setdefault(_report_key, []).append(
+            "e2e: pods run on the real kubelet node (containerd, CNI, kube-proxy, CoreDNS); trainer pods from "
+            f"{images['trainer']}, the operator from {images['operator']}; "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in cluster.timings.items() if k.startswith(("import", "kubelet")))
+        )
     request.config.stash[_cluster_key] = cluster
     try:
         yield cluster

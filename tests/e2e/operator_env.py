@@ -54,15 +54,36 @@ class OperatorEnv:
     def core(self) -> client.CoreV1Api:
         return client.CoreV1Api(self.api)
 
+    @property
+    def on_runner(self) -> bool:
+        """The local cluster's pod runner runs the pods (host network, log files); False on a real kubelet."""
+        return self.local_cluster is not None and bool(getattr(self.local_cluster, "runner", False))
+
+    def pvc_dir(self, claim: str, namespace: str | None = None) -> Path | None:
+        """The host directory of a PVC on the local cluster (its PV's hostPath); None on other clusters."""
+        if self.local_cluster is None:
+            return None
+        return self.local_cluster.pvc_dir(namespace or self.namespace, claim)
+
     def operator_pods(self) -> list:
         return self.core.list_namespaced_pod(self.operator_namespace, label_selector=OPERATOR_SELECTOR).items
 
+    def container_log(self, namespace: str, pod: str, container: str) -> str:
+        """A container's whole log: the runner's file, else `kubectl logs` (pods/log through the API server)."""
+        if self.on_runner:
+            f = Path(self.local_cluster.pod_logs) / f"{namespace}_{pod}_{container}.log"
+            return f.read_text(errors="replace") if f.exists() else ""
+        try:
+            return self.core.read_namespaced_pod_log(pod, namespace, container=container)
+        except client.ApiException:
+            return ""
+
     def operator_log(self, max_bytes: int = 4000) -> str:
-        """The operator's log tail (files of the local runner, else the API)."""
+        """The operator's log tail (files of the local runner, else the API: `kubectl logs`)."""
         out = []
         for pod in self.operator_pods():
             name = pod.metadata.name
-            if self.local_cluster is not None:
+            if self.on_runner:
                 f = Path(self.local_cluster.pod_logs) / f"{self.operator_namespace}_{name}_operator.log"
                 text = f.read_bytes()[-max_bytes:].decode(errors="replace") if f.exists() else "(no log file)"
             else:
@@ -76,7 +97,7 @@ class OperatorEnv:
     def forbidden(self) -> str | None:
         """The operator's log lines about 403 Forbidden answers (a permission the chart's RBAC lacks), if any."""
         texts = []
-        if self.local_cluster is not None:  # every operator pod of this run, restarted ones included
+        if self.on_runner:  # every operator pod of this run, restarted ones included
             for f in sorted(Path(self.local_cluster.pod_logs).glob(f"{self.operator_namespace}_*_operator.log")):
                 texts.append(f.read_text(errors="replace"))
         else:
@@ -105,7 +126,7 @@ class OperatorEnv:
 
     def metrics(self) -> str:
         """GET /metrics of the operator: the host's loopback under the runner, else the API's service proxy."""
-        if self.local_cluster is not None:
+        if self.on_runner:
             status, text = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
         else:
             svc = self.core.list_namespaced_service(self.operator_namespace,
@@ -163,7 +184,7 @@ def _deployment_available(apps: client.AppsV1Api, ns: str) -> bool:
 
 def _check_http(env: OperatorEnv, deployment: client.V1Deployment) -> str | None:
     """None when the operator serves /metrics on the port the chart gives trainers; else why not."""
-    if env.local_cluster is None:
+    if not env.on_runner:
         try:
             env.metrics()
         except AssertionError as e:
@@ -230,10 +251,12 @@ def operator_env(k8s, kubeconfig, local_cluster, e2e_report, restricted_namespac
                 "trainer.outputPVC": OUTPUT_PVC,  # outputs persist (and the test reads model.json there)
                 "operator.resyncSeconds": "5",
             }
-            if local_cluster is not None:
+            if env.on_runner:
                 # Every pod of the runner listens on the host's loopback: ports nobody else uses.
                 env.values["health.port"] = str(free_port())
                 env.values["server.port"] = str(free_port())
+            for key, image in _local_images(local_cluster).items():  # the kubelet node's own images
+                env.values[f"{key}.repository"], env.values[f"{key}.tag"] = image.rsplit(":", 1)
             # FINETUNE_E2E_CHART: install another copy of the chart (e.g. one with an RBAC rule removed).
             chart = os.environ.get("FINETUNE_E2E_CHART") or str(CHART)
             args = ["install", release, chart, "--namespace", namespace, "--skip-crds"]
@@ -263,6 +286,13 @@ def operator_env(k8s, kubeconfig, local_cluster, e2e_report, restricted_namespac
                      kubeconfig, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s")
             except AssertionError as e:
                 print(f"helm uninstall failed: {e}")
+
+
+def _local_images(local_cluster) -> dict[str, str]:
+    """Chart image values -> image, for the images the local kubelet node imported (none under the runner)."""
+    images = getattr(local_cluster, "images", None) or {}
+    keys = {"operator": "image", "trainer": "trainer.image"}
+    return {keys[k]: v for k, v in images.items() if k in keys}
 
 
 def _helm_from_tools() -> str:

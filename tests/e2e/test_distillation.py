@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -61,8 +60,9 @@ def test_student_waits_for_its_teacher_then_succeeds_distilling_its_export(opera
     pod = jobs.batch.read_namespaced_job(done["jobName"], jobs.ns).spec.template.spec
     mount = next(m for m in pod.containers[0].volume_mounts if m.mount_path == TEACHER_DIR)
     assert mount.read_only is True and mount.sub_path == teacher, mount
-    if env.output_pvc and env.local_cluster is not None:  # the student's export says whom it learnt from
-        folder = Path(env.local_cluster.runner_dir) / "pvc" / jobs.ns / env.output_pvc / student
+    pvc = env.pvc_dir(env.output_pvc) if env.output_pvc else None
+    if pvc is not None:  # the student's export says whom it learnt from
+        folder = pvc / student
         doc = json.loads((folder / "model.json").read_text())
         assert "distillation" in doc, f"the student's model.json has no distillation section: {sorted(doc)}"
         assert sha in json.dumps(doc["distillation"]), f"the teacher's digest is not in it: {doc['distillation']}"

@@ -47,14 +47,16 @@ def _archive() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def bucket():
-    """(endpoint, access key id, secret key, archive bytes) of a moto S3 server on the host's loopback, which
-    the local runner's pods share (on kind, a pod would need the host's address instead: skipped there)."""
+def bucket(local_cluster):
+    """(endpoint, access key id, secret key, archive bytes) of a moto S3 server on this host, where the local
+    cluster's pods reach it (the runner's share its loopback; the kubelet node's reach the node's address; on
+    kind, a pod would need the host's address instead: skipped there)."""
     import boto3
     from moto import settings
 
     data = _archive()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    address = getattr(local_cluster, "host_address", "127.0.0.1")
+    server = moto_server.ThreadedMotoServer(ip_address=address, port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
@@ -105,7 +107,7 @@ def _everything_said(jobs, name: str, obj: dict) -> str:
 def test_a_job_with_dataset_uri_on_s3_succeeds_through_the_fetch_init_container(operator_env, jobs, bucket,
                                                                                e2e_report):
     if operator_env.local_cluster is None:
-        pytest.skip("the S3 server listens on this host's loopback, which only the local runner's pods share")
+        pytest.skip("the S3 server listens on this host, which only the local cluster's pods reach")
     endpoint, key_id, secret, data = bucket
     digest = hashlib.sha256(data).hexdigest()
     _secret(jobs, key_id, secret)
@@ -119,10 +121,8 @@ def test_a_job_with_dataset_uri_on_s3_succeeds_through_the_fetch_init_container(
     assert init.name == "fetch" and init.state.terminated.exit_code == 0, init
     assert pod.spec.init_containers[0].args[:1] == ["fetch"]
     assert secret not in _everything_said(jobs, "from-s3", obj)
-    logs = {p.name: p.read_text(errors="replace")
-            for p in operator_env.local_cluster.pod_logs.glob(f"{jobs.ns}_{pod.metadata.name}_*.log")}
-    fetch_log, trainer_log = logs[f"{jobs.ns}_{pod.metadata.name}_fetch.log"], \
-        logs[f"{jobs.ns}_{pod.metadata.name}_trainer.log"]
+    logs = {c: operator_env.container_log(jobs.ns, pod.metadata.name, c) for c in ("fetch", "trainer")}
+    fetch_log, trainer_log = logs["fetch"], logs["trainer"]
     assert "fetched and verified" in fetch_log and "reused from the verified cache" in trainer_log, logs
     assert not any(secret in text for text in logs.values())
     e2e_report(f"dataset.uri on moto S3: Succeeded with status.output.sources {sources}")
@@ -131,7 +131,7 @@ def test_a_job_with_dataset_uri_on_s3_succeeds_through_the_fetch_init_container(
 def test_a_wrong_sha256_fails_checksum_mismatch_in_the_init_container_and_is_not_retried(operator_env, jobs,
                                                                                         bucket):
     if operator_env.local_cluster is None:
-        pytest.skip("the S3 server listens on this host's loopback, which only the local runner's pods share")
+        pytest.skip("the S3 server listens on this host, which only the local cluster's pods reach")
     endpoint, key_id, secret, _ = bucket
     _secret(jobs, key_id, secret)
     job = _job("bad-digest", endpoint, "0" * 64)

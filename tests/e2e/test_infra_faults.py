@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
@@ -37,14 +36,7 @@ LONG = {"dataset": {"imageSize": 16, "classes": None, "maxImagesPerClass": None}
 
 def _trainer_events(env, jobs, pod_name: str, kind: str) -> list[dict]:
     """The trainer's JSON-lines events of `kind` from its log (the runner's log file, else the API)."""
-    if env.local_cluster is not None:
-        files = sorted(Path(env.local_cluster.pod_logs).glob(f"{jobs.ns}_{pod_name}_trainer.log"))
-        text = "".join(f.read_text(errors="replace") for f in files)
-    else:
-        try:
-            text = env.core.read_namespaced_pod_log(pod_name, jobs.ns, container="trainer")
-        except client.ApiException:
-            text = ""
+    text = env.container_log(jobs.ns, pod_name, "trainer")
     events = []
     for line in text.splitlines():
         with contextlib.suppress(ValueError):
@@ -144,9 +136,9 @@ def test_trainer_node_lost_pod_force_deleted_resumes_from_its_last_checkpoint(op
     pods = jobs.pods(jobs.get(name))
     assert lost.metadata.uid not in {p.metadata.uid for p in pods} or len(pods) > 1, "no second pod ran"
     assert status.get("resumeCount", 0) >= 1, f"no resume recorded: {status}"
-    folder = Path(env.local_cluster.runner_dir) / "pvc" / jobs.ns / env.output_pvc / name \
-        if env.local_cluster is not None else None
-    if folder is not None:
+    pvc = env.pvc_dir(env.output_pvc)
+    if pvc is not None:
+        folder = pvc / name
         model = json.loads((folder / "model.json").read_text())
         # Kept: every epoch up to the checkpoint seen before the loss (the retry did not start from scratch).
         assert (model.get("resumedFromEpoch") or 0) >= saved["epoch"], (saved, model.get("resumedFromEpoch"))
@@ -188,7 +180,7 @@ def test_progress_endpoint_unreachable_training_unaffected_and_status_catches_up
     apps.patch_namespaced_deployment_scale(deployment.metadata.name, env.operator_namespace, scale)
     try:
         wait_until(lambda: not env.operator_pods(), 60, "the operator pod to go away", interval=0.2)
-        if env.local_cluster is not None:  # under the runner every pod listens on the host's loopback
+        if env.on_runner:  # under the runner every pod listens on the host's loopback
             assert _refused(env.http_port), "the progress endpoint still answers with the operator scaled to 0"
 
         def epoch_while_down():  # the trainer's own log: the status cannot move while nobody writes it

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,8 +93,9 @@ def test_cpu_example_succeeds_with_live_progress_in_kubectl_get_and_metrics(oper
     assert 0.0 <= float(out.get("valAccuracy", -1)) <= 1.0, f"status.output has no valAccuracy: {out}"
     assert status.get("completionTime") and status.get("jobName"), status
     assert out.get("weightsFile"), out
-    if env.output_pvc and env.local_cluster is not None:  # the model outlives the pod, on the output PVC
-        folder = Path(env.local_cluster.runner_dir) / "pvc" / jobs.ns / env.output_pvc / name
+    pvc = env.pvc_dir(env.output_pvc) if env.output_pvc else None
+    if pvc is not None:  # the model outlives the pod, on the output PVC (its directory on the local node)
+        folder = pvc / name
         model_json = folder / "model.json"
         assert model_json.exists(), (
             f"no model.json on the output PVC ({folder}): {sorted(folder.parent.rglob('*'))[:20]}")

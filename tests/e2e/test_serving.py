@@ -68,8 +68,8 @@ def _crd_installed(api) -> bool:
 @pytest.fixture(scope="module")
 def local(operator_env):
     if operator_env.local_cluster is None or not operator_env.output_pvc:
-        pytest.skip("needs the local control plane (the test writes the held-out images into the runner's PVC "
-                    "folders and serves the export from the output PVC's folder)")
+        pytest.skip("needs the local control plane (the test writes the held-out images into the PVC's folder "
+                    "on the node and serves the export from the output PVC's folder)")
     return operator_env
 
 
@@ -89,7 +89,7 @@ def heldout(local) -> Path:
                     requests={"storage": "1Gi"}))))
     wait_until(lambda: core.read_namespaced_persistent_volume_claim(
         HELDOUT_PVC, local.namespace).status.phase == "Bound", 60, "the heldout PVC to be Bound")
-    folder = Path(local.local_cluster.runner_dir) / "pvc" / local.namespace / HELDOUT_PVC
+    folder = local.pvc_dir(HELDOUT_PVC)
     spec = parse_spec(tiny_job("x")["spec"])
     splits = data.load_splits(spec.dataset, spec.training.seed)
     swap = {c: splits.classes[(i + 1) % len(splits.classes)] for i, c in enumerate(splits.classes)}
@@ -104,11 +104,13 @@ def heldout(local) -> Path:
 
 
 class Predictor:
-    """`finetune-serve` on one export folder, on loopback: the process KServe's predictor pod would run."""
+    """`finetune-serve` on one export folder, on this host: the process KServe's predictor pod would run. Its
+    URL is where the smoke-test pod reaches it: `address` (the host's loopback under the runner, the node's
+    address on the kubelet node; KServe's server listens on every address)."""
 
-    def __init__(self, export: Path, model_name: str, log: Path) -> None:
+    def __init__(self, export: Path, model_name: str, log: Path, address: str) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{address}:{self.port}"
         self.log = log.open("ab")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "finetune-serve"), "--model", str(export), "--model_name", model_name,
@@ -139,12 +141,13 @@ class Predictor:
 
 
 @pytest.fixture(scope="module")
-def predictors(tmp_path_factory):
+def predictors(tmp_path_factory, local):
     started: list[Predictor] = []
     logs = tmp_path_factory.mktemp("predictors")
+    address = local.local_cluster.host_address
 
     def start(export: Path, model_name: str) -> Predictor:
-        started.append(Predictor(export, model_name, logs / f"{model_name}-{len(started)}.log"))
+        started.append(Predictor(export, model_name, logs / f"{model_name}-{len(started)}.log", address))
         return started[-1]
 
     yield start
@@ -209,7 +212,7 @@ def kserve_crd(local):
 
 
 def _export(local, job: str) -> Path:
-    return Path(local.local_cluster.runner_dir) / "pvc" / local.namespace / local.output_pvc / job
+    return local.pvc_dir(local.output_pvc) / job
 
 
 def _decided(jobs, name: str) -> dict | None:
