@@ -472,6 +472,14 @@ class LocalCluster:
                     out.append((name, text if code == 200 else f"HTTP {code}"))
         return out
 
+    def container_cgroup(self, controller: str, pod_uid: str, container_id: str) -> Path | None:
+        """A container's cgroup directory on the kubelet node (None without it): resource tests read limits there."""
+        if not self.kubelet_node:
+            return None
+        state = self._node.state if self._node else json.loads(self.state_file.read_text())["kubelet_node"]
+        return _load_kubelet_node().KubeletNode(self.node_dir, state).container_cgroup(controller, pod_uid,
+                                                                                       container_id)
+
     @property
     def host_address(self) -> str:
         """Where pods reach a server on this host: the runner's pods share its loopback; the kubelet node's pods
@@ -500,10 +508,21 @@ class LocalCluster:
                         out[name] = int(line.split()[1]) * 1024
         return out
 
-    def cleanup(self) -> None:
-        """Remove the work directory (only when no component is running)."""
-        if not self.stray_pids():
+    def cleanup(self, keep_logs: bool = False) -> None:
+        """Remove the work directory (only when no component is running); keep_logs: all but logs/ and
+        state.json (the node's image store and the volumes are gigabytes)."""
+        if self.stray_pids():
+            return
+        if not keep_logs:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            return
+        for entry in self.workdir.iterdir() if self.workdir.is_dir() else []:
+            if entry.name in ("logs", "state.json"):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ API access (stdlib)
     def api(self, method: str, path: str, body: dict | None = None, timeout: float = 10.0):

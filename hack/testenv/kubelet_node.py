@@ -338,6 +338,14 @@ class KubeletNode:
         self._cleanup_host(log)
         return times
 
+    def container_cgroup(self, controller: str, pod_uid: str, container_id: str) -> Path | None:
+        """The cgroup directory of a container (`controller`: memory, cpu; ignored on cgroup v2), or None."""
+        base = CGROUP_V1 if cgroup_v2() else CGROUP_V1 / controller
+        top = base / self.state["cgroup_root"].strip("/")
+        uid = pod_uid.replace("-", "_") if cgroup_v2() else pod_uid
+        hits = [p for p in top.rglob(container_id) if p.is_dir() and p.parent.name == f"pod{uid}"]
+        return hits[0] if hits else None
+
     def stray(self) -> dict[str, int]:
         out = {}
         ns = self.state.get("mnt_ns")

@@ -252,8 +252,7 @@ def local_cluster(request) -> Iterator[object | None]:
             request.config.stash.setdefault(_report_key, []).append(
                 f"e2e: component logs of the local cluster kept in {cluster.logs}"
             )
-        else:
-            cluster.cleanup()
+        cluster.cleanup(keep_logs=failed or bool(stray))
         assert not stray, f"processes left running after the local cluster stopped: {stray}"
 
 
