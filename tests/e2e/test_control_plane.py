@@ -3,8 +3,8 @@
 These need a real control plane (no mock has them): the Job controller creating pods, the scheduler binding
 them, ownerReference garbage collection, CRD structural schema + CEL validation, the status subresource,
 resourceVersion conflicts, label selectors and RBAC. They run unchanged on kind and on the local
-control plane (there the pod runner runs the Job's `sh -c "exit 0"` as a local process; on kind a real
-busybox container exits 0).
+control plane (there the kubelet node runs the Job's `sh -c "exit 0"` in the project's operator image, which
+it has locally; on kind a real busybox container exits 0).
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ pytestmark = pytest.mark.e2e
 kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client  # noqa: E402
 
-JOB_IMAGE = "busybox:1.36"
+JOB_IMAGE = "busybox:1.36"  # on clusters that can pull; the local node has only the project's own images
+
+
+@pytest.fixture(scope="module")
+def job_image(local_cluster) -> str:
+    """An image with /bin/sh the cluster's node can run: the operator image on the local kubelet node."""
+    return (getattr(local_cluster, "images", None) or {}).get("operator") or JOB_IMAGE
 
 
 def _gone(fn, *args) -> bool:
@@ -53,7 +59,7 @@ def test_namespace_gets_service_account_and_root_ca(k8s, namespace, wait_for):
     assert "BEGIN CERTIFICATE" in cm[0].data["ca.crt"]
 
 
-def _job(name: str, ttl: int | None = None) -> client.V1Job:
+def _job(name: str, image: str, ttl: int | None = None) -> client.V1Job:
     return client.V1Job(
         metadata=client.V1ObjectMeta(name=name, labels={"app": "e2e-job"}),
         spec=client.V1JobSpec(
@@ -62,7 +68,7 @@ def _job(name: str, ttl: int | None = None) -> client.V1Job:
             template=client.V1PodTemplateSpec(
                 spec=client.V1PodSpec(
                     restart_policy="Never",
-                    containers=[client.V1Container(name="main", image=JOB_IMAGE, command=["sh", "-c", "exit 0"])],
+                    containers=[client.V1Container(name="main", image=image, command=["sh", "-c", "exit 0"])],
                 )
             ),
         ),
@@ -73,9 +79,9 @@ def _conditions(job) -> dict[str, str]:
     return {c.type: c.status for c in (job.status.conditions or [])}
 
 
-def test_job_controller_runs_a_job_to_completion(k8s, namespace, wait_for):
+def test_job_controller_runs_a_job_to_completion(k8s, namespace, wait_for, job_image):
     batch, core = client.BatchV1Api(k8s), client.CoreV1Api(k8s)
-    batch.create_namespaced_job(namespace, _job("ok"))
+    batch.create_namespaced_job(namespace, _job("ok", job_image))
 
     pods = wait_for(
         lambda: core.list_namespaced_pod(namespace, label_selector="batch.kubernetes.io/job-name=ok").items,
@@ -96,9 +102,9 @@ def test_job_controller_runs_a_job_to_completion(k8s, namespace, wait_for):
     assert job.status.completion_time is not None
 
 
-def test_ttl_after_finished_deletes_job_and_pods(k8s, namespace, wait_for):
+def test_ttl_after_finished_deletes_job_and_pods(k8s, namespace, wait_for, job_image):
     batch, core = client.BatchV1Api(k8s), client.CoreV1Api(k8s)
-    batch.create_namespaced_job(namespace, _job("ttl", ttl=0))
+    batch.create_namespaced_job(namespace, _job("ttl", job_image, ttl=0))
     wait_for(lambda: _gone(batch.read_namespaced_job, "ttl", namespace), timeout=120,
              what="ttl-after-finished to delete the Job")  # fmt: skip
     # The garbage collector removes the Job's pods (their ownerReference points at the deleted Job).
