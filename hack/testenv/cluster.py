@@ -385,6 +385,9 @@ class LocalCluster:
             self.procs.pop("kubelet", None)
             self.procs.pop("containerd", None)
             self._node = None
+        if getattr(self, "_store_lock", None) is not None:  # the node is down: its image store is free
+            os.close(self._store_lock)
+            self._store_lock = None
         for name, pid in reversed(list(pids.items())):
             if not self._is_ours(pid, exe.get(name)):
                 continue
@@ -892,7 +895,8 @@ class LocalCluster:
     def _start_kubelet_node(self, knode, deadline: float) -> None:
         """containerd + kubelet as node finetune-kubelet (see kubelet_node.py); state kept in state.json."""
         t = time.monotonic()
-        node = self._node = knode.KubeletNode(self.node_dir, taint=self.runner)
+        store = self._lock_image_store()
+        node = self._node = knode.KubeletNode(self.node_dir, taint=self.runner, image_store=store)
         self._save_node_state()  # from here on, stop() knows what to tear down
         try:
             node.prepare(
@@ -912,6 +916,7 @@ class LocalCluster:
         t = time.monotonic()
         for name, secs in node.import_images(self.kubelet_images).items():
             self.timings[f"import {name}"] = secs
+        node.prune_images(self.kubelet_images, log)
         self.timings["image import"] = time.monotonic() - t
         deadline += self.timings["image import"]  # bounded by its own timeout; not part of the start budget
         t_kubelet = time.monotonic()
@@ -933,6 +938,26 @@ class LocalCluster:
         self._wait("kube-proxy", lambda: self._http_ok(self.ports["kube-proxy-healthz"], "/healthz"), deadline)
         self._wait("coredns", lambda: _tcp_ok(gw, 53), deadline)
         self._wait("provisioner", lambda: (pv_root / ".ready").exists(), deadline, interval=0.05)
+
+    def _lock_image_store(self) -> Path | None:
+        """containerd's root kept between sessions (kubelet_image_dir()/containerd): the images stay imported,
+        a new content key replaces the old image. Locked for this process's lifetime (one node at a time uses
+        it); detached clusters and a store locked by another session get a private root instead."""
+        if self.detach:
+            return None
+        import fcntl
+
+        store = kubelet_image_dir() / "containerd"
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(store.parent / "containerd.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            log(f"{store} is in use by another session: this node imports its images into its work dir")
+            return None
+        self._store_lock = fd
+        return store
 
     def _save_node_state(self) -> None:
         state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}

@@ -84,6 +84,14 @@ def _run(*cmd: str, check: bool = True, timeout: float = 120.0) -> subprocess.Co
     return proc
 
 
+def _normalized(image: str) -> str:
+    """containerd's name for a Docker image name (finetune-x:tag -> docker.io/library/finetune-x:tag)."""
+    if "/" not in image:
+        return f"docker.io/library/{image}"
+    first = image.split("/", 1)[0]
+    return image if "." in first or ":" in first or first == "localhost" else f"docker.io/{image}"
+
+
 def cni_bin_dir() -> str | None:
     for d in CNI_BIN_DIRS:
         if all(Path(d, p).exists() for p in ("bridge", "host-local", "loopback")):
@@ -170,10 +178,13 @@ def _kill_all(pids_fn, sig: int, wait: float) -> list[int]:
 class KubeletNode:
     """containerd + kubelet for LocalCluster; `spawn(name, argv, exe)` is the cluster's child launcher."""
 
-    def __init__(self, root: Path, state: dict | None = None, taint: bool = True):
+    def __init__(self, root: Path, state: dict | None = None, taint: bool = True, image_store: Path | None = None):
+        """image_store: containerd's root kept between sessions (its images stay imported; the caller holds its
+        lock: one node at a time); None: a root in the work dir, gone with it."""
         self.root = root
         self.state: dict = state or {}
         self.taint = taint  # False: the cluster's only node for pods (the default e2e node)
+        self.image_store = image_store
 
     # ------------------------------------------------------------------ set-up
     def prepare(self, *, server: str, apiserver_port: int, pki, kubelet_port: int, healthz_port: int,
@@ -195,6 +206,8 @@ class KubeletNode:
         st.update(
             {
                 "root": str(r),
+                "containerd_root": str(self.image_store or r / "containerd" / "root"),
+                "shared_store": self.image_store is not None,
                 "id": ident,
                 "bridge": f"ftk-{ident}",
                 "chain": f"FTK-{ident.upper()}",
@@ -264,8 +277,12 @@ class KubeletNode:
         Docker images, streamed from `docker save` (no archive on disk: the trainer image is several GB)."""
         times = {}
         ctr = ["ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "import"]
+        present = set(self.images())
         for item in [self.state["pause_tar"], *images]:
             t = time.monotonic()
+            if _normalized(item) in present:  # a content-keyed tag already in the kept store: same image
+                times[f"{Path(item).name} (kept)"] = 0.0
+                continue
             if Path(item).is_file():
                 _run(*ctr, item, timeout=900)
             else:
@@ -287,6 +304,28 @@ class KubeletNode:
         if save.returncode != 0 or imp.returncode != 0:
             raise NodeError(f"docker save {image} | ctr import failed: {save_err.strip()[-800:]} "
                             f"{imp.stderr.strip()[-800:]}")  # fmt: skip
+
+    def prune_images(self, keep: list[str], log) -> list[str]:
+        """Remove the project's images (finetune-*:c<key>, the content-keyed tags) that are not in `keep`."""
+        wanted = {_normalized(k) for k in keep}
+        old = [i for i in self.images() if i.startswith("docker.io/library/finetune-") and ":c" in i
+               and i not in wanted]  # fmt: skip
+        if old:
+            _run("ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "rm", *old, check=False)
+            log(f"removed old images from the node's store: {old}")
+        return old
+
+    def remove_containers(self, log) -> None:
+        """Delete every container record (and its snapshot) in the CRI namespace: a kept store starts the next
+        session with images only. Run after the kubelet and the pods are gone, containerd still up."""
+        ctr = ["ctr", "--address", self.state["socket"], "-n", "k8s.io"]
+        ids = _run(*ctr, "containers", "ls", "-q", check=False).stdout.split()
+        for cid in ids:  # the pods were killed; their shims hold exited tasks, which block the delete
+            _run(*ctr, "tasks", "rm", "-f", cid, check=False, timeout=30)
+        if ids:
+            proc = _run(*ctr, "containers", "rm", *ids, check=False, timeout=120)
+            if proc.returncode != 0:
+                log(f"ctr containers rm: {proc.stderr.strip()[-500:]}")
 
     def images(self) -> list[str]:
         out = _run("ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "ls", "-q").stdout
@@ -324,6 +363,10 @@ class KubeletNode:
             if left:
                 log(f"pod processes still alive after SIGKILL: {left}")
         times["stop pods"] = time.monotonic() - t
+        t = time.monotonic()
+        if st.get("shared_store") and containerd_pid and is_ours(containerd_pid, CONTAINERD):
+            self.remove_containers(log)
+        times["remove containers"] = time.monotonic() - t
         t = time.monotonic()
         if containerd_pid and is_ours(containerd_pid, CONTAINERD):
             os.kill(containerd_pid, signal.SIGTERM)
@@ -407,7 +450,7 @@ class KubeletNode:
         r, st = self.root / "containerd", self.state
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         toml = f"""version = 2
-root = "{r / "root"}"
+root = "{st["containerd_root"]}"
 state = "{r / "state"}"
 oom_score = 0
 # no /opt/containerd (the opt plugin), no snapshotters this host cannot use
