@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's images for the real kubelet node (hack/testenv/kubelet_node.py), built once per content:
 #
-#   hack/testenv/kubelet-images.sh                    # operator + trainer
+#   hack/testenv/kubelet-images.sh                    # operator + trainer + serve (the smoke-test Job's)
 #   hack/testenv/kubelet-images.sh operator           # one target
 #
 # Each image is tagged finetune-<target>:c<key>, where <key> hashes everything that goes into it: the
@@ -24,7 +24,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 images="$root/hack/images"
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(operator trainer)
+[[ ${#targets[@]} -gt 0 ]] || targets=(operator trainer serve)
 export TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
 
 if [[ -z "${DOCKER:-}" ]]; then
@@ -48,7 +48,7 @@ content_key() { # target
 }
 
 for target in "${targets[@]}"; do
-  case "$target" in operator|trainer) ;; *) echo "kubelet-images.sh: unknown target $target" >&2; exit 2 ;; esac
+  case "$target" in operator|trainer|serve) ;; *) echo "kubelet-images.sh: unknown target $target" >&2; exit 2 ;; esac
   tag="c$(content_key "$target")"
   image="finetune-$target:$tag"
   if "$DOCKER" image inspect "$image" >/dev/null 2>&1; then

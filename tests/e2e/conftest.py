@@ -53,7 +53,7 @@ E2E_DIR = Path(__file__).resolve().parent
 _failed_key = pytest.StashKey[bool]()
 _report_key = pytest.StashKey[list]()
 _build_key = pytest.StashKey[object]()  # {name: Path} from build.sh, or the ClusterError it raised
-_images_key = pytest.StashKey[dict]()  # kubelet node: {"operator": image, "trainer": image} from kubelet-images.sh
+_images_key = pytest.StashKey[dict]()  # kubelet node: {"operator"|"trainer"|"serve": image} (kubelet-images.sh)
 _cluster_key = pytest.StashKey[object]()  # the session's LocalCluster
 _started_key = pytest.StashKey[float]()  # per test: when it started (time.time())
 
@@ -136,7 +136,7 @@ def _build_images(config, testenv) -> str | None:
 
     script = REPO / "hack" / "testenv" / "kubelet-images.sh"
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(script), "operator", "trainer"], stdout=subprocess.PIPE, text=True,
+    proc = subprocess.run(["bash", str(script), "operator", "trainer", "serve"], stdout=subprocess.PIPE, text=True,
                           check=False, env={**os.environ, "DOCKER_HOST": _docker_host()})  # fmt: skip
     if proc.returncode != 0:
         return f"{script.name} failed (exit code {proc.returncode}); its output is above"

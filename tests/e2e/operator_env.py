@@ -78,6 +78,18 @@ class OperatorEnv:
         except client.ApiException:
             return ""
 
+    def push_diagnosis(self, jobs: Jobs, ftj: dict) -> str:
+        """Why progress did not arrive: the operator's push counters and the trainers' non-JSON log lines."""
+        try:
+            counters = [line for line in self.metrics().splitlines() if line.startswith("finetune_progress_pushes")]
+        except AssertionError as e:
+            counters = [f"(no /metrics: {e})"]
+        lines = []
+        for pod in jobs.pods(ftj):
+            text = self.container_log(jobs.ns, pod.metadata.name, "trainer")
+            lines += [f"{pod.metadata.name}: {line}" for line in text.splitlines() if not line.startswith("{")][-15:]
+        return "operator push counters: " + " ".join(counters) + "\ntrainer log (not JSON):\n" + "\n".join(lines)
+
     def operator_log(self, max_bytes: int = 4000) -> str:
         """The operator's log tail (files of the local runner, else the API: `kubectl logs`)."""
         out = []
@@ -291,7 +303,7 @@ def operator_env(k8s, kubeconfig, local_cluster, e2e_report, restricted_namespac
 def _local_images(local_cluster) -> dict[str, str]:
     """Chart image values -> image, for the images the local kubelet node imported (none under the runner)."""
     images = getattr(local_cluster, "images", None) or {}
-    keys = {"operator": "image", "trainer": "trainer.image"}
+    keys = {"operator": "image", "trainer": "trainer.image", "serve": "serving.image"}
     return {keys[k]: v for k, v in images.items() if k in keys}
 
 

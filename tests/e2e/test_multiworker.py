@@ -2,8 +2,7 @@
 
 The operator builds an Indexed Job (completions = parallelism = 2, backoffLimitPerIndex, successPolicy on
 index 0) and a headless Service as the pods' subdomain; each pod runs `finetune-train torchrun` with static
-rendezvous on worker 0's DNS name. On the local cluster the runner gives each pod its sibling's name in
-/etc/hosts (127.0.0.1: pods share the host network); on kind, cluster DNS does it.
+rendezvous on worker 0's DNS name, which cluster DNS resolves (CoreDNS on the local kubelet node, as on kind).
 
 Proves: the real API server accepts the Job (its newer fields included); both workers train (gloo) and the
 job Succeeds with the export and per-worker status; the Service and Job are owned by the FineTuneJob; one
@@ -27,7 +26,8 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 
 def two_workers(name: str, epochs: int) -> dict:
     return tiny_job(name, {"workers": 2, "training": {"epochs": epochs, "batchSize": 16},
-                           "resources": {"cpu": "1", "memory": "1Gi"}})
+                           # torchrun + a worker, each with torch loaded, under a real memory limit
+                           "resources": {"cpu": "1", "memory": "2Gi"}})
 
 
 def worker_pods(jobs, ftj: dict, index: str) -> list:

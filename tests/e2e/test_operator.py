@@ -248,7 +248,7 @@ def test_operator_restart_mid_run_keeps_one_job(operator_env, jobs, e2e_report):
     core = client.CoreV1Api(env.api)
     # All ten digit classes: epochs long enough that the trainer outlives the operator's replacement, which on
     # a real kubelet takes a pod start and a readiness probe (several seconds).
-    jobs.create(tiny_job(name, {"dataset": {"classes": None, "maxImagesPerClass": None}, "training": {"epochs": 3}}))
+    jobs.create(tiny_job(name, {"dataset": {"classes": None, "maxImagesPerClass": None}, "training": {"epochs": 6}}))
     obj = env.wait_phase(jobs, name, ("Running",), 90)
     k8s_job = jobs.batch.read_namespaced_job(obj["status"]["jobName"], jobs.ns)
     job_uid = k8s_job.metadata.uid
@@ -289,7 +289,8 @@ def test_operator_restart_mid_run_keeps_one_job(operator_env, jobs, e2e_report):
     assert not env.http_problem, f"progress cannot reach the operator: {env.http_problem}"
     progress = obj["status"].get("progress") or {}
     updated = progress.get("lastUpdateTime")
-    assert progress.get("epoch") == 3 and updated, f"the last epoch's progress never arrived: {progress}"
+    assert progress.get("epoch") == 6 and updated, (
+        f"the last epoch's progress never arrived: {progress}\n{env.push_diagnosis(jobs, obj)}")
     assert updated >= new_since.strftime("%Y-%m-%dT%H:%M:%SZ"), (
         f"no progress accepted by the new operator (created {new_since}): last update {updated}")
     e2e_report(f"operator restart: {old[0]} -> {new} Ready in {back_after:.1f} s while {name} was {phase_then}; "

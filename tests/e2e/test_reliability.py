@@ -182,7 +182,8 @@ def test_operator_killed_five_times_during_a_run_creates_exactly_one_job(operato
     assert counts.get(("Normal", "JobCreated"), 0) <= 1, f"JobCreated events: {counts}"
     assert (status.get("output") or {}).get("sha256"), f"output lost: {status}"
     progress = status.get("progress") or {}
-    assert progress.get("epoch") == progress.get("totalEpochs") == 6, f"final progress lost: {progress}"
+    assert progress.get("epoch") == progress.get("totalEpochs") == 6, (
+        f"final progress lost: {progress}\n{env.push_diagnosis(jobs, jobs.get(name))}")
     assert not [c for c in status.get("conditions") or [] if c["type"] == "Stalled" and c["status"] == "True"]
     e2e_report(f"operator killed {len(kills)}x (grace 0) during {name}: "
                + ", ".join(k for k, _ in kills) + f"; Jobs ever created: {len(owned)}; events "
