@@ -37,7 +37,7 @@ def node(local_cluster, monkeypatch):
 def _log(core, name: str, ns: str) -> str:
     """`kubectl logs` of the pod's container main ("" while there is none)."""
     try:
-        return core.read_namespaced_pod_log(name, ns, container="main")
+        return core.read_namespaced_pod_log(name, ns, container="main") or ""  # the client gives None for empty
     except client.ApiException:
         return ""
 
