@@ -46,17 +46,22 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-# e2e against KUBECONFIG / FINETUNE_E2E_KUBECONFIG when set, else the local control plane (real apiserver,
-# controller-manager, scheduler) with a real node: the upstream kubelet + Debian containerd + kube-proxy + CoreDNS
-# (hack/testenv/kubelet_node.py), the operator installed by Helm from the project's operator image, trainer pods
-# from the trainer image. The fixture builds everything once (binaries: hack/testenv/build.sh --with-kubelet;
-# images: hack/testenv/kubelet-images.sh, keyed by their content) and starts/stops the cluster. Needs root.
+# e2e against KUBECONFIG / FINETUNE_E2E_KUBECONFIG when set, else the local control plane
+# (real apiserver, controller-manager, scheduler + a test kubelet), started and stopped by the fixture.
 e2e: $(STAMP)
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-# The node's own checks only (runtime, logs through the API, the kubernetes Service, OOM, the chart's Deployment).
+# Opt-in, not part of `make test`: the local control plane plus a REAL node (Debian containerd + the upstream
+# kubelet, hack/testenv/kubelet_node.py) running pods from locally built images. Needs root, containerd, runc,
+# containernetworking-plugins, debootstrap + docker.io (image build). Cold: kubelet build + base and operator
+# images; warm: ~1 min. See hack/testenv/README.md "Real kubelet node". KUBELET_IMAGES=operator trainer adds
+# the 5.9 GB trainer image.
+KUBELET_IMAGES ?= operator
 e2e-kubelet: $(STAMP)
-	$(PY) -m pytest tests/e2e/test_kubelet_node.py $(PYTEST_ARGS)
+	$(TESTENV)/build.sh --with-kubelet
+	hack/images/build-pause.sh >/dev/null
+	$(TESTENV)/kubelet-images.sh $(KUBELET_IMAGES)
+	FINETUNE_E2E_NODE=kubelet FINETUNE_E2E_LOCAL=1 $(PY) -m pytest tests/e2e/test_kubelet_node.py $(PYTEST_ARGS)
 
 # Build/cache the local control plane binaries (cold ~20 min on 2 cores, warm < 1 s).
 testenv:

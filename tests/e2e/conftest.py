@@ -4,15 +4,17 @@ Which cluster:
   * ``FINETUNE_E2E_KUBECONFIG`` or ``KUBECONFIG`` set  -> that cluster (kind, a real one); nothing is started.
     ``FINETUNE_E2E_LOCAL=1`` ignores ``KUBECONFIG`` and starts the local one anyway.
   * otherwise -> the local control plane of ``hack/testenv/cluster.py`` (etcd, kube-apiserver,
-    kube-controller-manager, kube-scheduler) with a real node: Debian's containerd + the upstream kubelet +
-    kube-proxy + CoreDNS (``hack/testenv/kubelet_node.py``), pods from the project's own images
-    (``hack/testenv/kubelet-images.sh`` builds the operator, trainer and serve images once per content, before
-    the first test; the node imports them into a containerd store kept between sessions). The operator is
-    installed by Helm from the operator image; its trainer pods run the trainer image. Needs root;
-    ``hack/testenv/deps.sh kubelet`` (run here) installs the system packages. Binaries are built/cached by
-    ``hack/testenv/build.sh``; the cluster is started once per session and stopped by PID at the end (a
-    leftover process — a component or a pod's process — fails the session). ``FINETUNE_E2E_NODE=runner``
-    selects the old test-side pod runner (``hack/testenv/runner.py``) instead, until it is removed.
+    kube-controller-manager, kube-scheduler, kwok) with the pod runner ``hack/testenv/runner.py`` on node
+    ``finetune-runner``: pods really run there, as local processes in bubblewrap sandboxes (the system
+    packages come from ``hack/testenv/deps.sh``, run here). Binaries are built/cached by
+    ``hack/testenv/build.sh``; the cluster is started once per session and stopped by PID at the end
+    (a leftover process — a component or a pod's process — fails the session).
+
+``FINETUNE_E2E_NODE=kubelet`` replaces the pod runner with a real node: Debian's containerd + the upstream
+kubelet + kube-proxy + CoreDNS (``hack/testenv/kubelet_node.py``), pods from the project's own images
+(``hack/testenv/kubelet-images.sh`` builds the operator and trainer images once per content, before the first
+test; the node imports them). The operator is installed by Helm from the operator image and its trainer pods
+run the trainer image. It needs root; ``hack/testenv/deps.sh kubelet`` installs the system packages.
 
 A failed e2e test gets the tails of the pod logs written during it as a report section (on the kubelet node
 read as ``kubectl logs`` reads them: pods/log through the API server; under the runner its log files).
@@ -78,9 +80,8 @@ def _is_e2e(item) -> bool:
 
 
 def _kubelet_node() -> bool:
-    """The local cluster's node is the real kubelet + containerd node (the default); FINETUNE_E2E_NODE=runner
-    selects the old test-side pod runner instead (until it is removed)."""
-    return os.environ.get("FINETUNE_E2E_NODE", "kubelet").strip().lower() != "runner"
+    """FINETUNE_E2E_NODE=kubelet: the local cluster also runs a real kubelet + containerd node."""
+    return os.environ.get("FINETUNE_E2E_NODE", "").strip().lower() == "kubelet"
 
 
 def _given_kubeconfig() -> str | None:

@@ -1,6 +1,6 @@
 """The real kubelet node: upstream kubelet + containerd running pods from locally built images.
 
-The fixture in conftest.py starts `hack/testenv/kubelet_node.py` next to the
+With FINETUNE_E2E_NODE=kubelet the fixture in conftest.py starts `hack/testenv/kubelet_node.py` next to the
 control plane — node `finetune-kubelet`, the cluster's only node, untainted: every pod of the suite runs there.
 Under the pod runner every test here is skipped with the reason; nothing is claimed that did not run.
 
@@ -24,13 +24,14 @@ from pathlib import Path
 
 import pytest
 
-ENABLED = os.environ.get("FINETUNE_E2E_NODE", "kubelet").strip().lower() != "runner"
+ENABLED = os.environ.get("FINETUNE_E2E_NODE", "").strip().lower() == "kubelet"
 # A skip mark, not a skip in a fixture: without the opt-in no cluster is started for this module.
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(
         not ENABLED,
-        reason="FINETUNE_E2E_NODE=runner: the local cluster runs the test-side pod runner, not a kubelet",
+        reason="opt-in: the real kubelet + containerd node runs only with FINETUNE_E2E_NODE=kubelet "
+        "(make e2e-kubelet); it needs root, containerd, runc and containernetworking-plugins",
     ),
 ]
 
