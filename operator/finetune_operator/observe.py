@@ -249,9 +249,8 @@ def startup_clock(job: ObjView) -> dt.datetime | None:
     )
 
 
-def result_summary(pods: Sequence[ObjView]) -> dict[str, Any]:
-    """Output fields from a succeeded trainer's termination message, if it wrote JSON there."""
-    keys = ("weightsFile", "sha256", "bestEpoch", "valAccuracy", "valLoss", "testAccuracy", "sources")
+def _success_message(pods: Sequence[ObjView]) -> dict[str, Any]:
+    """The JSON summary a succeeded trainer left as its termination message (the newest pod's), or {}."""
     for pod in reversed(_by_age(pods)):
         term = _trainer_terminated(pod)
         if term and term.get("exitCode") == 0 and term.get("message"):
@@ -259,8 +258,22 @@ def result_summary(pods: Sequence[ObjView]) -> dict[str, Any]:
                 doc = json.loads(term["message"])
             except ValueError:
                 return {}
-            return {k: doc[k] for k in keys if isinstance(doc, dict) and k in doc}
+            return doc if isinstance(doc, dict) else {}
     return {}
+
+
+def result_summary(pods: Sequence[ObjView]) -> dict[str, Any]:
+    """Output fields from a succeeded trainer's termination message, if it wrote JSON there."""
+    keys = ("weightsFile", "sha256", "bestEpoch", "valAccuracy", "valLoss", "testAccuracy", "sources")
+    doc = _success_message(pods)
+    return {k: doc[k] for k in keys if k in doc}
+
+
+def epochs_run(pods: Sequence[ObjView]) -> int | None:
+    """How many epochs a succeeded trainer ran, from its termination message: the final progress even when
+    its last pushes found no operator to take them."""
+    value = _success_message(pods).get("epochs")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _annotation_int(pod: ObjView, key: str) -> int | None:

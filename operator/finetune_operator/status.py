@@ -59,7 +59,7 @@ def derive_status(
         "completionTime": (prev.get("completionTime") or verdict.completion_time)
         if verdict.phase in TERMINAL_PHASES
         else None,
-        "progress": _progress(ftj, prev),
+        "progress": _progress(ftj, prev, observe.epochs_run(pods) if verdict.phase == Phase.SUCCEEDED else None),
         "workers": _workers(prev, job, pods),
     }
     for key in ("resumeCount", "lastCheckpoint", "distillation"):  # the progress endpoint's; the teacher's
@@ -208,9 +208,12 @@ def _attempts(job: ObjView | None) -> int:
     return sum(int(counts.get(k) or 0) for k in ("active", "failed", "succeeded"))
 
 
-def _progress(ftj: FineTuneJob, prev: Mapping[str, Any]) -> dict[str, Any]:
-    """Progress as reported (kept as is), plus totalEpochs and the Epoch column's text."""
+def _progress(ftj: FineTuneJob, prev: Mapping[str, Any], finished: int | None = None) -> dict[str, Any]:
+    """Progress as reported (kept as is), plus totalEpochs and the Epoch column's text. `finished`: the epochs a
+    succeeded trainer says it ran; level-based, it wins over pushes lost while no operator was listening."""
     progress = dict(prev.get("progress") or {})
+    if finished is not None and finished > int(progress.get("epoch") or 0):
+        progress["epoch"] = finished
     progress.setdefault("totalEpochs", ftj.training.epochs)
     progress["epochText"] = f"{progress.get('epoch', 0)}/{progress['totalEpochs']}"
     return progress

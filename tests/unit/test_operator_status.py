@@ -180,6 +180,25 @@ def test_success_reads_a_json_termination_message_into_output() -> None:
     assert status["output"]["sha256"] == "ab12" and status["output"]["bestEpoch"] == 7
 
 
+def test_final_progress_comes_from_the_termination_message_when_the_last_pushes_were_lost() -> None:
+    # The operator was down while the last epochs ended: the status said 1 of 3 when the Job succeeded.
+    prev = {"phase": "Running", "reason": "Running", "progress": {"epoch": 1, "totalEpochs": 3, "epochText": "1/3"}}
+    done = job(conditions=[job_condition("Complete", "CompletionsReached")], succeeded=1)
+    summary = '{"weightsFile": "model.safetensors", "sha256": "ab12", "bestEpoch": 3, "valAccuracy": 0.9, "epochs": 3}'
+    status = derive(ftj(status=prev), done, [pod(phase="Succeeded", **terminated(0, "Completed", summary))])
+    assert (status["progress"]["epoch"], status["progress"]["epochText"]) == (3, "3/3")
+    assert "epochs" not in status["output"]  # progress, not an output field
+    # A pushed progress ahead of the message (or a message without it, from an older trainer) is kept.
+    ahead = {**prev, "progress": {"epoch": 3, "totalEpochs": 3, "epochText": "3/3", "step": 40}}
+    old = summary.replace(', "epochs": 3', "")
+    for before, message in ((ahead, summary), (prev, old), (prev, summary.replace("3}", '"3"}'))):
+        kept = derive(ftj(status=before), done, [pod(phase="Succeeded", **terminated(0, "Completed", message))])
+        assert kept["progress"]["epoch"] == before["progress"]["epoch"], message
+    # Only a succeeded trainer's word counts: a running job's progress is the pushes'.
+    running = derive(ftj(status=prev), job(active=1, ready=1), [RUNNING_POD])
+    assert running["progress"]["epoch"] == 1
+
+
 def test_success_carries_the_test_accuracy_when_the_job_had_a_test_split() -> None:
     done = job(conditions=[job_condition("Complete", "CompletionsReached")], succeeded=1)
     summary = ('{"weightsFile": "model.safetensors", "sha256": "ab12", "bestEpoch": 7, "valAccuracy": 0.93, '

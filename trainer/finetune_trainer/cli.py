@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{result.output / result.weights_file}", file=sys.stderr)
     # Kubernetes copies this into the pod status; the operator lifts it into status.output.
     summary = {"weightsFile": result.weights_file, "sha256": result.sha256, "bestEpoch": result.best_epoch,
-               "valAccuracy": result.val_accuracy, "valLoss": result.val_loss}
+               "valAccuracy": result.val_accuracy, "valLoss": result.val_loss, "epochs": result.epochs_run}
     if result.test_accuracy is not None:
         summary["testAccuracy"] = result.test_accuracy
     if sources := fetch.read_lineage(result.output):
