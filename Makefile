@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 TESTENV := hack/testenv
 
-.PHONY: demo demo-distill test venv lock lint fmt crd deploy chart-test images image-test unit integration e2e e2e-kubelet testenv cluster-up kind-e2e bench clean
+.PHONY: demo demo-distill test venv lock lint fmt crd deploy chart-test images image-test unit integration e2e testenv cluster-up kind-e2e bench clean
 
 venv: $(STAMP)
 
@@ -46,30 +46,24 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-# e2e against KUBECONFIG / FINETUNE_E2E_KUBECONFIG when set, else the local control plane
-# (real apiserver, controller-manager, scheduler + a test kubelet), started and stopped by the fixture.
+# e2e against KUBECONFIG / FINETUNE_E2E_KUBECONFIG when set, else the local cluster, started and stopped by the
+# fixture: the control plane (apiserver, controller-manager, scheduler, etcd) and one real node (Debian containerd
+# + the upstream kubelet, CNI, kube-proxy, CoreDNS; hack/testenv/kubelet_node.py) running the project's operator,
+# trainer and serve images, built once per content by hack/testenv/kubelet-images.sh. Needs root.
 e2e: $(STAMP)
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-# Opt-in, not part of `make test`: the local control plane plus a REAL node (Debian containerd + the upstream
-# kubelet, hack/testenv/kubelet_node.py) running pods from locally built images. Needs root, containerd, runc,
-# containernetworking-plugins, debootstrap + docker.io (image build). Cold: kubelet build + base and operator
-# images; warm: ~1 min. See hack/testenv/README.md "Real kubelet node". KUBELET_IMAGES=operator trainer adds
-# the 5.9 GB trainer image.
-KUBELET_IMAGES ?= operator
-e2e-kubelet: $(STAMP)
-	$(TESTENV)/build.sh --with-kubelet
-	hack/images/build-pause.sh >/dev/null
-	$(TESTENV)/kubelet-images.sh $(KUBELET_IMAGES)
-	FINETUNE_E2E_NODE=kubelet FINETUNE_E2E_LOCAL=1 $(PY) -m pytest tests/e2e/test_kubelet_node.py $(PYTEST_ARGS)
-
-# Build/cache the local control plane binaries (cold ~20 min on 2 cores, warm < 1 s).
+# Build/cache the local cluster's binaries (cold ~25 min on 2 cores, warm < 1 s).
 testenv:
-	$(TESTENV)/build.sh
+	$(TESTENV)/build.sh --with-kubelet
 
-# A local cluster to poke at by hand; Ctrl-C stops it.
+# A local cluster with its node and the project's images, to poke at by hand; Ctrl-C stops it.
 cluster-up: $(STAMP)
-	$(PY) $(TESTENV)/cluster.py up
+	$(TESTENV)/deps.sh
+	$(TESTENV)/build.sh --with-kubelet >/dev/null
+	export DOCKER_HOST=$${DOCKER_HOST:-unix:///run/finetune-docker/docker.sock}; \
+	  FINETUNE_KUBELET_IMAGES="$$($(TESTENV)/kubelet-images.sh | cut -d= -f2 | paste -sd:)" \
+	  $(PY) $(TESTENV)/cluster.py up --kubelet-node
 
 # For users with kind (cannot run on the CI machines: no kindest/node image there).
 kind-e2e:

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
     testenv = load_testenv()
     binaries = testenv.build_binaries(quiet=True, stream=False)
     nodes = max(1, -(-args.jobs // 100))  # kwok nodes hold 110 pods each
-    cluster = testenv.LocalCluster(binaries=binaries, runner=False, nodes=nodes)
+    cluster = testenv.LocalCluster(binaries=binaries, nodes=nodes)
     cluster.start()
     operator = None
     try:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build (once) and cache the binaries of the local e2e test environment from the Go module proxy:
 #   kube-apiserver, kube-controller-manager, kube-scheduler (and kubelet with --with-kubelet),
-#   etcd, kwok, helm — at the versions pinned in versions.env.
+#   etcd, kwok (bench/operator_scale.py's fake nodes), helm (and CoreDNS with --with-kubelet) — at the versions
+#   pinned in versions.env.
 #
 # Usage: hack/testenv/build.sh [--with-kubelet] [--quiet]
 #   stdout: one `name=/absolute/path` line per binary (for cluster.py); progress goes to stderr

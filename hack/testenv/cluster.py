@@ -16,14 +16,14 @@ What runs (binaries from build.sh, versions in versions.env), each a child proce
                              nodelifecycle, podgc, deployment, replicaset, ... with per-controller
                              service-account credentials (as kubeadm runs it)
     kube-scheduler
-    kwok                     keeps the nodes Ready (heartbeats, lease); on fake nodes "kwok-node-N" pods go
-                             Running, Job pods Succeeded, without executing anything
-    runner.py                node "finetune-runner" (label finetune.dev/runner=true): its pods really run as
-                             local processes in bubblewrap sandboxes (see runner.py); kwok plays no pod
-                             stage there. Fake nodes are tainted finetune.dev/fake-node:NoSchedule then.
-    containerd + kubelet     only with --kubelet-node / LocalCluster(kubelet_node=True): a real node
-                             "finetune-kubelet" running pods from locally built images (kubelet_node.py),
-                             tainted finetune.dev/kubelet-node:NoSchedule (opt-in per pod)
+    kwok                     only with nodes=N / --nodes N (bench/operator_scale.py): fake nodes "kwok-node-N"
+                             kept Ready; their pods go Running, Job pods Succeeded, without executing anything
+    the node                 with --kubelet-node / LocalCluster(kubelet_node=True), as tests/e2e runs it: the
+                             cluster's only node, "finetune-kubelet" (kubelet_node.py): Debian's containerd +
+                             the upstream kubelet running pods from locally built images, CNI bridge
+                             networking, kube-proxy (Service IPs), CoreDNS (Service and pod host names) and a
+                             hostPath provisioner (provisioner.py) for PVCs. Without it there is no node: the
+                             integration tier plays the kubelet itself (tests/integration/apiserver_util.py).
 
 Everything lives in one work directory: pki/, etcd data, logs/<component>.log, kubeconfig (admin,
 client-certificate auth, system:masters), state.json (PIDs). Use from Python:
@@ -54,20 +54,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BUILD_SH = HERE / "build.sh"
 VERSIONS_ENV = HERE / "versions.env"
-RUNNER_PY = HERE / "runner.py"
 DEPS_SH = HERE / "deps.sh"
 KUBELET_NODE_PY = HERE / "kubelet_node.py"
 PROVISIONER_PY = HERE / "provisioner.py"
 
-# The node whose pods really run (hack/testenv/runner.py): kwok keeps it Ready, plays no pod stage on it.
-RUNNER_NODE = "finetune-runner"
-RUNNER_LABEL = "finetune.dev/runner"
-# kwok-only nodes (pods "run" without executing) get this taint when a runner node exists.
-FAKE_NODE_TAINT = {"key": "finetune.dev/fake-node", "value": "true", "effect": "NoSchedule"}
-
 SERVICE_CIDR = "10.96.0.0/16"
+POD_CIDR = "10.244.0.1/16"  # kwok's fake pods
 SERVICE_IP = "10.96.0.1"
-POD_CIDR = "10.244.0.1/16"
 CLUSTER_DOMAIN = "cluster.local"
 
 # A normal cluster's controller set, minus cloud/IPAM/CSR bits that need infrastructure we don't have.
@@ -237,7 +230,7 @@ class PKI:
 
 
 def kubelet_image_dir() -> Path:
-    """Where `make e2e-kubelet` leaves `docker save` archives for the kubelet node (hack/testenv/kubelet-images.sh)."""
+    """The node's image cache: its containerd store (kept between sessions) and any `docker save` archives."""
     cache = os.environ.get("FINETUNE_TESTENV_CACHE") or Path.home() / ".cache" / "finetune-operator" / "testenv"
     return Path(cache) / "images"
 
@@ -299,36 +292,30 @@ def write_kubeconfig(path: Path, server: str, ca: Path, crt: Path, key: Path, us
 
 # ---------------------------------------------------------------------------------------------- cluster
 class LocalCluster:
-    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok nodes in `workdir`."""
+    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler (+ the real node) in `workdir`."""
 
     def __init__(
         self,
         workdir: Path | str | None = None,
-        nodes: int | None = None,
+        nodes: int = 0,
         detach: bool = False,
         binaries: dict[str, Path] | None = None,
-        runner: bool = True,
         kubelet_node: bool = False,
         kubelet_images: list[Path | str] | None = None,
     ):
-        """nodes: kwok-only (fake) nodes, default 0 with the runner or the kubelet node, else 1.
+        """nodes: kwok fake nodes (for scale benchmarks: pods are scheduled, nothing runs).
 
-        kubelet_node: also start containerd + the real kubelet as node `finetune-kubelet` (kubelet_node.py);
-        kubelet_images: images imported into its containerd before it starts: names of Docker images
+        kubelet_node: also start containerd + the real kubelet as node `finetune-kubelet` (kubelet_node.py),
+        the cluster's only node, with kube-proxy, CoreDNS and the hostPath provisioner (provisioner.py) next to
+        it; kubelet_images: images imported into its containerd before it starts: names of Docker images
         (`docker save | ctr import`) or archives (`docker save` / OCI); None: default_kubelet_images().
-        Without the runner the kubelet node is the cluster's only node (no taint), with kube-proxy, CoreDNS
-        and the local-path provisioner (provisioner.py) next to it.
         """
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="finetune-testenv-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logs = self.workdir / "logs"
         self.kubeconfig = self.workdir / "kubeconfig"
         self.state_file = self.workdir / "state.json"
-        self.runner = runner
-        self.runner_dir = self.workdir / "runner"
-        self.pod_logs = self.logs / "pods"
-        fake = nodes if nodes is not None else (0 if runner or kubelet_node else 1)
-        self.nodes = ([RUNNER_NODE] if runner else []) + [f"kwok-node-{i}" for i in range(fake)]
+        self.nodes = [f"kwok-node-{i}" for i in range(nodes)]
         self.detach = detach  # True: children survive this Python process (CLI `start`)
         self.binaries = binaries
         self.procs: dict[str, subprocess.Popen] = {}
@@ -433,31 +420,13 @@ class LocalCluster:
         state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         known = state.get("all_pids", {})
         stray = {n: p for n, p in known.items() if self._is_ours(p, state.get("exe", {}).get(n))}
-        # Pod processes of the runner (bwrap sandboxes), as it last recorded them.
-        procs_file = self.runner_dir / "procs.json"
-        with contextlib.suppress(OSError, ValueError):
-            procs = json.loads(procs_file.read_text())
-            for name, (pid, _) in procs.get("procs", {}).items():
-                if self._is_ours(pid, procs.get("bwrap")):
-                    stray[f"pod {name}"] = pid
         if state.get("kubelet_node"):  # containers and runc shims of the kubelet node
             stray.update(_load_kubelet_node().KubeletNode(self.node_dir, state["kubelet_node"]).stray())
         return stray
 
     def pod_log_tails(self, since: float = 0.0, max_bytes: int = 3000) -> list[tuple[str, str]]:
-        """(name, tail) of every pod container log written since `since` (time.time()): the runner's files,
-        or on the kubelet node what `kubectl logs` reads (pods/log through the API server from the kubelet)."""
-        if not self.runner:
-            return self._api_log_tails(since, max_bytes)
-        out = []
-        for f in sorted(self.pod_logs.glob("*.log")) if self.pod_logs.is_dir() else []:
-            with contextlib.suppress(OSError):
-                if f.stat().st_mtime >= since:
-                    data = f.read_bytes()
-                    out.append((f.name, data[-max_bytes:].decode(errors="replace")))
-        return out
-
-    def _api_log_tails(self, since: float, max_bytes: int) -> list[tuple[str, str]]:
+        """(name, tail) of every pod container started since `since` (time.time()), as `kubectl logs` reads
+        them: pods/log through the API server from the kubelet."""
         out = []
         status, pods = self.api("GET", "/api/v1/pods")
         for pod in pods.get("items", []) if status == 200 else []:
@@ -485,15 +454,14 @@ class LocalCluster:
 
     @property
     def host_address(self) -> str:
-        """Where pods reach a server on this host: the runner's pods share its loopback; the kubelet node's pods
-        reach the node at its bridge address (its InternalIP)."""
-        if self.runner or not self.kubelet_node:
+        """Where pods reach a server on this host: the node at its bridge address (its InternalIP)."""
+        if not self.kubelet_node:
             return "127.0.0.1"
         state = self._node.state if self._node else json.loads(self.state_file.read_text())["kubelet_node"]
         return state["gateway"]
 
     def pvc_dir(self, namespace: str, claim: str) -> Path | None:
-        """The host directory behind a bound PVC (its PV's hostPath: the provisioner's or the runner's)."""
+        """The host directory behind a bound PVC (its PV's hostPath, made by provisioner.py)."""
         status, pvc = self.api("GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}")
         volume = pvc.get("spec", {}).get("volumeName") if status == 200 else None
         if not volume:
@@ -590,7 +558,6 @@ class LocalCluster:
                 "kubeconfig": str(self.kubeconfig),
                 "server": self.server,
                 "ports": self.ports,
-                "nodes": self.nodes,
                 "pids": self.pids,
                 "all_pids": {**state.get("all_pids", {}), **self.pids},
                 "exe": {**state.get("exe", {}), **{n: str(self.binaries[n]) for n in self.pids}},
@@ -676,11 +643,6 @@ class LocalCluster:
         self.binaries = dict(self.binaries)
         if self.kubelet_node and "kubelet" not in self.binaries:
             self.binaries.update(build_binaries(with_kubelet=True, quiet=True, stream=False))
-        if self.runner:
-            missing = [b for b in ("bwrap", "setpriv") if not shutil.which(b)]
-            if missing:
-                raise ClusterError(f"the pod runner needs {missing}: run {DEPS_SH} (Debian: bubblewrap, util-linux)")
-            self.binaries["runner"] = Path(sys.executable)
         self.timings["binaries"] = time.monotonic() - t
         self.logs.mkdir(parents=True, exist_ok=True)
         w = self.workdir
@@ -704,8 +666,6 @@ class LocalCluster:
         kcm_crt, kcm_key = pki.make_cert("controller-manager", "system:kube-controller-manager")
         sched_crt, sched_key = pki.make_cert("scheduler", "system:kube-scheduler")
         kwok_crt, kwok_key = pki.make_cert("kwok", "kwok-controller", org="system:masters")
-        if self.runner:  # the runner acts as the node's kubelet: Node authorizer + NodeRestriction apply
-            node_crt, node_key = pki.make_cert("runner-node", f"system:node:{RUNNER_NODE}", org="system:nodes")
         if self.kubelet_node:
             knode = _load_kubelet_node()
             # The API server's client certificate for kubelets (logs, exec, port-forward), as kubeadm makes it.
@@ -776,7 +736,7 @@ class LocalCluster:
                 "--allow-privileged=true",
                 "--profiling=false",
                 # A loopback advertise address is refused by the lease reconciler; nothing in-cluster
-                # reaches the API through the `kubernetes` Service here (kwok pods run nothing).
+                # reaches the API through the `kubernetes` Service here.
                 "--endpoint-reconciler-type=none",
                 "--event-ttl=1h",
                 "--v=1",
@@ -837,12 +797,12 @@ class LocalCluster:
                 "--v=1",
             ],
         )
-        if self.nodes:  # kwok keeps the runner's and the fake nodes Ready; the kubelet node is real
+        if self.nodes:  # kwok keeps the fake nodes Ready and plays their pods' lives
             self._spawn(
                 "kwok",
                 [
                     f"--kubeconfig={kwok_kc}",
-                    f"--config={self._kwok_stages()}",
+                    f"--config={self.binaries['kwok-stages']}",
                     "--manage-all-nodes=false",
                     "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                     f"--cidr={POD_CIDR}",
@@ -851,8 +811,7 @@ class LocalCluster:
                     "--node-lease-duration-seconds=40",
                 ],
             )
-        # Nodes can be created as soon as the API is up; kwok and the node-lifecycle controller do the rest.
-        for node in self.nodes:
+        for node in self.nodes:  # as soon as the API is up; kwok and the node-lifecycle controller do the rest
             self._create_node(node)
         self._wait(
             "kube-controller-manager",
@@ -866,29 +825,8 @@ class LocalCluster:
         )
         if self.nodes:
             self._wait("kwok", lambda: self._http_ok(self.ports["kwok"], "/healthz"), deadline)
-        if self.runner:
-            self.runner_dir.mkdir(parents=True, exist_ok=True)
-            self.pod_logs.mkdir(parents=True, exist_ok=True)
-            self._spawn(
-                "runner",
-                [
-                    str(RUNNER_PY),
-                    f"--node={RUNNER_NODE}",
-                    f"--server={self.server}",
-                    f"--ca={ca}",
-                    f"--cert={node_crt}",
-                    f"--key={node_key}",
-                    f"--admin-cert={admin_crt}",
-                    f"--admin-key={admin_key}",
-                    f"--workdir={self.runner_dir}",
-                    f"--logs={self.pod_logs}",
-                    f"--repo={HERE.parents[1]}",
-                ],
-            )
-        self._wait("nodes ready", self._nodes_ready, deadline, interval=0.25)
+            self._wait("nodes ready", lambda: all(self._node_ready(n) for n in self.nodes), deadline, interval=0.25)
         self._wait("default service account", self._default_sa, deadline, interval=0.25)
-        if self.runner:
-            self._wait("runner", lambda: (self.runner_dir / "ready").exists(), deadline, interval=0.05)
         if self.kubelet_node:
             self._start_kubelet_node(knode, deadline)
 
@@ -896,7 +834,7 @@ class LocalCluster:
         """containerd + kubelet as node finetune-kubelet (see kubelet_node.py); state kept in state.json."""
         t = time.monotonic()
         store = self._lock_image_store()
-        node = self._node = knode.KubeletNode(self.node_dir, taint=self.runner, image_store=store)
+        node = self._node = knode.KubeletNode(self.node_dir, image_store=store)
         self._save_node_state()  # from here on, stop() knows what to tear down
         try:
             node.prepare(
@@ -923,8 +861,6 @@ class LocalCluster:
         self._spawn("kubelet", [], argv=node.kubelet_argv(self.binaries["kubelet"], proc.pid))
         self._wait("kubelet node ready", lambda: self._node_ready(knode.NODE_NAME), deadline, interval=0.2)
         self.timings["kubelet start -> node Ready"] = time.monotonic() - t_kubelet
-        if self.runner:  # the runner's node keeps serving the rest of the suite: no Services, DNS, volumes here
-            return
         self._spawn("kube-proxy", [], argv=node.kube_proxy_argv(self.binaries["kube-proxy"]))
         self._spawn("coredns", [], argv=node.coredns_argv(self.binaries["coredns"]))
         self.binaries["provisioner"] = Path(sys.executable)
@@ -972,31 +908,6 @@ class LocalCluster:
         taints = [t["key"] for t in node.get("spec", {}).get("taints", [])]
         return conds.get("Ready") == "True" and not any(k.startswith("node.kubernetes.io/") for k in taints)
 
-    def _kwok_stages(self) -> Path:
-        """kwok's stages, with the pod stages excluded from the runner's node (the runner owns those pods)."""
-        src = Path(self.binaries["kwok-stages"]).read_text()
-        if not self.runner:
-            return Path(self.binaries["kwok-stages"])
-        exclude = (
-            "    matchExpressions:\n"
-            "    - key: '.spec.nodeName'\n"
-            "      operator: 'NotIn'\n"
-            "      values:\n"
-            f"      - '{RUNNER_NODE}'\n"
-        )
-        docs = []
-        for doc in src.split("\n---\n"):
-            if "kind: Pod\n" in doc:
-                if "    matchExpressions:\n" not in doc:
-                    raise ClusterError(
-                        "kwok pod stage without selector.matchExpressions: cannot exclude the runner node"
-                    )
-                doc = doc.replace("    matchExpressions:\n", exclude, 1)
-            docs.append(doc)
-        out = self.workdir / "kwok-stages.yaml"
-        out.write_text("\n---\n".join(docs))
-        return out
-
     def _create_node(self, name: str) -> None:
         node = {
             "apiVersion": "v1",
@@ -1004,37 +915,17 @@ class LocalCluster:
             "metadata": {
                 "name": name,
                 "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-                "labels": {
-                    "kubernetes.io/arch": "amd64",
-                    "kubernetes.io/os": "linux",
-                    "kubernetes.io/hostname": name,
-                    "type": "kwok",
-                    **({RUNNER_LABEL: "true"} if name == RUNNER_NODE else {}),
-                },
+                "labels": {"kubernetes.io/arch": "amd64", "kubernetes.io/os": "linux",
+                           "kubernetes.io/hostname": name, "type": "kwok"},
             },
-            "spec": {"taints": [FAKE_NODE_TAINT]} if self.runner and name != RUNNER_NODE else {},
             "status": {
                 "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110", "ephemeral-storage": "500Gi"},
                 "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110", "ephemeral-storage": "500Gi"},
             },
-        }
+        }  # fmt: skip
         status, body = self.api("POST", "/api/v1/nodes", node)
         if status not in (200, 201, 409):
             raise ClusterError(f"creating node {name}: HTTP {status}: {body}")
-
-    def _nodes_ready(self) -> bool:
-        for name in self.nodes:
-            status, node = self.api("GET", f"/api/v1/nodes/{name}")
-            if status != 200:
-                return False
-            conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
-            if conds.get("Ready") != "True":
-                return False
-            # The node-lifecycle controller removes the not-ready taint once the node reports Ready.
-            taints = [t["key"] for t in node.get("spec", {}).get("taints", [])]
-            if any(k.startswith("node.kubernetes.io/") for k in taints):
-                return False
-        return True
 
     def _default_sa(self) -> bool:
         status, _ = self.api("GET", "/api/v1/namespaces/default/serviceaccounts/default")
@@ -1052,13 +943,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workdir", type=Path, default=None, help="default: $FINETUNE_TESTENV_DIR or /tmp/finetune-testenv"
     )
-    ap.add_argument("--nodes", type=int, default=None, help="kwok-only nodes (default: 0 with the runner, 1 without)")
-    ap.add_argument("--no-runner", action="store_true", help="no pod runner: every node is a kwok fake")
+    ap.add_argument("--nodes", type=int, default=0, help="kwok fake nodes (pods scheduled, nothing runs)")
     ap.add_argument("--with-kubelet", action="store_true", help="build: also build the kubelet")
     ap.add_argument(
         "--kubelet-node",
         action="store_true",
-        help="also run a real node: containerd + kubelet (node finetune-kubelet, see kubelet_node.py)",
+        help="also run the real node: containerd + kubelet, kube-proxy, CoreDNS (see kubelet_node.py); without "
+        "it the cluster has no node",
     )
     ap.add_argument(
         "--kubelet-image",
@@ -1098,7 +989,6 @@ def main(argv: list[str] | None = None) -> int:
         workdir,
         nodes=args.nodes,
         detach=args.command == "start",
-        runner=not args.no_runner,
         kubelet_node=args.kubelet_node,
         kubelet_images=args.kubelet_image,
     )

@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # System packages of the local e2e cluster's node, installed when missing:
 #
-#   hack/testenv/deps.sh kubelet   # the real node (kubelet_node.py) and its images (hack/images/)
-#   hack/testenv/deps.sh runner    # the pod runner (runner.py): bwrap, setpriv
+#   hack/testenv/deps.sh           # the real node (kubelet_node.py) and its images (hack/images/)
 #
 # Idempotent: a no-op (no apt, no network) when everything is present. Installing needs root and apt-get.
 # Exit codes: 0 ready, 1 could not install (the message says what to install).
 set -euo pipefail
 
 declare -A pkg_of
-case "${1:-runner}" in
-  runner) pkg_of=([bwrap]=bubblewrap [setpriv]=util-linux) ;;
+case "${1:-kubelet}" in
   kubelet)
     # containerd + ctr (CRI runtime, image import), runc, the CNI plugins (bridge, host-local, loopback),
     # iptables (kube-proxy, the pod bridge's rules), ip, unshare/nsenter (the node's mount namespace), gcc
@@ -19,7 +17,7 @@ case "${1:-runner}" in
             [iptables]=iptables [ip]=iproute2 [nsenter]=util-linux [unshare]=util-linux [gcc]=gcc
             [debootstrap]=debootstrap [dockerd]=docker.io)
     ;;
-  *) echo "usage: $0 [runner|kubelet]" >&2; exit 2 ;;
+  *) echo "usage: $0 [kubelet]" >&2; exit 2 ;;
 esac
 have() { if [[ $1 == /* ]]; then [[ -e $1 ]]; else command -v "$1" >/dev/null 2>&1; fi; }
 missing=()

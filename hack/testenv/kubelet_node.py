@@ -12,7 +12,7 @@ library only. What it sets up, all of it under `<cluster workdir>/kubelet-node/`
                  certificate system:node:finetune-kubelet (Node authorizer + NodeRestriction), serving
                  certificate from the cluster CA, webhook authn/authz (so `kubectl logs` works through the
                  API server), cgroupfs driver under its own cgroup root, image GC off (no registry to pull
-                 evicted images back from), registered with the taint finetune.dev/kubelet-node:NoSchedule
+                 evicted images back from); the cluster's only node, untainted
 
 Both run in a private mount namespace (`unshare --mount --propagation private`; the kubelet joins it with
 `nsenter`): a tmpfs on /run (containerd's shim sockets under /run/containerd/s are a fixed path), the work
@@ -25,8 +25,8 @@ they.
 Pod network: a bridge (`ftk-<id>`, 10.245.N.0/24) made here, CNI bridge + host-local on it, no masquerade
 (pods reach nothing outside the node). Pods reach the API server as in a real cluster, through the
 `kubernetes` Service (10.96.0.1:443): one DNAT rule in a chain of our own (what kube-proxy would do) sends it
-to the API server on 127.0.0.1 (`route_localnet` on our bridge only). No kube-proxy, no DNS: other Services
-are not reachable from these pods.
+to the API server on 127.0.0.1 (`route_localnet` on our bridge only). kube-proxy (iptables) serves the other
+Services and CoreDNS their names (kube_proxy_argv, coredns_argv; cluster.py starts both).
 
 Teardown (stop()): kubelet SIGTERM; every process in the node's cgroup tree (the pods) SIGKILL; containerd
 SIGTERM; every process left in the private mount namespace (the runc shims) SIGKILL; cgroups removed;
@@ -52,8 +52,6 @@ BUILD_PAUSE = REPO / "hack" / "images" / "build-pause.sh"
 
 NODE_NAME = "finetune-kubelet"
 NODE_LABEL = "finetune.dev/kubelet-node"
-# Pods land here only when they ask to (the rest of the e2e suite keeps running on the pod runner).
-NODE_TAINT = {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}
 SERVICE_IP = "10.96.0.1"  # the `kubernetes` Service (first address of cluster.py's service range)
 CLUSTER_DOMAIN = "cluster.local"
 
@@ -178,12 +176,11 @@ def _kill_all(pids_fn, sig: int, wait: float) -> list[int]:
 class KubeletNode:
     """containerd + kubelet for LocalCluster; `spawn(name, argv, exe)` is the cluster's child launcher."""
 
-    def __init__(self, root: Path, state: dict | None = None, taint: bool = True, image_store: Path | None = None):
+    def __init__(self, root: Path, state: dict | None = None, image_store: Path | None = None):
         """image_store: containerd's root kept between sessions (its images stay imported; the caller holds its
         lock: one node at a time); None: a root in the work dir, gone with it."""
         self.root = root
         self.state: dict = state or {}
-        self.taint = taint  # False: the cluster's only node for pods (the default e2e node)
         self.image_store = image_store
 
     # ------------------------------------------------------------------ set-up
@@ -550,7 +547,6 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "imageGCLowThresholdPercent": 99,
             "evictionHard": {"memory.available": "100Mi", "nodefs.available": "2%", "imagefs.available": "2%"},
             "registerNode": True,
-            "registerWithTaints": [NODE_TAINT] if self.taint else [],
             # Cluster DNS: CoreDNS on the bridge's gateway address (see coredns_argv). The host's resolv.conf
             # is not passed on: its servers (often a loopback stub) are unreachable from pod networks.
             "clusterDNS": [st["gateway"]],

@@ -4,20 +4,17 @@ Which cluster:
   * ``FINETUNE_E2E_KUBECONFIG`` or ``KUBECONFIG`` set  -> that cluster (kind, a real one); nothing is started.
     ``FINETUNE_E2E_LOCAL=1`` ignores ``KUBECONFIG`` and starts the local one anyway.
   * otherwise -> the local control plane of ``hack/testenv/cluster.py`` (etcd, kube-apiserver,
-    kube-controller-manager, kube-scheduler, kwok) with the pod runner ``hack/testenv/runner.py`` on node
-    ``finetune-runner``: pods really run there, as local processes in bubblewrap sandboxes (the system
-    packages come from ``hack/testenv/deps.sh``, run here). Binaries are built/cached by
-    ``hack/testenv/build.sh``; the cluster is started once per session and stopped by PID at the end
-    (a leftover process — a component or a pod's process — fails the session).
+    kube-controller-manager, kube-scheduler) with one real node: Debian's containerd + the upstream kubelet,
+    CNI bridge networking, kube-proxy, CoreDNS and a hostPath provisioner (``hack/testenv/kubelet_node.py``).
+    Pods run the project's own images: ``hack/testenv/kubelet-images.sh`` builds the operator, trainer and
+    serve images once per content, before the first test, and the node imports them. The operator is
+    installed by Helm from the operator image and its trainer pods run the trainer image. It needs root;
+    ``hack/testenv/deps.sh`` installs the system packages, ``hack/testenv/build.sh`` builds/caches the
+    binaries. The cluster is started once per session and stopped by PID at the end (a leftover process — a
+    component, a container or its shim — fails the session).
 
-``FINETUNE_E2E_NODE=kubelet`` replaces the pod runner with a real node: Debian's containerd + the upstream
-kubelet + kube-proxy + CoreDNS (``hack/testenv/kubelet_node.py``), pods from the project's own images
-(``hack/testenv/kubelet-images.sh`` builds the operator and trainer images once per content, before the first
-test; the node imports them). The operator is installed by Helm from the operator image and its trainer pods
-run the trainer image. It needs root; ``hack/testenv/deps.sh kubelet`` installs the system packages.
-
-A failed e2e test gets the tails of the pod logs written during it as a report section (on the kubelet node
-read as ``kubectl logs`` reads them: pods/log through the API server; under the runner its log files).
+A failed e2e test gets the tails of the logs of the pods started during it as a report section, read as
+``kubectl logs`` reads them (pods/log through the API server, from the kubelet).
 
 When no cluster can be provisioned (no Go toolchain, build failure, ...) the e2e tests are skipped with the
 reason, except with ``CI=true``, where that is a failure. The component logs of a session with a failed
@@ -53,7 +50,7 @@ E2E_DIR = Path(__file__).resolve().parent
 _failed_key = pytest.StashKey[bool]()
 _report_key = pytest.StashKey[list]()
 _build_key = pytest.StashKey[object]()  # {name: Path} from build.sh, or the ClusterError it raised
-_images_key = pytest.StashKey[dict]()  # kubelet node: {"operator"|"trainer"|"serve": image} (kubelet-images.sh)
+_images_key = pytest.StashKey[dict]()  # {"operator"|"trainer"|"serve": image} (kubelet-images.sh)
 _cluster_key = pytest.StashKey[object]()  # the session's LocalCluster
 _started_key = pytest.StashKey[float]()  # per test: when it started (time.time())
 
@@ -77,11 +74,6 @@ def _load_testenv():
 
 def _is_e2e(item) -> bool:
     return E2E_DIR in Path(str(item.fspath)).parents
-
-
-def _kubelet_node() -> bool:
-    """FINETUNE_E2E_NODE=kubelet: the local cluster also runs a real kubelet + containerd node."""
-    return os.environ.get("FINETUNE_E2E_NODE", "").strip().lower() == "kubelet"
 
 
 def _given_kubeconfig() -> str | None:
@@ -110,11 +102,11 @@ def pytest_collection_finish(session):
     ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
     with ctx:  # a cold build shows its progress live
         try:
-            config.stash[_build_key] = testenv.build_binaries(with_kubelet=_kubelet_node(), quiet=True, stream=True)
+            config.stash[_build_key] = testenv.build_binaries(with_kubelet=True, quiet=True, stream=True)
         except testenv.ClusterError as e:
             config.stash[_build_key] = e
             return
-        problem = _install_deps(testenv) or (_build_images(config, testenv) if _kubelet_node() else None)
+        problem = _install_deps(testenv) or _build_images(config, testenv)
         if problem:
             config.stash[_build_key] = testenv.ClusterError(problem)
 
@@ -123,15 +115,15 @@ def _install_deps(testenv) -> str | None:
     """Run hack/testenv/deps.sh (the node's system packages; a no-op when present)."""
     import subprocess
 
-    profile = "kubelet" if _kubelet_node() else "runner"
-    proc = subprocess.run(["bash", str(testenv.DEPS_SH), profile], capture_output=True, text=True, check=False)
+    proc = subprocess.run(["bash", str(testenv.DEPS_SH)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        return f"{testenv.DEPS_SH.name} {profile} failed: {proc.stderr.strip()[-800:]}"
+        return f"{testenv.DEPS_SH.name} failed: {proc.stderr.strip()[-800:]}"
     return None
 
 
 def _build_images(config, testenv) -> str | None:
-    """hack/testenv/kubelet-images.sh: the operator and trainer images (built once per content; warm: hashing)."""
+    """hack/testenv/kubelet-images.sh: the operator, trainer and serve images (built once per content; warm:
+    hashing)."""
     import subprocess
 
     script = REPO / "hack" / "testenv" / "kubelet-images.sh"
@@ -143,7 +135,7 @@ def _build_images(config, testenv) -> str | None:
     images = dict(line.split("=", 1) for line in proc.stdout.split() if "=" in line)
     config.stash[_images_key] = images
     config.stash.setdefault(_report_key, []).append(
-        f"e2e: images for the kubelet node ready in {time.monotonic() - t0:.1f} s: "
+        f"e2e: images for the node ready in {time.monotonic() - t0:.1f} s: "
         + ", ".join(f"{k} {v}" for k, v in images.items())
     )
     return None
@@ -199,7 +191,7 @@ def local_cluster(request) -> Iterator[object | None]:
     binaries = request.config.stash.get(_build_key, None)
     if binaries is None:  # collection hook did not run (e.g. a plugin reordered things): build now
         try:
-            binaries = testenv.build_binaries(quiet=True, stream=False)
+            binaries = testenv.build_binaries(with_kubelet=True, quiet=True, stream=False)
         except testenv.ClusterError as e:
             binaries = e
     if isinstance(binaries, Exception):
@@ -209,14 +201,13 @@ def local_cluster(request) -> Iterator[object | None]:
         if problem:
             _unavailable(problem)
     images = request.config.stash.get(_images_key, {})
-    if _kubelet_node() and not images:
+    if not images:
         problem = _build_images(request.config, testenv)
         images = request.config.stash.get(_images_key, {})
         if problem:
             _unavailable(problem)
     os.environ["DOCKER_HOST"] = _docker_host()  # the node imports the images with `docker save`
-    cluster = testenv.LocalCluster(binaries=binaries, kubelet_node=_kubelet_node(), runner=not _kubelet_node(),
-                                   kubelet_images=list(images.values()))  # fmt: skip
+    cluster = testenv.LocalCluster(binaries=binaries, kubelet_node=True, kubelet_images=list(images.values()))
     cluster.images = images
     try:
         cluster.start()
@@ -230,21 +221,15 @@ def local_cluster(request) -> Iterator[object | None]:
         f"e2e: local control plane {cluster.server} started in {cluster.timings.get('total', 0):.1f} s, "
         f"RSS {sum(rss.values()) / 2**20:.0f} MiB (" + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items()) + ")"
     )
-    if images:
-        request.config.stash.setdefault(_report_key, []).append(
-            "e2e: pods run on the real kubelet node (containerd, CNI, kube-proxy, CoreDNS); trainer pods from "
-            f"{images['trainer']}, the operator from {images['operator']}; "
-            + ", ".join(f"{k} {v:.1f} s" for k, v in cluster.timings.items() if k.startswith(("import", "kubelet")))
-        )
+    request.config.stash.setdefault(_report_key, []).append(
+        "e2e: pods run on the real kubelet node (containerd, CNI, kube-proxy, CoreDNS); trainer pods from "
+        f"{images['trainer']}, the operator from {images['operator']}; "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in cluster.timings.items() if k.startswith(("import", "kubelet")))
+    )
     request.config.stash[_cluster_key] = cluster
     try:
         yield cluster
     finally:
-        rss = cluster.rss_bytes().get("runner")
-        if rss:
-            request.config.stash.setdefault(_report_key, []).append(
-                f"e2e: pod runner RSS at the end of the session: {rss / 2**20:.0f} MiB"
-            )
         cluster.stop()
         stray = cluster.stray_pids()
         failed = request.config.stash.get(_failed_key, False)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from operator_util import CHART, OWNER_UID_LABEL, Jobs, apply_crds, free_port, helm, http_get, raw, wait_phase
+from operator_util import CHART, OWNER_UID_LABEL, Jobs, apply_crds, helm, raw, wait_phase
 
 OPERATOR_SELECTOR = "app.kubernetes.io/name=finetune-operator,app.kubernetes.io/component=operator"
 OUTPUT_PVC = "finetune-outputs"
@@ -54,11 +54,6 @@ class OperatorEnv:
     def core(self) -> client.CoreV1Api:
         return client.CoreV1Api(self.api)
 
-    @property
-    def on_runner(self) -> bool:
-        """The local cluster's pod runner runs the pods (host network, log files); False on a real kubelet."""
-        return self.local_cluster is not None and bool(getattr(self.local_cluster, "runner", False))
-
     def pvc_dir(self, claim: str, namespace: str | None = None) -> Path | None:
         """The host directory of a PVC on the local cluster (its PV's hostPath); None on other clusters."""
         if self.local_cluster is None:
@@ -69,12 +64,9 @@ class OperatorEnv:
         return self.core.list_namespaced_pod(self.operator_namespace, label_selector=OPERATOR_SELECTOR).items
 
     def container_log(self, namespace: str, pod: str, container: str) -> str:
-        """A container's whole log: the runner's file, else `kubectl logs` (pods/log through the API server)."""
-        if self.on_runner:
-            f = Path(self.local_cluster.pod_logs) / f"{namespace}_{pod}_{container}.log"
-            return f.read_text(errors="replace") if f.exists() else ""
+        """A container's whole log, as `kubectl logs` reads it (pods/log through the API server)."""
         try:
-            return self.core.read_namespaced_pod_log(pod, namespace, container=container)
+            return self.core.read_namespaced_pod_log(pod, namespace, container=container) or ""
         except client.ApiException:
             return ""
 
@@ -91,32 +83,25 @@ class OperatorEnv:
         return "operator push counters: " + " ".join(counters) + "\ntrainer log (not JSON):\n" + "\n".join(lines)
 
     def operator_log(self, max_bytes: int = 4000) -> str:
-        """The operator's log tail (files of the local runner, else the API: `kubectl logs`)."""
+        """The operator's log tail, as `kubectl logs` reads it."""
         out = []
         for pod in self.operator_pods():
             name = pod.metadata.name
-            if self.on_runner:
-                f = Path(self.local_cluster.pod_logs) / f"{self.operator_namespace}_{name}_operator.log"
-                text = f.read_bytes()[-max_bytes:].decode(errors="replace") if f.exists() else "(no log file)"
-            else:
-                try:
-                    text = self.core.read_namespaced_pod_log(name, self.operator_namespace, tail_lines=40)
-                except client.ApiException as e:
-                    text = f"(log unavailable: {e.status})"
+            try:
+                text = self.core.read_namespaced_pod_log(name, self.operator_namespace, tail_lines=40,
+                                                         limit_bytes=max_bytes)
+            except client.ApiException as e:
+                text = f"(log unavailable: {e.status})"
             out.append(f"--- {name}\n{text}")
         return "\n".join(out) or "(no operator pod)"
 
     def forbidden(self) -> str | None:
         """The operator's log lines about 403 Forbidden answers (a permission the chart's RBAC lacks), if any."""
         texts = []
-        if self.on_runner:  # every operator pod of this run, restarted ones included
-            for f in sorted(Path(self.local_cluster.pod_logs).glob(f"{self.operator_namespace}_*_operator.log")):
-                texts.append(f.read_text(errors="replace"))
-        else:
-            for pod in self.operator_pods():
-                with contextlib.suppress(client.ApiException):
-                    texts.append(self.core.read_namespaced_pod_log(pod.metadata.name, self.operator_namespace,
-                                                                   tail_lines=2000))
+        for pod in self.operator_pods():
+            with contextlib.suppress(client.ApiException):
+                texts.append(self.core.read_namespaced_pod_log(pod.metadata.name, self.operator_namespace,
+                                                               tail_lines=2000) or "")
         hits = [line.strip()[:400] for text in texts for line in text.splitlines()
                 if re.search(r"\b403\b", line) and "forbidden" in line.lower() and not self._rbac_warming(line)]
         if not hits:
@@ -137,16 +122,13 @@ class OperatorEnv:
         return wait_phase(jobs, name, phases, timeout, lambda: self.diagnose(jobs, name), give_up=self.forbidden)
 
     def metrics(self) -> str:
-        """GET /metrics of the operator: the host's loopback under the runner, else the API's service proxy."""
-        if self.on_runner:
-            status, text = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
-        else:
-            svc = self.core.list_namespaced_service(self.operator_namespace,
-                                                    label_selector=OPERATOR_SELECTOR.split(",")[0]).items
-            assert svc, f"no operator Service in {self.operator_namespace}"
-            resp = raw(self.api, "GET", f"/api/v1/namespaces/{self.operator_namespace}/services/"
-                                        f"{svc[0].metadata.name}:http/proxy/metrics", headers={"Accept": "*/*"})
-            status, text = resp.status, resp.read().decode(errors="replace")
+        """GET /metrics of the operator, through the API server's service proxy."""
+        svc = self.core.list_namespaced_service(self.operator_namespace,
+                                                label_selector=OPERATOR_SELECTOR.split(",")[0]).items
+        assert svc, f"no operator Service in {self.operator_namespace}"
+        resp = raw(self.api, "GET", f"/api/v1/namespaces/{self.operator_namespace}/services/"
+                                    f"{svc[0].metadata.name}:http/proxy/metrics", headers={"Accept": "*/*"})
+        status, text = resp.status, resp.read().decode(errors="replace")
         assert status == 200, f"/metrics answered {status}: {text[:300]}"
         return text
 
@@ -194,33 +176,14 @@ def _deployment_available(apps: client.AppsV1Api, ns: str) -> bool:
     return False
 
 
-def _check_http(env: OperatorEnv, deployment: client.V1Deployment) -> str | None:
-    """None when the operator serves /metrics on the port the chart gives trainers; else why not."""
-    if not env.on_runner:
-        try:
-            env.metrics()
-        except AssertionError as e:
-            return f"the operator's /metrics is not reachable through its Service: {e}"
-        return None
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            status, _ = http_get(f"http://127.0.0.1:{env.http_port}/metrics", timeout=2)
-            if status == 200:
-                return None
-        except OSError:
-            pass
-        time.sleep(0.5)
-    container = next(c for c in deployment.spec.template.spec.containers if c.name == "operator")
-    env_vars = {e.name: e.value for e in container.env or [] if e.name.startswith("FINETUNE_")}
-    return (
-        f"the operator does not serve /metrics and /v1/progress on port {env.http_port}, the chart's server.port — "
-        "the port of its Service (targetPort http) and of FINETUNE_PROGRESS_URL, where trainers push progress. "
-        "The chart sets " + ", ".join(f"{k}={v}" for k, v in env_vars.items() if "HTTP" in k or "PROGRESS" in k)
-        + "; the operator's listen address must follow server.port (operator/finetune_operator/settings.py reads "
-        "FINETUNE_HTTP_LISTEN, default 0.0.0.0:8081, and no FINETUNE_HTTP_PORT): set FINETUNE_HTTP_LISTEN "
-        "in charts/finetune-operator/templates/deployment.yaml or read FINETUNE_HTTP_PORT in the operator."
-    )
+def _check_http(env: OperatorEnv) -> str | None:
+    """None when the operator serves /metrics through its Service (the port trainers push to); else why not."""
+    try:
+        env.metrics()
+    except AssertionError as e:
+        return (f"the operator's /metrics is not reachable through its Service (targetPort http, the port of "
+                f"FINETUNE_PROGRESS_URL, where trainers push progress): {e}")
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -263,10 +226,6 @@ def operator_env(k8s, kubeconfig, local_cluster, e2e_report, restricted_namespac
                 "trainer.outputPVC": OUTPUT_PVC,  # outputs persist (and the test reads model.json there)
                 "operator.resyncSeconds": "5",
             }
-            if env.on_runner:
-                # Every pod of the runner listens on the host's loopback: ports nobody else uses.
-                env.values["health.port"] = str(free_port())
-                env.values["server.port"] = str(free_port())
             for key, image in _local_images(local_cluster).items():  # the kubelet node's own images
                 env.values[f"{key}.repository"], env.values[f"{key}.tag"] = image.rsplit(":", 1)
             # FINETUNE_E2E_CHART: install another copy of the chart (e.g. one with an RBAC rule removed).
@@ -285,7 +244,7 @@ def operator_env(k8s, kubeconfig, local_cluster, e2e_report, restricted_namespac
         dep = apps.list_namespaced_deployment(env.operator_namespace, label_selector=OPERATOR_SELECTOR).items[0]
         container = next(c for c in dep.spec.template.spec.containers if c.name == "operator")
         env.http_port = next((p.container_port for p in container.ports or [] if p.name == "http"), None)
-        env.http_problem = (_check_http(env, dep) if env.http_port
+        env.http_problem = (_check_http(env) if env.http_port
                             else "the chart's operator container has no `http` port (server.enabled off?)")
         e2e_report(f"operator: chart {'installed' if not installed else 'found'} in "
                    f"{env.operator_namespace}, Available after {time.monotonic() - t0:.1f} s"
@@ -301,7 +260,7 @@ def operator_env(k8s, kubeconfig, local_cluster, e2e_report, restricted_namespac
 
 
 def _local_images(local_cluster) -> dict[str, str]:
-    """Chart image values -> image, for the images the local kubelet node imported (none under the runner)."""
+    """Chart image values -> image, for the project's images the local node imported (none on other clusters)."""
     images = getattr(local_cluster, "images", None) or {}
     keys = {"operator": "image", "trainer": "trainer.image", "serve": "serving.image"}
     return {keys[k]: v for k, v in images.items() if k in keys}

@@ -49,8 +49,8 @@ def _archive() -> bytes:
 @pytest.fixture(scope="module")
 def bucket(local_cluster):
     """(endpoint, access key id, secret key, archive bytes) of a moto S3 server on this host, where the local
-    cluster's pods reach it (the runner's share its loopback; the kubelet node's reach the node's address; on
-    kind, a pod would need the host's address instead: skipped there)."""
+    cluster's pods reach it (at the node's address; on kind, a pod would need the host's address instead:
+    skipped there)."""
     import boto3
     from moto import settings
 

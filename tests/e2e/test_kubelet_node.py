@@ -1,8 +1,8 @@
 """The real kubelet node: upstream kubelet + containerd running pods from locally built images.
 
-With FINETUNE_E2E_NODE=kubelet the fixture in conftest.py starts `hack/testenv/kubelet_node.py` next to the
-control plane — node `finetune-kubelet`, the cluster's only node, untainted: every pod of the suite runs there.
-Under the pod runner every test here is skipped with the reason; nothing is claimed that did not run.
+The fixture in conftest.py starts `hack/testenv/kubelet_node.py` next to the local control plane — node
+`finetune-kubelet`, the cluster's only node, untainted: every pod of the suite runs there. On a given cluster
+(KUBECONFIG) these tests are skipped with the reason: they are about the local node.
 
 What is proven, each through the API server as a user would see it:
   * the node registers and turns Ready, reporting the containerd runtime and the kubelet's version, with no
@@ -10,42 +10,26 @@ What is proven, each through the API server as a user would see it:
   * a pod in a namespace enforcing the `restricted` Pod Security Standard, from the locally built pause
     image (`/pause -v`), runs to Succeeded and its log is read with pods/log (API server -> kubelet);
   * (operator image imported) a pod reaches the API server through the `kubernetes` Service with its
-    projected ServiceAccount token, a memory limit is enforced by the kernel (OOMKilled), and the chart's
-    operator Deployment runs on the node (Available = the kubelet's readiness probe passed).
+    projected ServiceAccount token, and a memory limit is enforced by the kernel (OOMKilled).
+The chart's operator Deployment on the node, from the operator image, is every operator test's fixture
+(operator_env.py).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-ENABLED = os.environ.get("FINETUNE_E2E_NODE", "").strip().lower() == "kubelet"
-# A skip mark, not a skip in a fixture: without the opt-in no cluster is started for this module.
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not ENABLED,
-        reason="opt-in: the real kubelet + containerd node runs only with FINETUNE_E2E_NODE=kubelet "
-        "(make e2e-kubelet); it needs root, containerd, runc and containernetworking-plugins",
-    ),
-]
+pytestmark = pytest.mark.e2e
 
 kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "finetune-operator"
 NODE = "finetune-kubelet"
 NODE_LABEL = "finetune.dev/kubelet-node"
-ON_NODE = {
-    "node_selector": {NODE_LABEL: "true"},
-    "tolerations": [client.V1Toleration(key=NODE_LABEL, operator="Exists", effect="NoSchedule")],
-}
 RESTRICTED_CONTAINER = client.V1SecurityContext(
     allow_privilege_escalation=False,
     capabilities=client.V1Capabilities(drop=["ALL"]),
@@ -64,7 +48,7 @@ def _k8s_version() -> str:
 def node(local_cluster, k8s) -> client.V1Node:
     """The kubelet node as the API reports it; skips when a given cluster (not the local one) is used."""
     if local_cluster is None:
-        pytest.skip("FINETUNE_E2E_NODE=kubelet adds a node to the local control plane; a given cluster is used")
+        pytest.skip("about the local cluster's node; a given cluster (KUBECONFIG) is used")
     core = client.CoreV1Api(k8s)
     return core.read_node(NODE)
 
@@ -106,7 +90,7 @@ def _pod(name: str, image: str, command: list[str], args: list[str], **container
                     **container,
                 )
             ],
-            **ON_NODE,
+            node_selector={NODE_LABEL: "true"},
         ),
     )
 
@@ -209,65 +193,3 @@ def test_memory_limit_is_enforced_by_the_kernel(operator_image, k8s, restricted_
     state = pod.status.container_statuses[0].state.terminated
     assert pod.status.phase == "Failed"
     assert (state.reason, state.exit_code) == ("OOMKilled", 137), state
-
-
-def _apply_crds(k8s) -> None:
-    import yaml
-
-    ext = client.ApiextensionsV1Api(k8s)
-    for path in sorted((CHART / "crds").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                try:
-                    ext.create_custom_resource_definition(doc)
-                except client.ApiException as e:
-                    if e.status != 409:  # already there (another module of this session installed it)
-                        raise
-
-
-def test_operator_deployment_from_the_chart_runs_on_the_node(
-    operator_image, k8s, local_cluster, kubeconfig, restricted_ns, wait_for, e2e_report
-):
-    apps, core = client.AppsV1Api(k8s), client.CoreV1Api(k8s)
-    helm = str(local_cluster.binaries["helm"])
-    release = f"ftk-{uuid.uuid4().hex[:6]}"
-    repo, tag = operator_image.rsplit(":", 1)
-    values = {
-        "image.repository": repo,
-        "image.tag": tag,
-        "image.pullPolicy": "Never",
-        "nodeSelector." + NODE_LABEL.replace(".", "\\."): "true",
-        "tolerations[0].key": NODE_LABEL,
-        "tolerations[0].operator": "Exists",
-        "tolerations[0].effect": "NoSchedule",
-    }
-
-    def run_helm(*args: str) -> None:
-        proc = subprocess.run([helm, "--kubeconfig", kubeconfig, *args], capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
-    _apply_crds(k8s)
-    t0 = time.monotonic()
-    set_args = [a for k, v in values.items() for a in ("--set-string", f"{k}={v}")]
-    run_helm("install", release, str(CHART), "--namespace", restricted_ns, "--skip-crds", *set_args)
-    try:
-
-        def available():
-            for d in apps.list_namespaced_deployment(restricted_ns).items:
-                conds = {c.type: c.status for c in d.status.conditions or []}
-                if conds.get("Available") == "True" and d.status.ready_replicas:
-                    return d
-            return None
-
-        wait_for(available, timeout=180, what="the operator Deployment to become Available on the kubelet node")
-        secs = time.monotonic() - t0
-        pods = core.list_namespaced_pod(restricted_ns, label_selector="app.kubernetes.io/name=finetune-operator")
-        assert pods.items and all(p.spec.node_name == NODE for p in pods.items), [p.spec.node_name for p in pods.items]
-        pod = pods.items[0]
-        assert pod.status.container_statuses[0].ready
-        assert pod.status.container_statuses[0].image_id  # the image the runtime resolved
-        log = core.read_namespaced_pod_log(pod.metadata.name, restricted_ns, container="operator")
-        assert "kopf" in log, log[-2000:]
-        e2e_report(f"kubelet node: operator Deployment from the chart Available in {secs:.1f} s")
-    finally:
-        run_helm("uninstall", release, "--namespace", restricted_ns, "--wait", "--timeout", "60s")

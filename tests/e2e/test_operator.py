@@ -3,8 +3,8 @@
 What runs: a namespace enforcing Pod Security "restricted" (any violation by the operator or a trainer pod
 fails), the CRD from charts/finetune-operator/crds/, the chart installed there with helm (the operator runs
 with its own ServiceAccount and the chart's RBAC only — a missing rule shows up as a 403 in its log and a
-test that does not converge). On the local control plane the pods really run (hack/testenv/runner.py:
-`finetune-operator` and `finetune-train` from the repository's venv, in bubblewrap sandboxes).
+test that does not converge). On the local control plane the pods really run on its node (hack/testenv/
+kubelet_node.py: the upstream kubelet and containerd), from the project's operator and trainer images.
 
 ``FINETUNE_E2E_CHART=<dir>`` installs another copy of the chart (how the RBAC proof was made: a copy with one
 rule removed fails here with the 403 from the operator's log). On kind (hack/kind-e2e.sh) the chart is
@@ -122,7 +122,7 @@ def test_cpu_example_succeeds_with_live_progress_in_kubectl_get_and_metrics(oper
                + " | ".join(f"{r['Epoch']} loss={r['Loss']} acc={r.get('Val-Acc')} eta={r.get('ETA')}"
                             for r in live[:4]))
 
-    # /metrics has the job's gauges (the host's loopback under the runner; the service proxy elsewhere) ...
+    # /metrics has the job's gauges (read through the API server's service proxy) ...
     text = env.metrics()
     acc = [v for labels, v in metric_samples(text, "finetune_job_val_accuracy")
            if labels.get("namespace") == jobs.ns and labels.get("name") == name]

@@ -5,7 +5,6 @@ Same installed operator as test_operator.py. Proves, as a user would see it thro
     code 137) and the FineTuneJob ends Failed with reason OOMKilled;
   * spec.resources.cpu/memory reach the trainer container: its cgroup's CPU quota and memory limit on the node
     are what the spec asked for (read on the node's host: local cluster only).
-Under the pod runner (no cgroups) these cannot hold: skipped there with the reason.
 """
 
 from __future__ import annotations
@@ -24,20 +23,13 @@ TOO_LITTLE = "96Mi"
 LONGER = {"dataset": {"classes": None, "maxImagesPerClass": None}, "training": {"epochs": 3}}
 
 
-@pytest.fixture
-def cgroups(operator_env):
-    if operator_env.on_runner:
-        pytest.skip("the pod runner has no cgroups: resource limits are real only on a kubelet node")
-    return operator_env
-
-
 def _terminated(pod):
     cs = next(c for c in pod.status.container_statuses or [] if c.name == "trainer")
     return cs.state.terminated or cs.last_state.terminated
 
 
-def test_trainer_over_its_memory_limit_is_oomkilled_and_the_job_fails_oomkilled(cgroups, jobs, e2e_report):
-    env, name = cgroups, "oom"
+def test_trainer_over_its_memory_limit_is_oomkilled_and_the_job_fails_oomkilled(operator_env, jobs, e2e_report):
+    env, name = operator_env, "oom"
     jobs.create(tiny_job(name, {"resources": {"cpu": "1", "memory": TOO_LITTLE}, "runPolicy": {"backoffLimit": 0}}))
     obj = env.wait_phase(jobs, name, ("Failed",), TRAIN_TIMEOUT)
     status = obj["status"]
@@ -52,8 +44,8 @@ def test_trainer_over_its_memory_limit_is_oomkilled_and_the_job_fails_oomkilled(
                f"{status['reason']}: {status.get('message')}")
 
 
-def test_spec_resources_reach_the_trainer_containers_cgroup(cgroups, jobs, e2e_report):
-    env, name = cgroups, "limits"
+def test_spec_resources_reach_the_trainer_containers_cgroup(operator_env, jobs, e2e_report):
+    env, name = operator_env, "limits"
     if env.local_cluster is None:
         pytest.skip("reads the node's cgroup files: only on the local cluster's node, on this host")
     jobs.create(tiny_job(name, {**LONGER, "resources": {"cpu": "1", "memory": "900Mi"}}))

@@ -2,8 +2,8 @@
 InferenceService CRD (tests/e2e/kserve/, v0.20.0, vendored with its source) and no KServe controller.
 
 What is real: the API server (the CRD's full structural schema validates what the operator writes), the
-operator (the chart, its RBAC), the trainer pods, the smoke-test Job and its pod (the runner runs
-`python -c … finetune_serve.smoke` from the repository's venv, as the serve image would), and the predictor:
+operator (the chart, its RBAC), the trainer pods, the smoke-test Job and its pod (from the project's serve
+image, on the local cluster's node), and the predictor:
 a `finetune-serve` process serving the job's export from the output PVC's folder, i.e. what KServe's storage
 initializer would have copied to /mnt/models. What the test plays: KServe's controller — once the operator
 has created (or updated) the InferenceService, the test starts the predictor and writes the
@@ -105,8 +105,8 @@ def heldout(local) -> Path:
 
 class Predictor:
     """`finetune-serve` on one export folder, on this host: the process KServe's predictor pod would run. Its
-    URL is where the smoke-test pod reaches it: `address` (the host's loopback under the runner, the node's
-    address on the kubelet node; KServe's server listens on every address)."""
+    URL is where the smoke-test pod reaches it: `address` (the node's address on the local cluster; KServe's
+    server listens on every address)."""
 
     def __init__(self, export: Path, model_name: str, log: Path, address: str) -> None:
         self.port = free_port()

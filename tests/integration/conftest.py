@@ -2,7 +2,7 @@
 
 * kmock tests (`cluster`): a fresh kmock API per test (no processes).
 * real-API tests (`apiserver`, `it_namespace`): hack/testenv's local control plane (etcd, kube-apiserver,
-  kube-controller-manager, kube-scheduler; no pod runner), started once per session and only when such a
+  kube-controller-manager, kube-scheduler; no node), started once per session and only when such a
   test is selected, with the chart's CRDs applied and one node whose kubelet is the test
   (apiserver_util.FakeNode). Stopped by PID at the end; a leftover process fails the session. When no
   control plane can be provisioned the tests are skipped with the reason, except under CI=true, where that
@@ -119,7 +119,7 @@ def apiserver(request: pytest.FixtureRequest) -> Iterator[ApiServer]:
     if isinstance(binaries, Exception):
         _unavailable(f"cannot build the control plane binaries: {binaries}")
     summary = request.config.stash.setdefault(_summary_key, [])
-    cluster = testenv.LocalCluster(binaries=binaries, runner=False, nodes=0)
+    cluster = testenv.LocalCluster(binaries=binaries)
     try:
         cluster.start()
     except testenv.ClusterError as err:
