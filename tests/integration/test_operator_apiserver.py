@@ -8,11 +8,11 @@ garbage collection. The test plays only the kubelet of one node (apiserver_util.
 status through pods/status when a test says so. No trainer runs here: the chart-installed operator with
 real trainer pods is tests/e2e's job.
 
-What kmock could not show and this module does: subresource isolation and server-side generation, the
-Job controller (pods, completion, podFailurePolicy, backoffLimit, suspend), ttl-after-finished, the
-scheduler's Unschedulable, resourceVersion conflicts, ownerReference garbage collection. The kmock module's
-scenarios (OOMKilled, image pull back-off deadline, suspend/resume, TTL, refused spec change, invalid spec)
-all run here too, against the real controllers.
+The scenarios cover owned children and their ownerReferences, the refused spec change, the Job
+controller's pods through to Succeeded, an operator restart while the pod runs and one while the operator is
+down as the Job completes, OOMKilled, the pod failure policy, suspend/resume, ttl-after-finished, the image
+pull back-off and Unschedulable startup deadlines, an invalid spec without a hot loop, and cascading deletion.
+The progress push path is test_progress_apiserver.py.
 """
 
 from __future__ import annotations
@@ -124,11 +124,13 @@ def test_create_owned_children_and_status_through_the_subresource_only(apiserver
         for child in (job, cm, secret):
             assert_controller_ref(child, ftj)
         assert job["spec"]["template"]["metadata"]["labels"][naming.LABEL_UID] == ftj["metadata"]["uid"]
+        assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "trainer:test"  # the settings' default
         assert cm["data"]["job.yaml"]
 
         pending = wait(phase_is(api, ns, "demo", "Pending"), what="phase Pending")
         assert pending["reason"] in ("Creating", "Starting"), pending
         assert pending["observedGeneration"] == 1 and pending["jobName"] == job["metadata"]["name"]
+        assert pending["progress"]["epochText"] == "0/3"
         conds = {c["type"]: c for c in pending["conditions"]}
         assert {k: c["status"] for k, c in conds.items()} == {
             "Ready": "False", "Reconciling": "True", "Stalled": "False",
@@ -181,6 +183,7 @@ def test_job_controller_pod_runs_and_succeeds(apiserver, it_namespace) -> None:
         running = wait(phase_is(api, ns, "train", "Running"), what="phase Running")
         assert condition(running, "Running")["status"] == "True"
         assert condition(running, "Ready")["status"] == "False"
+        assert condition(running, "Reconciling")["status"] == "True"
         assert running["startTime"] and pod["metadata"]["name"] in running["message"]
         wait(lambda: api.get(job_url(ns, "train"))["status"].get("active") == 1, what="Job status.active 1")
 
@@ -275,7 +278,7 @@ def test_image_pull_back_off_fails_at_the_startup_deadline_and_stops_the_job(api
     api, ns, node = apiserver.api, it_namespace, apiserver.node
     spec = {"dataset": {"builtin": "digits"}, "image": "registry.invalid/trainer:nope",
             "runPolicy": {"startupDeadlineSeconds": 3}}  # fmt: skip
-    with running_operator(apiserver.cluster, ns, SETTINGS):
+    with running_operator(apiserver.cluster, ns, SETTINGS) as op:
         ftj = api.create(ftj_url(ns), manifest("noimage", spec))
         pod = bound_pod(api, ns, ftj)
         node.set_waiting(pod, "ImagePullBackOff", 'Back-off pulling image "registry.invalid/trainer:nope"')
@@ -285,6 +288,7 @@ def test_image_pull_back_off_fails_at_the_startup_deadline_and_stops_the_job(api
         assert "startup deadline of 3s" in failed["message"]
         wait(lambda: api.get(job_url(ns, "noimage")) is None, what="the Job deleted")
         wait(lambda: not pods_of(api, ns, ftj), what="its pod gone")
+        assert op.count("POST", "/jobs") == 1  # and not re-created
 
 
 # ---------------------------------------------------------------------------------------------- 3
@@ -324,6 +328,36 @@ def test_unschedulable_pending_then_failed_at_the_startup_deadline(apiserver, it
 
 
 # ---------------------------------------------------------------------------------------------- 4
+def test_restart_while_running_creates_nothing_and_keeps_the_status(apiserver, it_namespace) -> None:
+    """The operator restarts while the pod runs: the new process resumes the FineTuneJob, creates no Job,
+    keeps the Running condition's transition time and announces nothing twice; the job then succeeds."""
+    api, ns, node = apiserver.api, it_namespace, apiserver.node
+    with running_operator(apiserver.cluster, ns, SETTINGS) as first:
+        ftj = api.create(ftj_url(ns), manifest("steady"))
+        pod = bound_pod(api, ns, ftj)
+        node.set_running(pod)
+        running = wait(phase_is(api, ns, "steady", "Running"), what="phase Running")
+        started_at = condition(running, "Running")["lastTransitionTime"]
+        job_uid = api.get(job_url(ns, "steady"))["metadata"]["uid"]
+        assert first.count("POST", "/jobs") == 1
+
+    with running_operator(apiserver.cluster, ns, SETTINGS) as second:
+        wait(lambda: second.count("GET", "/jobs/steady") > 2, what="the resumed operator to look at the Job")
+        assert second.count("POST", "/jobs") == 0
+        jobs = api.list(job_url(ns), labels=f"{naming.LABEL_UID}={ftj['metadata']['uid']}")
+        assert [j["metadata"]["uid"] for j in jobs] == [job_uid]
+        now = status_of(api, ns, "steady")
+        assert now["phase"] == "Running" and condition(now, "Running")["lastTransitionTime"] == started_at, now
+
+        node.set_terminated(api.get(core_url(ns, "pods", pod["metadata"]["name"])), exit_code=0)
+        done = wait(phase_is(api, ns, "steady", "Succeeded"), what="phase Succeeded")
+        assert condition(done, "Ready")["status"] == "True" and done["attempts"] == 1
+        wait(lambda: ("Normal", "Succeeded") in events(api, ns, "steady"), what="the Succeeded event")
+    reasons = events(api, ns, "steady")
+    for reason in ("JobCreated", "Started", "Succeeded"):
+        assert reasons.count(("Normal", reason)) == 1, reasons  # not re-announced after the restart
+
+
 class StatusWriter(threading.Thread):
     """Another writer of the FineTuneJob's status (as a progress reporter would be): read, modify, PUT with
     the read resourceVersion, retry on 409. Runs while the operator writes status too."""
