@@ -81,13 +81,6 @@ class Kube:
         config.connection_pool_maxsize = POOL_SIZE
         return cls(kubernetes.client.ApiClient(config))
 
-    @classmethod
-    def for_host(cls, host: str) -> Kube:
-        """An unauthenticated client for a local test server (kmock)."""
-        config = kubernetes.client.Configuration()
-        config.host = host
-        return cls(kubernetes.client.ApiClient(config))
-
     def _call(
         self,
         method: str,

@@ -1,13 +1,12 @@
-"""Fixtures for the integration tier.
+"""Fixtures for the integration tier: the real operator in-process against a real API server.
 
-* kmock tests (`cluster`): a fresh kmock API per test (no processes).
-* real-API tests (`apiserver`, `it_namespace`): hack/testenv's local control plane (etcd, kube-apiserver,
-  kube-controller-manager, kube-scheduler; no node), started once per session and only when such a
-  test is selected, with the chart's CRDs applied and one node whose kubelet is the test
-  (apiserver_util.FakeNode). Stopped by PID at the end; a leftover process fails the session. When no
-  control plane can be provisioned the tests are skipped with the reason, except under CI=true, where that
-  is a failure (the rule of tests/e2e). Always the local control plane, never KUBECONFIG: these tests
-  write pod status as the kubelet, which a cluster with real kubelets would fight.
+`apiserver`, `it_namespace`: hack/testenv's local control plane (etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler; no node of its own), started once per session and only when such a
+test is selected, with the chart's CRDs applied and one node whose kubelet is the test
+(apiserver_util.FakeNode). Stopped by PID at the end; a leftover process fails the session. When no
+control plane can be provisioned the tests are skipped with the reason, except under CI=true, where that
+is a failure (the rule of tests/e2e). Always the local control plane, never KUBECONFIG: these tests
+write pod status as the kubelet, which a cluster with real kubelets would fight.
 """
 
 from __future__ import annotations
@@ -15,26 +14,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import kmock
 import pytest
 from apiserver_util import Api, FakeNode, GcProbe, apply_crds, e2e_fixtures, load_testenv, wait
-from kmock_cluster import RESOURCES, VERBS, Cluster
 
 _binaries_key = pytest.StashKey[object]()  # {name: Path} from build.sh, or the error it raised
 _summary_key = pytest.StashKey[list]()
 _failed_key = pytest.StashKey[bool]()
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
-        for key, info in RESOURCES.items():
-            k8s.resources[key] = kmock.ResourceInfo(verbs=VERBS, **info)
-        yield Cluster(k8s, server)
 
 
 @pytest.fixture(autouse=True)
