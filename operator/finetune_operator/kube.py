@@ -134,15 +134,9 @@ class Kube:
                 raise
 
     def list(self, path: str, labels: Mapping[str, str]) -> list[Obj]:
-        """Objects matching all labels; filtered here too, in case a server ignores the selector."""
+        """Objects matching all labels (the API server applies the selector)."""
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        items = self._call("GET", path, query=[("labelSelector", selector)]).get("items") or []
-        return [i for i in items if _has_labels(i, labels)]
-
-
-def _has_labels(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    own = (obj.get("metadata") or {}).get("labels") or {}
-    return all(own.get(k) == v for k, v in labels.items())
+        return self._call("GET", path, query=[("labelSelector", selector)]).get("items") or []
 
 
 def _reason(data: bytes | None, fallback: str | None) -> str:
