@@ -852,9 +852,9 @@ class LocalCluster:
         self._save_node_state()
         self._wait("containerd", node.containerd_ready, deadline, interval=0.1)
         t = time.monotonic()
+        node.prune_images(self.kubelet_images, log)
         for name, secs in node.import_images(self.kubelet_images).items():
             self.timings[f"import {name}"] = secs
-        node.prune_images(self.kubelet_images, log)
         self.timings["image import"] = time.monotonic() - t
         deadline += self.timings["image import"]  # bounded by its own timeout; not part of the start budget
         t_kubelet = time.monotonic()

@@ -303,13 +303,20 @@ class KubeletNode:
                             f"{imp.stderr.strip()[-800:]}")  # fmt: skip
 
     def prune_images(self, keep: list[str], log) -> list[str]:
-        """Remove the project's images (finetune-*:c<key>, the content-keyed tags) that are not in `keep`."""
+        """Remove the project's images (finetune-*:c<key>, the content-keyed tags) that are not in `keep`, and the
+        image-ID references (`sha256:<id>`, added by the CRI plugin for every image it sees) that no remaining
+        tag points to: those keep every layer ever imported alive. Run before the import: the old layers are
+        gone before the new ones land (the store's peak is one trainer image, not two)."""
         wanted = {_normalized(k) for k in keep}
-        old = [i for i in self.images() if i.startswith("docker.io/library/finetune-") and ":c" in i
-               and i not in wanted]  # fmt: skip
-        if old:
-            _run("ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "rm", *old, check=False)
-            log(f"removed old images from the node's store: {old}")
+        rows = self._image_rows()
+        old = [ref for ref, _ in rows if ref.startswith("docker.io/library/finetune-") and ":c" in ref
+               and ref not in wanted]  # fmt: skip
+        tagged = {digest for ref, digest in rows if not ref.startswith("sha256:") and ref not in old}
+        orphans = [ref for ref, digest in rows if ref.startswith("sha256:") and digest not in tagged]
+        if old or orphans:  # --sync: containerd's garbage collector has freed the layers when this returns
+            _run("ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "rm", "--sync", *old, *orphans,
+                 check=False, timeout=600)  # fmt: skip
+            log(f"removed from the node's store: {old or 'no old tags'}, {len(orphans)} unreferenced image IDs")
         return old
 
     def remove_containers(self, log) -> None:
@@ -325,8 +332,13 @@ class KubeletNode:
                 log(f"ctr containers rm: {proc.stderr.strip()[-500:]}")
 
     def images(self) -> list[str]:
-        out = _run("ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "ls", "-q").stdout
-        return [line for line in out.split() if not line.startswith("sha256:")]
+        return [ref for ref, _ in self._image_rows() if not ref.startswith("sha256:")]
+
+    def _image_rows(self) -> list[tuple[str, str]]:
+        """(reference, target digest) of every image in the CRI namespace (`ctr images ls`: REF TYPE DIGEST ...)."""
+        out = _run("ctr", "--address", self.state["socket"], "-n", "k8s.io", "images", "ls").stdout
+        rows = [line.split() for line in out.splitlines()[1:]]
+        return [(row[0], row[2]) for row in rows if len(row) >= 3]
 
     def kubelet_argv(self, kubelet: Path, containerd_pid: int) -> list[str]:
         r = self.root
