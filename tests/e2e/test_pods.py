@@ -1,10 +1,9 @@
 """Pod behaviour the operator's e2e tests rely on, proven on small pods on the cluster's real node.
 
-What the operator's e2e tests rely on, proven on small pods: volumes and env, exit codes and termination
-messages, the Job controller's retries, SIGTERM on deletion with data kept on a PVC, the pod's own
-ServiceAccount token under real RBAC, a Service reached by its DNS names (kube-proxy + cluster DNS). On the
-local cluster: the kubelet node runs them in the project's operator image (it has Python; nothing is pulled);
-on kind, in python:3.12-slim.
+Volumes and env, exit codes and termination messages, the Job controller's retries, SIGTERM on deletion with
+data kept on a PVC, the pod's own ServiceAccount token under real RBAC, a Service reached by its DNS names
+(kube-proxy + cluster DNS). On the local cluster the node runs them in the project's operator image (it has
+Python; nothing is pulled); on kind, in python:3.12-slim.
 """
 
 from __future__ import annotations
