@@ -212,9 +212,13 @@ def _progress(ftj: FineTuneJob, prev: Mapping[str, Any], finished: int | None = 
     """Progress as reported (kept as is), plus totalEpochs and the Epoch column's text. `finished`: the epochs a
     succeeded trainer says it ran; level-based, it wins over pushes lost while no operator was listening."""
     progress = dict(prev.get("progress") or {})
-    if finished is not None and finished > int(progress.get("epoch") or 0):
-        progress["epoch"] = finished
     progress.setdefault("totalEpochs", ftj.training.epochs)
+    if finished is not None and finished > int(progress.get("epoch") or 0):
+        # What the lost pushes would have said: the fraction as progress.fraction_done counts epochs, no ETA.
+        progress["epoch"] = finished
+        progress["percent"] = round(min(finished / progress["totalEpochs"], 1.0) * 100, 2)
+        progress.pop("etaSeconds", None)
+        progress.pop("etaText", None)
     progress["epochText"] = f"{progress.get('epoch', 0)}/{progress['totalEpochs']}"
     return progress
 

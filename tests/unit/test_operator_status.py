@@ -182,11 +182,14 @@ def test_success_reads_a_json_termination_message_into_output() -> None:
 
 def test_final_progress_comes_from_the_termination_message_when_the_last_pushes_were_lost() -> None:
     # The operator was down while the last epochs ended: the status said 1 of 3 when the Job succeeded.
-    prev = {"phase": "Running", "reason": "Running", "progress": {"epoch": 1, "totalEpochs": 3, "epochText": "1/3"}}
+    pushed = {"epoch": 1, "totalEpochs": 3, "epochText": "1/3", "percent": 33.33, "etaSeconds": 20.0, "etaText": "20s"}
+    prev = {"phase": "Running", "reason": "Running", "progress": pushed}
     done = job(conditions=[job_condition("Complete", "CompletionsReached")], succeeded=1)
     summary = '{"weightsFile": "model.safetensors", "sha256": "ab12", "bestEpoch": 3, "valAccuracy": 0.9, "epochs": 3}'
     status = derive(ftj(status=prev), done, [pod(phase="Succeeded", **terminated(0, "Completed", summary))])
     assert (status["progress"]["epoch"], status["progress"]["epochText"]) == (3, "3/3")
+    assert status["progress"]["percent"] == 100.0  # the lifted epoch carries its fraction; the stale ETA goes
+    assert "etaSeconds" not in status["progress"] and "etaText" not in status["progress"]
     assert "epochs" not in status["output"]  # progress, not an output field
     # A pushed progress ahead of the message (or a message without it, from an older trainer) is kept.
     ahead = {**prev, "progress": {"epoch": 3, "totalEpochs": 3, "epochText": "3/3", "step": 40}}
