@@ -448,17 +448,20 @@ class LocalCluster:
         """A container's cgroup directory on the kubelet node (None without it): resource tests read limits there."""
         if not self.kubelet_node:
             return None
-        state = self._node.state if self._node else json.loads(self.state_file.read_text())["kubelet_node"]
-        return _load_kubelet_node().KubeletNode(self.node_dir, state).container_cgroup(controller, pod_uid,
-                                                                                       container_id)
+        return self._running_node().container_cgroup(controller, pod_uid, container_id)
 
     @property
     def host_address(self) -> str:
         """Where pods reach a server on this host: the node at its bridge address (its InternalIP)."""
         if not self.kubelet_node:
             return "127.0.0.1"
-        state = self._node.state if self._node else json.loads(self.state_file.read_text())["kubelet_node"]
-        return state["gateway"]
+        return self._running_node().state["gateway"]
+
+    def _running_node(self):
+        """The kubelet node this object started, or one rebuilt from state.json (a cluster started elsewhere)."""
+        return self._node or _load_kubelet_node().KubeletNode(
+            self.node_dir, json.loads(self.state_file.read_text())["kubelet_node"]
+        )
 
     def pvc_dir(self, namespace: str, claim: str) -> Path | None:
         """The host directory behind a bound PVC (its PV's hostPath, made by provisioner.py)."""
