@@ -142,7 +142,8 @@ class Training(_Model):
     frozen_pass_batch_size: int | None = Field(
         None, ge=1, le=65536, description="images per batch of the feature cache's frozen pass (inference only, "
         "no gradients; default on CPUs: 4 per torch thread, at least 8 — small batches run fastest there; on CUDA: "
-        "batchSize, at least 128); augmented views count as images")
+        "batchSize, at least 128); augmented views count as images; the final evaluation over the held-out split runs "
+        "at this batch size too")
     frozen_pass_workers: int | None = Field(
         None, ge=0, le=64, description="DataLoader worker processes decoding images while the frozen pass runs "
         "(0: in the pass's own process; default: dataset.numWorkers when set, else none below 4 cores, then one per "

@@ -153,10 +153,11 @@ def pass_input(images: ImageDataset, collate_fn: Callable, plan: Plan, views: in
     return PassInput(loader, tail, views)
 
 
-def eval_input(samples: list[Sample], prep: Preprocessing, batch_size: int, workers: int,
-               device: torch.device) -> PassInput:
+def eval_input(samples: list[Sample], prep: Preprocessing, batch_size: int | None, workers: int,
+               device: torch.device, train_batch: int = 32) -> PassInput:
     """The held-out split in order with the eval transform (uint8 per image, float per batch): what the
-    final evaluation and `evaluate` read. Same batches and values as data.eval_loader; decoding overlaps
-    with the network (pass_plan's workers)."""
-    plan = pass_plan(batch_size, batch_size, None, workers, device)
+    final evaluation and `evaluate` read. Same values as data.eval_loader; decoding overlaps with the network
+    (pass_plan's workers). `batch_size` None: the frozen pass's own default (small batches on the CPU), which
+    an inference-only pass over images runs fastest at, like the frozen pass."""
+    plan = pass_plan(batch_size, train_batch, None, workers, device)
     return pass_input(ImageDataset(samples, prep.eval_transform()), skip_broken, plan)
