@@ -92,9 +92,9 @@ def test_reading_order_lists_the_files_of_the_splits_in_the_frozen_pass_order(tm
 
 def test_started_only_with_a_spare_core_and_a_single_process(tmp_path, monkeypatch):
     root = folder(tmp_path)
-    monkeypatch.setattr(decode_ahead, "spare_cores", lambda: 0)
+    monkeypatch.setattr(decode_ahead.cpus, "spare_cores", lambda: 0)
     assert decode_ahead.start(str(root)) is None
-    monkeypatch.setattr(decode_ahead, "spare_cores", lambda: 1)
+    monkeypatch.setattr(decode_ahead.cpus, "spare_cores", lambda: 1)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert decode_ahead.start(str(root)) is None
     monkeypatch.delenv("WORLD_SIZE")
@@ -109,7 +109,7 @@ def test_a_train_run_records_what_was_decoded_ahead_and_the_same_model_results(t
             "training": {"epochs": 1, "batchSize": 4, "device": "cpu"}}
     runs = {}
     for name, cores in (("ahead", 1), ("inline", 0)):
-        monkeypatch.setattr(decode_ahead, "spare_cores", lambda cores=cores: cores)
+        monkeypatch.setattr(decode_ahead.cpus, "spare_cores", lambda cores=cores: cores)
         path = write_job(tmp_path / f"{name}.yaml", {**spec, "output": {"path": str(tmp_path / name)}})
         assert main(["-f", str(path)]) == EXIT_OK, capsys.readouterr().err
         runs[name] = json.loads((tmp_path / name / "model.json").read_text())

@@ -17,38 +17,18 @@ same PIL calls; a file that fails to decode here is simply left for Sample.load(
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 from PIL import Image
 
+from finetune_trainer import cpus
 from finetune_trainer.image_files import reading_order
 
 # At most this many bytes of decoded pixels wait to be taken, and never more than 1/8 of the memory the
 # process may use: enough for the start-up window (about 3 s of decoding, a few thousand small photos).
 BUDGET_BYTES = 256 << 20
-
-
-def spare_cores() -> int:
-    """Cores this process may use beyond one: the affinity mask, capped by a cgroup v2 CPU quota (a pod's limit)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, int(int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(0, cores - 1)
-
-
-def _memory_limit() -> int | None:
-    try:
-        value = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        return None if value == "max" else int(value)
-    except (OSError, ValueError):
-        return None
 
 
 class DecodeAhead:
@@ -119,7 +99,7 @@ _active: DecodeAhead | None = None
 def start(dataset_path: str | None) -> DecodeAhead | None:
     """Begin decoding a local ImageFolder dataset ahead where a core is spare; None (nothing started) otherwise."""
     global _active
-    if not dataset_path or spare_cores() < 1 or _active is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not dataset_path or _active is not None or cpus.spare_cores() < 1 or not cpus.single_process():
         return None
     root = Path(dataset_path)
     try:
@@ -128,7 +108,7 @@ def start(dataset_path: str | None) -> DecodeAhead | None:
         return None  # the scan in data.py reports what is wrong with the folder
     if not paths:
         return None
-    limit = _memory_limit()
+    limit = cpus.memory_limit()
     _active = DecodeAhead(paths, BUDGET_BYTES if limit is None else min(BUDGET_BYTES, limit // 8)).start()
     return _active
 

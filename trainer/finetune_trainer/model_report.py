@@ -85,16 +85,20 @@ def draw_plots(folder: Path, report: dict, history: list[dict] | None) -> dict[s
 
 
 def _plots(folder: Path, report: dict, history: list[dict] | None, names: dict[str, str]) -> dict[str, str]:
-    """Pictures are a convenience: a plotting failure is logged and costs only the picture."""
-    from finetune_trainer.plots import plot_confusion_matrix, plot_training_curves
+    """Pictures are a convenience: a plotting failure is logged and costs only the picture. Drawn by the
+    trainer's plot helper when one runs (plot_helper: matplotlib imported during start-up), else here."""
+    from finetune_trainer import plot_helper
 
-    made = {}
+    wanted = {"confusionMatrix": names["confusionMatrix"], "trainingCurves": CURVES_PNG}
     try:
-        plot_confusion_matrix(report, folder / names["confusionMatrix"])
-        if history:
-            plot_training_curves(history, folder / CURVES_PNG)
-            made["trainingCurves"] = CURVES_PNG
+        helper = plot_helper.active()
+        made = helper.draw(folder, report, history, wanted) if helper is not None else None
+        if made is None:
+            from finetune_trainer.plots import draw_report
+
+            made = draw_report(folder, report, history, wanted)
     except (OSError, ValueError, RuntimeError) as err:
         log.warning("evaluation plots not written: %s", err)
         names.pop("confusionMatrix", None)
+        return {}
     return made

@@ -153,3 +153,24 @@ def plot_training_curves(history: list[dict], path: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(True, alpha=0.3)
     return _save_atomically(figure, path)
+
+
+def draw_report(folder: Path, report: dict, history: list[dict] | None, names: dict[str, str]) -> dict[str, str]:
+    """The report's pictures into `folder`: the confusion matrix as names["confusionMatrix"], and the training
+    curves as names["trainingCurves"] when there is a history. Returns {"trainingCurves": …} when drawn."""
+    plot_confusion_matrix(report, folder / names["confusionMatrix"])
+    if not history:
+        return {}
+    plot_training_curves(history, folder / names["trainingCurves"])
+    return {"trainingCurves": names["trainingCurves"]}
+
+
+def warm_up() -> None:
+    """Import what drawing needs and render one small figure with text (the font is loaded on first use)."""
+    import io
+
+    from matplotlib.ticker import MaxNLocator  # noqa: F401  (imported for what plot_training_curves needs)
+
+    figure = _new_figure(1.0, 1.0)
+    figure.text(0.5, 0.5, "0")
+    figure.savefig(io.BytesIO(), format="png", dpi=10)
