@@ -31,7 +31,7 @@ from finetune_api.errors import (
     JobFileError,
 )
 from finetune_api.spec import parse_job, read_job_document
-from finetune_trainer import decode_ahead, fetch, plot_helper
+from finetune_trainer import fetch, plot_helper
 from finetune_trainer.safe_io import job_fields, os_error, os_errors
 
 TERMINATION_LOG = "/dev/termination-log"
@@ -112,8 +112,7 @@ def _reporter(kind: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     job = fetch.prepare_job(load_job_with_overrides(args.file, _overrides(args)))  # dataset.uri, weights.uri
-    decode_ahead.start(job.spec.dataset.path)  # on a spare core, while the next lines import torch
-    plot_helper.start()  # matplotlib imported there too, for the report's pictures at the end
+    plot_helper.start()  # on a spare core, matplotlib imported while the next lines import torch
     from finetune_trainer.distributed import Dist  # torch import only once the job file is known good
     from finetune_trainer.fit import fit
     from finetune_trainer.report import Reporter
@@ -137,7 +136,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                          should_stop=lambda: stop["requested"], dist=dist)
     finally:
         reporter.close()
-        decode_ahead.finish()
         plot_helper.finish()
     if dist.main:
         test = f", test accuracy {result.test_accuracy:.4f}" if result.test_accuracy is not None else ""

@@ -1,6 +1,6 @@
-"""What share of the machine this process may use: cores (affinity, cgroup v2 quota) and memory (cgroup v2 limit).
+"""How many cores this process may use (affinity mask, cgroup v2 quota), and whether it is one rank of a group.
 
-No torch here: the start-up helpers (decode_ahead, plot_helper) ask before torch is imported.
+No torch here: cmd_train asks before torch is imported (plot_helper).
 """
 
 from __future__ import annotations
@@ -19,15 +19,6 @@ def spare_cores() -> int:
     except (OSError, ValueError):
         pass
     return max(0, cores - 1)
-
-
-def memory_limit() -> int | None:
-    """The cgroup v2 memory limit in bytes, or None when there is none (or no cgroup v2)."""
-    try:
-        value = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        return None if value == "max" else int(value)
-    except (OSError, ValueError):
-        return None
 
 
 def single_process() -> bool:

@@ -26,12 +26,12 @@ from torchvision.transforms import v2 as T
 
 from finetune_api.errors import JobFileError, TrainingError
 from finetune_api.spec import Dataset as DatasetSpec
-from finetune_trainer import augment, decode_ahead
-from finetune_trainer.image_files import scan_class_dirs
+from finetune_trainer import augment
 from finetune_trainer.sampling import EpochSampler
 
 log = logging.getLogger(__name__)
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -79,9 +79,6 @@ class Sample:
     def load(self) -> Image.Image:
         if self.pixels is not None:
             return Image.fromarray(self.pixels).convert("RGB")
-        ahead = decode_ahead.take(self.path)  # type: ignore[arg-type]
-        if ahead is not None:  # decoded by the same two calls below, on a spare core during start-up
-            return ahead
         with Image.open(self.path) as im:  # type: ignore[arg-type]
             return im.convert("RGB")
 
@@ -188,6 +185,15 @@ def _select_classes(found: list[str], wanted: list[str] | None, where: str) -> l
     return list(wanted)
 
 
+def _scan_class_dirs(root: Path) -> dict[str, list[Path]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    out = {}
+    for c in classes:
+        files = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        out[c] = files
+    return out
+
+
 def _readable(paths: list[Path]) -> tuple[list[Path], int]:
     """Verify image headers up front so broken files are counted once, not hit every epoch."""
     good, bad = [], 0
@@ -203,7 +209,7 @@ def _readable(paths: list[Path]) -> tuple[list[Path], int]:
 
 
 def _folder_samples(root: Path, classes: list[str], where: str) -> tuple[dict[str, list[Sample]], int]:
-    scanned = scan_class_dirs(root)
+    scanned = _scan_class_dirs(root)
     out, skipped = {}, 0
     for i, c in enumerate(classes):
         good, bad = _readable(scanned.get(c, []))
@@ -220,7 +226,7 @@ def _folder_splits(spec: DatasetSpec, seed: int) -> Splits:
         raise JobFileError(f"dataset.path: {root} does not exist or is not a directory")
     train_dir, val_dir, test_dir = root / "train", root / "val", root / "test"
     if train_dir.is_dir() and val_dir.is_dir():
-        found = sorted(scan_class_dirs(train_dir))
+        found = sorted(_scan_class_dirs(train_dir))
         classes = _select_classes(found, spec.classes, str(train_dir))
         _require(classes, train_dir)
         tr, bad_tr = _folder_samples(train_dir, classes, str(train_dir))
@@ -233,7 +239,7 @@ def _folder_splits(spec: DatasetSpec, seed: int) -> Splits:
         val = [s for c in classes for s in va[c]]
         return Splits(classes, train, val, bad_tr + bad_va + bad_te, source=f"folder:{root} (train/ + val/{where})",
                       test=test)
-    found = sorted(scan_class_dirs(root))
+    found = sorted(_scan_class_dirs(root))
     classes = _select_classes(found, spec.classes, str(root))
     _require(classes, root)
     per_class, skipped = _folder_samples(root, classes, str(root))
@@ -320,7 +326,7 @@ def folder_samples_for(root: Path, classes: list[str]) -> tuple[list[Sample], in
     """An ImageFolder (<root>/<class>/…) labelled with an export's class list; unknown folders refused."""
     if not root.is_dir():
         raise JobFileError(f"--data: {root} does not exist or is not a directory")
-    found = sorted(scan_class_dirs(root))
+    found = sorted(_scan_class_dirs(root))
     unknown = [c for c in found if c not in classes]
     if unknown:
         raise JobFileError(f"--data: class folder(s) {unknown[:10]} in {root} are not classes of the model "
@@ -328,7 +334,7 @@ def folder_samples_for(root: Path, classes: list[str]) -> tuple[list[Sample], in
     if not found:
         raise JobFileError(f"--data: {root} has no class folders")
     samples, skipped = [], 0
-    scanned = scan_class_dirs(root)
+    scanned = _scan_class_dirs(root)
     for c in found:
         good, bad = _readable(scanned[c])
         skipped += bad

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import time
 
-from finetune_trainer import decode_ahead
-
 _fit_start: float | None = None
 _first: tuple[float, float | None] | None = None  # (seconds since fit() entry, seconds since process start)
 
@@ -39,7 +37,6 @@ def first_batch() -> None:
     global _first
     if _first is None and _fit_start is not None:
         _first = (time.perf_counter() - _fit_start, process_age())
-        decode_ahead.stop()  # from here on both cores belong to the network
 
 
 def timings() -> dict:
@@ -47,10 +44,8 @@ def timings() -> dict:
     if _first is None:
         return {}
     fit, process = _first
-    ahead = decode_ahead.describe()
     return {"fitToFirstBatchSeconds": round(fit, 3),
-            **({"processStartToFirstBatchSeconds": round(process, 2)} if process is not None else {}),
-            **({"decodedAhead": ahead} if ahead is not None else {})}
+            **({"processStartToFirstBatchSeconds": round(process, 2)} if process is not None else {})}
 
 
 def describe() -> str | None:
