@@ -8,7 +8,6 @@ never crashing the epoch.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import logging
@@ -83,25 +82,6 @@ class Sample:
             return im.convert("RGB")
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Per-image transforms run on one torch thread, as they do in DataLoader workers (torch sets 1 there).
-
-    A 224 px image is too small an input for an op to gain from a second thread: measured on 2 cores (the
-    demo's photos, random resized crop + colour jitter on uint8), 1.45 ms per image with 2 threads and 1.05
-    with 1. Results do not depend on it, except where a reduction's order does (colour jitter's contrast
-    mean): one thread everywhere makes the main process compute what a worker computes."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 # Decoded, resized tensors are kept in memory up to this size when the transform is deterministic,
 # so epochs after the first skip decoding and resizing entirely.
 MEMO_BYTES = 2 << 30
@@ -122,8 +102,7 @@ class ImageDataset(Dataset):
         if self.memo is not None and i in self.memo:
             return self.memo[i], self.samples[i].label
         try:
-            with one_thread():
-                x = self.transform(self.samples[i].load())
+            x = self.transform(self.samples[i].load())
         except Exception as err:  # PIL raises many types for crafted data (struct.error, ZeroDivisionError, …)
             log.warning("skipping unreadable image %s: %s", self.samples[i].path, err)
             return None

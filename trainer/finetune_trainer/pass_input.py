@@ -26,7 +26,7 @@ from torchvision.transforms import v2 as T
 
 from finetune_trainer import startup
 from finetune_trainer.cached_views import image_seed
-from finetune_trainer.data import ImageDataset, Preprocessing, Sample, one_thread, skip_broken
+from finetune_trainer.data import ImageDataset, Preprocessing, Sample, skip_broken
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ class Pixels(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            with one_thread():
-                return self._pixels(i), self.samples[i].label
+            return self._pixels(i), self.samples[i].label
         except Exception as err:  # PIL raises many types for crafted data, as in ImageDataset
             log.warning("skipping unreadable image %s: %s", self.samples[i].path, err)
             return None
