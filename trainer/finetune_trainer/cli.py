@@ -31,7 +31,7 @@ from finetune_api.errors import (
     JobFileError,
 )
 from finetune_api.spec import parse_job, read_job_document
-from finetune_trainer import fetch, plot_helper
+from finetune_trainer import cpus, fetch, plot_helper
 from finetune_trainer.safe_io import job_fields, os_error, os_errors
 
 TERMINATION_LOG = "/dev/termination-log"
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cpus.cap_threads()  # before any command imports torch: its thread pool fits the CPU quota
     handlers = {"train": cmd_train, "validate": cmd_validate, "predict": cmd_predict, "evaluate": cmd_evaluate,
                 "sweep": cmd_sweep, "fetch": fetch.cmd_fetch}
     if args.command is None:

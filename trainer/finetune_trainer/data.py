@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -363,7 +362,3 @@ def collate_all(batch: list):
     if good is None:
         raise TrainingError("every image of a batch failed to load (was the dataset changed mid-run?)")
     return good
-
-
-def default_num_workers() -> int:
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
