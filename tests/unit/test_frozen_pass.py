@@ -115,3 +115,36 @@ def test_model_json_records_how_the_frozen_pass_ran(tmp_path, precision, choice,
         Reporter(), tmp_path)
     cache = json.loads((tmp_path / "model.json").read_text())["featureCache"]
     assert cache["frozenPass"]["path"] == path and reason in cache["frozenPass"]["reason"], cache
+
+
+@needs_bf16
+@pytest.mark.parametrize("fast_wins", [True, False])
+def test_auto_races_the_paths_on_the_first_batch_and_keeps_the_faster(monkeypatch, fast_wins) -> None:
+    model = _pretrained_like(resnet18(num_classes=5))
+    frozen = frozen_pass_model(model, BF16.precision)
+    eager, _ = extract(frozen, "fc", _loader(), BF16)
+    compiled, _ = extract(frozen, "fc", _loader(), BF16, fast=frozen_pass.FastPrefix(build_prefix(frozen, "fc")))
+    # The clock is the test's: the compiled prefix takes 10 ms a batch, eager 20 ms (or the other way round).
+    monkeypatch.setattr(frozen_pass, "_seconds", lambda run, images: (
+        0.010 if isinstance(run, frozen_pass.FastPrefix) == fast_wins else 0.020))
+    fast = frozen_pass.FastPrefix(build_prefix(frozen, "fc"), race=True)
+    got, _ = extract(frozen, "fc", _loader(), BF16, fast=fast)
+    how = fast.describe()
+    assert how["batchSeconds"] == ({frozen_pass.PATH: 0.01, "eager": 0.02} if fast_wins else
+                                   {frozen_pass.PATH: 0.02, "eager": 0.01})
+    if fast_wins:
+        assert how["path"] == frozen_pass.PATH and "faster there: 10 ms against eager's 20 ms" in how["reason"]
+        assert torch.equal(got, compiled)  # every row from the compiled prefix, the first batch's too
+    else:
+        assert how["path"] == "eager" and how["reason"].startswith("eager kept: the TorchScript prefix agreed")
+        assert torch.equal(got, eager)  # every row from eager, the first batch's too
+
+
+@needs_bf16
+def test_an_explicit_torchscript_choice_is_not_raced(monkeypatch) -> None:
+    model = _pretrained_like(resnet18(num_classes=5))
+    frozen = frozen_pass_model(model, BF16.precision)
+    monkeypatch.setattr(frozen_pass, "_seconds", lambda run, images: pytest.fail("timed without a race"))
+    fast = frozen_pass.FastPrefix(build_prefix(frozen, "fc"))
+    extract(frozen, "fc", _loader(), BF16, fast=fast)
+    assert fast.describe()["path"] == frozen_pass.PATH and "batchSeconds" not in fast.describe()

@@ -86,7 +86,9 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
             return Prepared(net, *loaders, decision, "reused", note)
         train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size,
                                              dist, views, spec.training.seed, eager,
-                                             (spec.training.frozen_pass_batch_size, spec.training.frozen_pass_workers))
+                                             (spec.training.frozen_pass_batch_size, spec.training.frozen_pass_workers),
+                                             # auto races the paths; under torchrun the ranks could pick apart
+                                             race=spec.training.frozen_pass == "auto" and not dist.active)
         stored = _store(store, train, val)
     loaders = features.cached_loaders(train, val, batch_size, dist.world, dist.rank, views)
     return Prepared(net, *loaders, decision, stored, note, how)
@@ -131,7 +133,7 @@ def _of(views: int) -> str:
 
 def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_loader: DataLoader, env: Env,
                  batch_size: int, dist: Dist, views: int = 0, seed: int = 0, eager: str | None = None,
-                 pass_loading: tuple[int | None, int | None] = (None, None)):
+                 pass_loading: tuple[int | None, int | None] = (None, None), race: bool = False):
     """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
 
     `views` > 0: each train image is decoded once and passed as `views` augmented copies, view k of image i
@@ -152,7 +154,7 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
                                    sampler=val_loader.sampler if dist.active else None)
     limit = features.MAX_CACHE_BYTES // dist.world
     frozen = features.frozen_pass_model(model, env.frozen_precision)  # one copy for train and val
-    fast = _fast_prefix(frozen, boundary) if eager is None else None
+    fast = _fast_prefix(frozen, boundary, race) if eager is None else None
     run = functools.partial(features.extract, frozen, boundary, compute=env.frozen_compute, fast=fast, limit=limit)
     try:
         with torch.random.fork_rng(devices=[]):  # the views' per-image seeds leave the run's own stream as it was
@@ -175,11 +177,12 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
     return train, val, note, how
 
 
-def _fast_prefix(frozen: nn.Module, boundary: str) -> frozen_pass.FastPrefix:
-    """The compiled-prefix fast path (compiled and checked against eager on the first batch)."""
+def _fast_prefix(frozen: nn.Module, boundary: str, race: bool) -> frozen_pass.FastPrefix:
+    """The compiled-prefix fast path (compiled, checked against eager and, with `race`, timed against it on
+    the first batch)."""
     prefix = features.build_prefix(frozen, boundary)
     return frozen_pass.FastPrefix(prefix, "" if prefix is not None else
-                                  f"the frozen part cannot be cut out before {boundary} with torch.fx")
+                                  f"the frozen part cannot be cut out before {boundary} with torch.fx", race)
 
 
 def _store(store: tuple[Path, str, Path | None] | None, train, val) -> str | None:

@@ -83,10 +83,16 @@ def extract(model: nn.Module, boundary: str, loader, compute: Compute, limit: in
     the device until the end (no host sync per batch), in chunks of at most DEVICE_CHUNK bytes."""
     captured: list[torch.Tensor] = []
     moved: list[torch.Tensor] = []  # earlier chunks, already on the CPU
+    grabbed: list[torch.Tensor] = []
 
     def grab(module, args):
-        captured.append(args[0].float())
+        grabbed.append(args[0].float())
         raise _Stop
+
+    def eager(images: torch.Tensor) -> torch.Tensor:
+        with compute.precision.autocast(), contextlib.suppress(_Stop):
+            model(images)
+        return grabbed.pop()
 
     model.eval()
     handle = model.get_submodule(boundary).register_forward_pre_hook(grab)
@@ -96,12 +102,9 @@ def extract(model: nn.Module, boundary: str, loader, compute: Compute, limit: in
             if fast is not None and fast.usable and fast.scripted is not None:
                 captured.append(fast(images))
             else:
-                with compute.precision.autocast(), contextlib.suppress(_Stop):
-                    model(images)
-                if fast is not None and fast.usable is None and fast.compile(images):
-                    compiled = fast(images)
-                    if fast.check(compiled, captured[-1]):
-                        captured[-1] = compiled  # every row of the cache from the same path
+                captured.append(eager(images))
+                if fast is not None and fast.usable is None:  # the first batch decides the path of the rest
+                    captured[-1] = fast.first_batch(images, captured[-1], eager)
             labels.append(targets)
             size = captured[-1].numel() * 4
             total, on_device = total + size, on_device + size

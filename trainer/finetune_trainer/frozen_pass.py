@@ -4,8 +4,9 @@ The eager pass runs the folded model op by op under autocast, which re-casts wei
 of just the frozen prefix (everything before the boundary, cut out with torch.fx) in bf16 weights, traced,
 frozen and optimised for inference by TorchScript, lets oneDNN fuse convolutions with what follows them.
 Measured side by side in bench/frozen_pass.py. The first batch runs through both, and the fast path is kept
-only when it agrees with the eager one within bf16 tolerance; otherwise, or when the prefix cannot be cut
-out or compiled, the pass stays eager and model.json says why. fp32 passes never take it: they stay
+only when it agrees with the eager one within bf16 tolerance and — under training.frozenPass auto — when it
+is faster on this CPU, timed there; otherwise, or when the prefix cannot be cut out or compiled, the pass
+stays eager and model.json says why. fp32 passes never take it: they stay
 bit-for-bit what the plain loop computes.
 """
 
@@ -15,6 +16,7 @@ import copy
 import logging
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,6 +34,7 @@ PATH = "torchscript-bf16"
 # compiled prefix gains 0-10 % over eager autocast on the CPUs measured, so a shorter pass would pay more for
 # the compilation than it saves. `torchscript` compiles whatever the size.
 MIN_IMAGES = 2048
+RACE_RUNS = 2  # timed calls per path in auto's race: the best of two shrugs off one interrupted call
 
 
 def intended(compute: Compute) -> bool:
@@ -40,13 +43,51 @@ def intended(compute: Compute) -> bool:
 
 
 class FastPrefix:
-    """The frozen prefix compiled on first use (from the first batch's shape) and checked against eager."""
+    """The frozen prefix compiled on first use (from the first batch's shape) and checked against eager.
 
-    def __init__(self, prefix: nn.Module | None, why_not: str = "") -> None:
+    `race` (training.frozenPass auto): once compiled and checked, both paths are timed on the first batch
+    and the faster one runs the pass. Whether the fused prefix wins depends on the CPU — measured +31 % on
+    one AMD EPYC, +3 % on another, slower on a Sapphire Rapids (bench/README.md) — so auto does not guess.
+    An explicit `torchscript` keeps the compiled prefix without racing."""
+
+    def __init__(self, prefix: nn.Module | None, why_not: str = "", race: bool = False) -> None:
         self._prefix, self.scripted = prefix, None
         self.usable: bool | None = None if prefix is not None else False  # None: not tried yet
-        self.reason = why_not
-        self.preparation = 0.0  # seconds spent compiling
+        self.reason, self.race = why_not, race
+        self.preparation = 0.0  # seconds spent compiling (and racing)
+        self.batch_seconds: dict[str, float] = {}  # the race's steady per-batch times, by path
+
+    def first_batch(self, images: torch.Tensor, eager_out: torch.Tensor,
+                    eager: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The first batch's features, from the path the rest of the pass takes: compile, check against
+        `eager_out` (what `eager` computed for `images`), race when asked. Every row of the cache then comes
+        from one path."""
+        if not self.compile(images):
+            return eager_out
+        compiled = self(images)  # TorchScript's profiling executor records shapes on this first call
+        if not self.check(compiled, eager_out):
+            return eager_out
+        if self.race and not self._faster(images, eager):
+            self.usable = False
+            return eager_out
+        return compiled
+
+    def _faster(self, images: torch.Tensor, eager: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Time both paths on the first batch (best of RACE_RUNS, after a warm-up call of the compiled
+        prefix, whose executor optimises on its second call); True when the compiled one is faster."""
+        start = time.perf_counter()
+        self(images)
+        fast, slow = (min(_seconds(run, images) for _ in range(RACE_RUNS)) for run in (self, eager))
+        self.preparation += time.perf_counter() - start
+        self.batch_seconds = {PATH: round(fast, 4), "eager": round(slow, 4)}
+        per_batch = f"{fast * 1e3:.0f} ms against eager's {slow * 1e3:.0f} ms per batch of {len(images)}"
+        if fast < slow:
+            self.reason += f", and faster there: {per_batch}"
+            return True
+        self.reason = (f"eager kept: the TorchScript prefix agreed with eager on the first batch but was not faster "
+                       f"on this CPU ({per_batch})")
+        log.info("frozen pass stays eager: %s", self.reason)
+        return False
 
     def compile(self, images: torch.Tensor) -> bool:
         """Trace, freeze and optimise the bf16 prefix once; False (with the reason) when it cannot be."""
@@ -83,4 +124,11 @@ class FastPrefix:
 
     def describe(self) -> dict:
         return {"path": PATH if self.usable else "eager", "reason": self.reason,
-                "preparationSeconds": round(self.preparation, 3)}
+                "preparationSeconds": round(self.preparation, 3),
+                **({"batchSeconds": self.batch_seconds} if self.batch_seconds else {})}
+
+
+def _seconds(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> float:
+    start = time.perf_counter()
+    run(images)
+    return time.perf_counter() - start
