@@ -105,7 +105,7 @@ def test_the_fast_path_applies_to_bf16_on_the_cpu_only() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,choice,path,reason", [
     ("fp32", "auto", "eager", "fp32 (bit-for-bit"), ("fp32", "torchscript", "eager", "fp32 (bit-for-bit"),
-    ("bf16", "auto", "eager", "images to pass (auto compiles from 2048)"),  # too short to pay for compiling
+    ("bf16", "auto", "eager", f"images to pass (auto compiles from {frozen_pass.MIN_IMAGES})"),  # too short to pay
     ("bf16", "torchscript", frozen_pass.PATH, "TorchScript bf16 prefix"),
     ("bf16", "eager", "eager", "training.frozenPass: eager")])
 def test_model_json_records_how_the_frozen_pass_ran(tmp_path, precision, choice, path, reason) -> None:
@@ -148,3 +148,14 @@ def test_an_explicit_torchscript_choice_is_not_raced(monkeypatch) -> None:
     fast = frozen_pass.FastPrefix(build_prefix(frozen, "fc"))
     extract(frozen, "fc", _loader(), BF16, fast=fast)
     assert fast.describe()["path"] == frozen_pass.PATH and "batchSeconds" not in fast.describe()
+
+
+@needs_bf16
+def test_a_long_enough_auto_pass_records_its_race_in_model_json(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(frozen_pass, "MIN_IMAGES", 1)  # the tiny dataset counts as long: auto compiles and races
+    fit(tiny_spec(tmp_path, **{"training.precision": "bf16", "training.epochs": 1}), Reporter(), tmp_path)
+    how = json.loads((tmp_path / "model.json").read_text())["featureCache"]["frozenPass"]
+    times = how["batchSeconds"]
+    assert set(times) == {frozen_pass.PATH, "eager"} and all(t > 0 for t in times.values()), how
+    assert how["path"] == (frozen_pass.PATH if times[frozen_pass.PATH] < times["eager"] else "eager"), how
+    assert how["preparationSeconds"] > 0
