@@ -137,7 +137,8 @@ class Training(_Model):
         "other jobs, and computed by one job at a time (the others wait and reuse them)")
     frozen_pass: Literal["auto", "eager", "torchscript"] = Field(
         "auto", description="how the feature cache's frozen pass runs: auto: on CPUs with bf16 and passes of "
-        "2048 images or more, a TorchScript-compiled bf16 prefix (kept only if it agrees with eager), else eager; "
+        "1024 images or more, a TorchScript-compiled bf16 prefix, kept only if it agrees with eager and is faster "
+        "on the first batch (timed), else eager; "
         "eager: the model op by op; torchscript: the compiled prefix whatever the pass's size (bf16 CPU passes)")
     frozen_pass_batch_size: int | None = Field(
         None, ge=1, le=65536, description="images per batch of the feature cache's frozen pass (inference only, "

@@ -29,11 +29,12 @@ log = logging.getLogger(__name__)
 # the two paths round in different places, and measured differences sit near 1-2 % of the largest value.
 TOLERANCE = 0.05
 PATH = "torchscript-bf16"
-# training.frozenPass auto compiles only passes of at least this many images: tracing, freezing and oneDNN's
-# fusion take about a second (bench/frozen_pass.py, "preparation"), and once BatchNorms are folded the
-# compiled prefix gains 0-10 % over eager autocast on the CPUs measured, so a shorter pass would pay more for
-# the compilation than it saves. `torchscript` compiles whatever the size.
-MIN_IMAGES = 2048
+# training.frozenPass auto compiles only passes of at least this many images, then races the two paths.
+# Tracing, freezing, fusing and the race take about 0.5 s (bench/frozen_pass.py, "preparation"). Measured on
+# a 2-core Sapphire Rapids (interleaved CLI runs, 2026-12-02), the compiled prefix, 20 % faster per batch in
+# the race, still lost 0.2 s on the demo's 605-image pass and gained 0.4 s on 1925 images (4 views); the
+# same prefix gained 31 % on an AMD EPYC and 3 % on another VM. `torchscript` compiles whatever the size.
+MIN_IMAGES = 1024
 RACE_RUNS = 2  # timed calls per path in auto's race: the best of two shrugs off one interrupted call
 
 
@@ -46,8 +47,9 @@ class FastPrefix:
     """The frozen prefix compiled on first use (from the first batch's shape) and checked against eager.
 
     `race` (training.frozenPass auto): once compiled and checked, both paths are timed on the first batch
-    and the faster one runs the pass. Whether the fused prefix wins depends on the CPU — measured +31 % on
-    one AMD EPYC, +3 % on another, slower on a Sapphire Rapids (bench/README.md) — so auto does not guess.
+    and the faster one runs the pass. How much the fused prefix wins depends on the CPU — measured +31 % on
+    one AMD EPYC, +3 % on another VM, +20 % per batch on a Sapphire Rapids (bench/README.md) — so auto
+    measures instead of assuming.
     An explicit `torchscript` keeps the compiled prefix without racing."""
 
     def __init__(self, prefix: nn.Module | None, why_not: str = "", race: bool = False) -> None:
@@ -98,8 +100,8 @@ class FastPrefix:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # TorchScript's deprecation notices: it is what runs fastest here
                 prefix = copy.deepcopy(self._prefix).to(torch.bfloat16).eval()
-                # check_trace re-runs both and diffs the graphs: ~0.4 s of the ~1 s here, and check() below
-                # compares the compiled prefix with eager on a whole batch anyway
+                # check_trace re-runs both and diffs the graphs (tracing took 0.78 s with it, 0.30 s without,
+                # on a busy 2-core VM), and check() below compares the prefix with eager on a whole batch anyway
                 self.scripted = torch.jit.optimize_for_inference(torch.jit.freeze(
                     torch.jit.trace(prefix, images[:2].to(torch.bfloat16), check_trace=False)))
         except Exception as err:  # any tracing or fusion failure: the eager pass computes the same features
