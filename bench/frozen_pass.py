@@ -10,7 +10,7 @@ Then the trainer's own frozen pass in a real head-only run on the demo's photos 
 process of its own, as a user runs it, decoding and resizing included — is read from its model.json and
 compared with both.
 
-    .venv/bin/python bench/frozen_pass.py [--size 224] [--batch 8] [--batches 16] [--no-compile]
+    .venv/bin/python bench/frozen_pass.py [--size 224] [--batch 8] [--batches 16] [--rounds 3] [--no-compile]
 
 Rows: fp32 eager; bf16 autocast (the eager pass the trainer falls back to); bf16 weights eager; bf16
 TorchScript trace + freeze + optimize_for_inference (the trainer's fast path, frozen_pass.FastPrefix);
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--boundary", choices=["head", "last-stage"], default="head")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per path (median shown)")
     parser.add_argument("--demo-output", type=Path, default=Path("demo-output"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -123,20 +125,25 @@ def main() -> None:
             next(s for s in plan.stages if s.name in plan.trainable_stages).modules[0]
         x = torch.rand(args.batch, 3, args.size, args.size, device=device).contiguous(
             memory_format=torch.channels_last)
-        rows = []
+        prepared = []  # (name, run, input, batches, preparation seconds)
         for name, make in candidates(built.model, boundary, x, not args.no_compile).items():
             start = time.perf_counter()
             run = make()
             if name.startswith("bf16 torch.compile"):
                 _time(run, x, 1, sync)  # compilation happens on the first call: count it as preparation
-            prep = time.perf_counter() - start
-            rows.append((name, _time(run, x, args.batches, sync), prep))
+            prepared.append((name, run, x, args.batches, time.perf_counter() - start))
         for b in (4, 8, 16, 32, 64):  # the batch size matters as much as the path on CPUs (caches)
             if b != args.batch:
                 xb = torch.rand(b, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
                 run = candidates(built.model, boundary, xb, False)["bf16 autocast, eager (the fallback)"]()
-                rows.append((f"bf16 autocast, eager, batch {b}",
-                             _time(run, xb, max(2, args.batches * args.batch // b), sync), 0.0))
+                prepared.append((f"bf16 autocast, eager, batch {b}", run, xb,
+                                 max(2, args.batches * args.batch // b), 0.0))
+        # Rounds interleave the paths, so a shared machine's drift falls on all of them alike; the median counts.
+        rates: dict[str, list[float]] = {name: [] for name, *_ in prepared}
+        for _ in range(args.rounds):
+            for name, run, xi, batches, _prep in prepared:
+                rates[name].append(_time(run, xi, batches, sync))
+        rows = [(name, statistics.median(rates[name]), prep) for name, _run, _x, _b, prep in prepared]
         # The trainer's own frozen pass in a real run over the demo's 605 photos (decode + resize included),
         # as `finetune-train train` in a process of its own: what a user's run does, start-up helpers included.
         out, job = Path(tmp) / "run", Path(tmp) / "job.yaml"
@@ -155,17 +162,17 @@ def main() -> None:
     steady_limit, limit = max(r[1] for r in over), max(r[3] for r in over)
     print(f"tf_efficientnet_lite0 to {boundary} ({args.boundary}), {args.size} px, batch {args.batch}, "
           f"{args.device}, {torch.get_num_threads()} threads; N = {images} images (the real run's pass)")
-    print("| path | img/s | preparation s | img/s over N, preparation included | of the limit for N "
-          "| of the fastest steady rate |\n|---|---|---|---|---|---|")
+    print(f"img/s: median of {args.rounds} interleaved rounds (min-max beside it)")
+    print("| path | img/s | min-max | preparation s | img/s over N, preparation included | of the limit for N "
+          "| of the fastest steady rate |\n|---|---|---|---|---|---|---|")
     for name, rate, prep, effective in over:
-        print(f"| {name} | {rate:.1f} | {prep:.2f} | {effective:.1f} | {effective / limit:.0%} | "
-              f"{rate / steady_limit:.0%} |")
+        print(f"| {name} | {rate:.1f} | {min(rates[name]):.0f}-{max(rates[name]):.0f} | {prep:.2f} | "
+              f"{effective:.1f} | {effective / limit:.0%} | {rate / steady_limit:.0%} |")
     rate, prep = how["imagesPerSecond"], how.get("preparationSeconds", 0.0)
-    ahead = timings.get("decodedAhead")
+    raced = f"; raced: {how['batchSeconds']} s per batch" if how.get("batchSeconds") else ""
     print(f"| the trainer's frozen pass in a real run ({how['path']}, batch {how['batchSize']}, {how['workers']} "
-          f"loader workers, {how['inputs']}; {images} photos, decoding included"
-          + (f"; {ahead['taken']} of them decoded ahead during start-up" if ahead else "")
-          + f") | {rate:.1f} | {prep:.2f} | {rate:.1f} | {rate / limit:.0%} | {rate / steady_limit:.0%} |")
+          f"loader workers, {how['inputs']}; {images} photos, decoding included{raced}) | {rate:.1f} | one run | "
+          f"{prep:.2f} | {rate:.1f} | {rate / limit:.0%} | {rate / steady_limit:.0%} |")
     print(f"whole `finetune-train train` of 1 epoch: {whole:.1f} s; model.json timings: {timings}")
 
 
