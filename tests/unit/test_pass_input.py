@@ -97,12 +97,12 @@ def test_views_pass_equals_one_pass_per_view_whatever_the_workers_and_batch(work
 def test_the_pass_plan_defaults_and_overrides(monkeypatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(pass_input.cpus_, "usable_cores", lambda: 2)
+    monkeypatch.setattr(pass_input.cpus, "usable_cores", lambda: 2)
     assert pass_input.pass_plan(None, 32, None, 0, cpu) == pass_input.Plan(8, 0, False)  # small batches, no worker
     assert pass_input.pass_plan(None, 256, None, 2, cpu) == pass_input.Plan(8, 2, False)  # dataset.numWorkers
     assert pass_input.pass_plan(16, 256, 0, 3, cpu) == pass_input.Plan(16, 0, False)  # frozenPassWorkers: 0
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    monkeypatch.setattr(pass_input.cpus_, "usable_cores", lambda: 16)
+    monkeypatch.setattr(pass_input.cpus, "usable_cores", lambda: 16)
     assert pass_input.pass_plan(None, 32, None, 0, cpu) == pass_input.Plan(64, 4, False)
     assert pass_input.pass_plan(None, 32, None, 0, cuda) == pass_input.Plan(128, 4, True)
 

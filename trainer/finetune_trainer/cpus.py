@@ -38,17 +38,16 @@ def cap_threads(environ: dict | None = None, cpu_max: Path | None = None) -> int
 
     torch sizes its pool by the cores it can see (the affinity mask), not by a quota: under a smaller quota
     (docker --cpus, a pod limit without the operator's OMP_NUM_THREADS) the surplus threads only wait on the
-    CFS throttle. Sets
-    OMP_NUM_THREADS to the quota's cores and returns it; None (nothing changed) when OMP_NUM_THREADS is
-    already set or there is no quota below the mask."""
+    CFS throttle. Sets OMP_NUM_THREADS to the quota's cores and returns it; None (nothing changed) when
+    OMP_NUM_THREADS is already set or there is no quota below the mask."""
     environ = os.environ if environ is None else environ
     if environ.get("OMP_NUM_THREADS"):
         return None
-    quota = quota_cores(cpu_max)
-    if quota is None or quota >= _mask():
+    cores = usable_cores(cpu_max)
+    if cores >= _mask():
         return None
-    environ["OMP_NUM_THREADS"] = str(quota)
-    return quota
+    environ["OMP_NUM_THREADS"] = str(cores)
+    return cores
 
 
 def _mask() -> int:

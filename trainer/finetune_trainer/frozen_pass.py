@@ -6,8 +6,8 @@ frozen and optimised for inference by TorchScript, lets oneDNN fuse convolutions
 Measured side by side in bench/frozen_pass.py. The first batch runs through both, and the fast path is kept
 only when it agrees with the eager one within bf16 tolerance and — under training.frozenPass auto — when it
 is faster on this CPU, timed there; otherwise, or when the prefix cannot be cut out or compiled, the pass
-stays eager and model.json says why. fp32 passes never take it: they stay
-bit-for-bit what the plain loop computes.
+stays eager and model.json says why. fp32 passes never take it: they stay bit-for-bit what the plain loop
+computes.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class FastPrefix:
         if not self.check(compiled, eager_out):
             return eager_out
         if self.race and not self._faster(images, eager):
-            self.usable = False
+            self.usable, self.scripted = False, None  # the losing compiled module is not kept
             return eager_out
         return compiled
 

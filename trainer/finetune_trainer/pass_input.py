@@ -23,8 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from finetune_trainer import cpus as cpus_
-from finetune_trainer import startup
+from finetune_trainer import cpus, startup
 from finetune_trainer.cached_views import image_seed
 from finetune_trainer.data import ImageDataset, Preprocessing, Sample, skip_broken
 
@@ -132,10 +131,10 @@ def pass_plan(batch_size: int | None, train_batch: int, workers: int | None, loa
     runs where a core is spare for them: on 2 cores one worker competing with the network's two threads
     cost 30 % (sequential 207 img/s, one worker 145, a decoding thread 159), so the default is none below
     4 cores, then one per 4 cores up to 4 (on CUDA, where the CPU only decodes, every core but one, up to 4)."""
-    cpus, cuda = cpus_.usable_cores(), device.type == "cuda"  # a pod's CPU limit, not the node's cores
+    cores, cuda = cpus.usable_cores(), device.type == "cuda"  # a pod's CPU limit, not the node's cores
     size = batch_size or (max(train_batch, 128) if cuda else max(8, 4 * torch.get_num_threads()))
     if workers is None:
-        spare = min(4, cpus - 1) if cuda else (0 if cpus < 4 else min(4, cpus // 4))
+        spare = min(4, cores - 1) if cuda else (0 if cores < 4 else min(4, cores // 4))
         workers = loader_workers if loader_workers > 0 else max(0, spare)
     return Plan(size, workers, cuda)
 
