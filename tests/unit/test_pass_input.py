@@ -150,3 +150,15 @@ def test_keep_freed_memory_sets_glibcs_thresholds_in_its_own_process() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ("True" if os.path.exists("/lib/x86_64-linux-gnu/libc.so.6") or
                            os.path.exists("/usr/lib/x86_64-linux-gnu/libc.so.6") else out.strip())
+
+
+def test_long_lived_imports_pause_the_collector_and_freeze_what_they_made_in_their_own_process() -> None:
+    code = ("import gc, json\nfrom finetune_trainer import startup\nbefore = gc.get_freeze_count()\n"
+            "with startup.long_lived_imports():\n    paused = not gc.isenabled()\n    import email.mime.text\n"
+            "after = gc.get_freeze_count()\nleft = gc.isenabled()\ngc.disable()\n"
+            "with startup.long_lived_imports():\n    pass\n"
+            "print(json.dumps([paused, before, after, left, gc.isenabled()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    paused, before, after, left, stays_off = json.loads(out)
+    assert paused and after > before and left  # paused inside, the imported objects frozen, the collector back on
+    assert not stays_off  # a collector that was off before stays off

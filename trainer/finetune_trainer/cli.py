@@ -31,7 +31,7 @@ from finetune_api.errors import (
     JobFileError,
 )
 from finetune_api.spec import parse_job, read_job_document
-from finetune_trainer import cpus, fetch, plot_helper
+from finetune_trainer import cpus, fetch, plot_helper, startup
 from finetune_trainer.safe_io import job_fields, os_error, os_errors
 
 TERMINATION_LOG = "/dev/termination-log"
@@ -113,12 +113,15 @@ def _reporter(kind: str):
 def cmd_train(args: argparse.Namespace) -> int:
     job = fetch.prepare_job(load_job_with_overrides(args.file, _overrides(args)))  # dataset.uri, weights.uri
     plot_helper.start()  # on a spare core, matplotlib imported while the next lines import torch
-    from finetune_trainer.distributed import Dist  # torch import only once the job file is known good
-    from finetune_trainer.fit import fit
-    from finetune_trainer.report import Reporter
-    from finetune_trainer.startup import keep_freed_memory
+    with startup.long_lived_imports():  # torch import only once the job file is known good
+        from finetune_trainer.distributed import Dist
+        from finetune_trainer.fit import fit
+        from finetune_trainer.report import Reporter
 
-    keep_freed_memory()  # this process is the trainer: reuse freed tensor memory instead of faulting it in anew
+        if job.spec.model.library == "timm":
+            import timm  # noqa: F401  (the model's library, with the others: startup.long_lived_imports)
+
+    startup.keep_freed_memory()  # this process is the trainer: reuse freed tensor memory instead of faulting it in anew
     dist = Dist.from_environment()  # one process, or a torchrun worker
 
     stop = {"requested": False}
@@ -159,7 +162,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from finetune_trainer.predict import predict_files
+    with startup.long_lived_imports():
+        from finetune_trainer.predict import predict_files
 
     failed = 0
     with os_errors({"--model": args.model}):
@@ -176,7 +180,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from finetune_trainer.predict import evaluate_folder
+    with startup.long_lived_imports():
+        from finetune_trainer.predict import evaluate_folder
 
     with os_errors({"--model": args.model, "--data": args.data, "--report-dir": args.report_dir}):
         summary = evaluate_folder(Path(args.model), Path(args.data), args.report_dir, args.batch_size)
@@ -191,7 +196,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = fetch.prepare_sweep(parse_sweep(read_job_document(args.file)), args.output)  # dataset.uri …
     if args.parallel is not None and args.parallel < 1:
         raise JobFileError(f"--parallel must be at least 1 (got {args.parallel})")
-    from finetune_trainer.sweep import LocalSweep  # torch only once the file is known good
+    with startup.long_lived_imports():  # torch only once the file is known good
+        from finetune_trainer.sweep import LocalSweep
 
     doc = LocalSweep(sweep, Path(args.output) if args.output else None, args.parallel).run()
     best = doc["best"]

@@ -7,8 +7,11 @@ dataset scan, building and loading the model — so it is measured on every run 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import time
+from collections.abc import Iterator
 
 _fit_start: float | None = None
 _first: tuple[float, float | None] | None = None  # (seconds since fit() entry, seconds since process start)
@@ -56,6 +59,27 @@ def describe() -> str | None:
     return (f"start-up: first batch {process:.1f}s after the process started ({t['fitToFirstBatchSeconds']:.1f}s "
             "after the run began: data, model, weights)" if process is not None else
             f"start-up: first batch {t['fitToFirstBatchSeconds']:.1f}s after the run began")
+
+
+@contextlib.contextmanager
+def long_lived_imports() -> Iterator[None]:
+    """Import a command's libraries with the cyclic garbage collector paused, then freeze what they made.
+
+    `import torch, torchvision, timm` makes about 380,000 objects that live until the process exits. While
+    they are being made, allocations keep triggering collections (six full ones) that walk every object made
+    so far, and at exit the interpreter's last collections walk them all again. gc.freeze() moves them to
+    the permanent generation, which no collection visits; nothing is lost, since imported modules are kept
+    until exit anyway, and objects made afterwards are collected as usual. Measured on a 2-core AMD EPYC
+    (2026-12-03, 4 interleaved runs each): the imports 2.5-3.0 s instead of 3.2-3.8 s, the process's exit
+    0.2-0.3 s instead of 1.2-1.35 s."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3.
