@@ -6,11 +6,15 @@ or before its last stage (`--boundary last-stage`, what `partial` caches), with 
 trainer folds them. Inputs are random images already in memory, so the rows time the network alone: the
 fastest row is the steady limit. A pass of N images also pays a path's preparation, so each row is also
 given as N / (preparation + N / rate) for the real run's N: the best of those is "the limit" for that pass.
-Then the trainer's own frozen pass in a real head-only run on the demo's photos — `finetune-train train` in a
-process of its own, as a user runs it, decoding and resizing included — is read from its model.json and
-compared with both.
+Then the trainer's own frozen pass over the demo's photos, decoding and resizing included: in this process,
+`fit()` of one epoch under each training.frozenPass choice (eager, torchscript, auto), interleaved in the same
+rounds, read from model.json. The faster of eager and torchscript is the limit for a pass that must decode
+its images; auto is what a run picks. Last, one real `finetune-train train` in a process of its own, as a
+user runs it. `--views K` makes those runs head-only with augmentation and K cached views (N = K x train +
+val), the pass of issue 16's views.
 
     .venv/bin/python bench/frozen_pass.py [--size 224] [--batch 8] [--batches 16] [--rounds 3] [--no-compile]
+        [--views K]
 
 Rows: fp32 eager; bf16 autocast (the eager pass the trainer falls back to); bf16 weights eager; bf16
 TorchScript trace + freeze + optimize_for_inference (the trainer's fast path, frozen_pass.FastPrefix);
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,24 +43,39 @@ import yaml
 from finetune_api.spec import parse_spec
 from finetune_trainer import features, frozen_pass
 from finetune_trainer.demo import prepare
+from finetune_trainer.fit import fit
 from finetune_trainer.freeze import plan_freeze
 from finetune_trainer.model import build_model
+from finetune_trainer.report import Reporter
+
+AUGMENT = {"randomResizedCrop": True, "horizontalFlip": True, "colorJitter": 0.3}  # bench/augmented_views.py's
+CHOICES = ("eager", "torchscript", "auto")  # training.frozenPass
 
 
 def _spec(args, weights: Path, data: Path, out: Path, epochs: int = 1):
     return parse_spec(_spec_dict(args, weights, data, out, epochs))
 
 
-def _spec_dict(args, weights: Path, data: Path, out: Path, epochs: int = 1) -> dict:
+def _spec_dict(args, weights: Path, data: Path, out: Path, epochs: int = 1, choice: str = "auto") -> dict:
+    views = {"featureCacheViews": args.views} if args.views else {}
     return ({
         "model": {"library": "timm", "architecture": "tf_efficientnet_lite0",
                   "weights": {"source": "file", "path": str(weights)}},
-        "dataset": {"path": str(data), "imageSize": args.size},
+        "dataset": {"path": str(data), "imageSize": args.size, **({"augment": AUGMENT} if args.views else {})},
         "freeze": {"policy": "head"} if args.boundary == "head" else {"policy": "partial", "trainableStages": 1},
         "training": {"epochs": epochs, "batchSize": 32, "device": args.device, "seed": 0,
-                     "logEverySteps": 1000},
+                     "logEverySteps": 1000, "frozenPass": choice, **views},
         "output": {"path": str(out)},
     })
+
+
+def trainer_pass(args, weights: Path, data: Path, out: Path, choice: str) -> dict:
+    """model.json's featureCache.frozenPass of a one-epoch fit() in this process under training.frozenPass
+    `choice`: the trainer's own pass over the photos (decoding, resizing, folding, compiling included)."""
+    fit(parse_spec(_spec_dict(args, weights, data, out, choice=choice)), Reporter(), out)
+    how = json.loads((out / "model.json").read_text())["featureCache"]["frozenPass"]
+    shutil.rmtree(out, ignore_errors=True)
+    return how
 
 
 def _time(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batches: int, sync) -> float:
@@ -113,6 +133,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per path (median shown)")
     parser.add_argument("--demo-output", type=Path, default=Path("demo-output"))
+    parser.add_argument("--views", type=int, default=0, help="the trainer's passes with augmentation and K views")
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -140,9 +161,12 @@ def main() -> None:
                                  max(2, args.batches * args.batch // b), 0.0))
         # Rounds interleave the paths, so a shared machine's drift falls on all of them alike; the median counts.
         rates: dict[str, list[float]] = {name: [] for name, *_ in prepared}
-        for _ in range(args.rounds):
+        passes: dict[str, list[dict]] = {choice: [] for choice in CHOICES}
+        for r in range(args.rounds):
             for name, run, xi, batches, _prep in prepared:
                 rates[name].append(_time(run, xi, batches, sync))
+            for choice in CHOICES:
+                passes[choice].append(trainer_pass(args, weights, data, Path(tmp) / f"pass-{choice}-{r}", choice))
         rows = [(name, statistics.median(rates[name]), prep) for name, _run, _x, _b, prep in prepared]
         # The trainer's own frozen pass in a real run over the demo's 605 photos (decode + resize included),
         # as `finetune-train train` in a process of its own: what a user's run does, start-up helpers included.
@@ -174,6 +198,19 @@ def main() -> None:
           f"loader workers, {how['inputs']}; {images} photos, decoding included{raced}) | {rate:.1f} | one run | "
           f"{prep:.2f} | {rate:.1f} | {rate / limit:.0%} | {rate / steady_limit:.0%} |")
     print(f"whole `finetune-train train` of 1 epoch: {whole:.1f} s; model.json timings: {timings}")
+    print(f"\nthe trainer's frozen pass over the photos in this process (fit(), 1 epoch, views {args.views}), "
+          f"decoding and resizing included; seconds and img/s: median of {args.rounds} rounds (min-max)")
+    print("| training.frozenPass | path taken | images | seconds | min-max | img/s | of the photo limit "
+          "| of the limit for N (in memory) |\n|---|---|---|---|---|---|---|---|")
+    medians = {c: statistics.median(h["seconds"] for h in hs) for c, hs in passes.items()}
+    best = min(medians["eager"], medians["torchscript"])
+    for choice, hs in passes.items():
+        n = round(hs[0]["imagesPerSecond"] * hs[0]["seconds"])
+        taken = "/".join(sorted({h["path"] for h in hs}))
+        secs = [h["seconds"] for h in hs]
+        print(f"| {choice} | {taken} | {n} | {medians[choice]:.2f} | {min(secs):.2f}-{max(secs):.2f} | "
+              f"{n / medians[choice]:.1f} | {best / medians[choice]:.0%} | {n / medians[choice] / limit:.0%} |")
+    print(f"auto's reasons: {sorted({h['reason'] for h in passes['auto']})}")
 
 
 if __name__ == "__main__":
