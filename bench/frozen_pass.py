@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from augmented_views import AUGMENT  # bench/augmented_views.py's augmentation, for --views
 
 from finetune_api.spec import parse_spec
 from finetune_trainer import features, frozen_pass
@@ -48,7 +49,6 @@ from finetune_trainer.freeze import plan_freeze
 from finetune_trainer.model import build_model
 from finetune_trainer.report import Reporter
 
-AUGMENT = {"randomResizedCrop": True, "horizontalFlip": True, "colorJitter": 0.3}  # bench/augmented_views.py's
 CHOICES = ("eager", "torchscript", "auto")  # training.frozenPass
 
 

@@ -159,6 +159,6 @@ def test_long_lived_imports_pause_the_collector_and_freeze_what_they_made_in_the
             "with startup.long_lived_imports():\n    pass\n"
             "print(json.dumps([paused, before, after, left, gc.isenabled()]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    paused, before, after, left, stays_off = json.loads(out)
+    paused, before, after, left, enabled_after_off = json.loads(out)
     assert paused and after > before and left  # paused inside, the imported objects frozen, the collector back on
-    assert not stays_off  # a collector that was off before stays off
+    assert not enabled_after_off  # a collector that was off before stays off
