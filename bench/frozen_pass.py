@@ -18,8 +18,10 @@ val), the pass of issue 16's views.
 
 Rows: fp32 eager; bf16 autocast (the eager pass the trainer falls back to); bf16 weights eager; bf16
 TorchScript trace + freeze + optimize_for_inference (the trainer's fast path, frozen_pass.FastPrefix);
-torch.compile (inductor, bf16 weights) unless --no-compile; on CUDA (--device cuda) the same rows there.
-Numbers, not asserts.
+torch.compile (inductor, bf16 weights) unless --no-compile; on a CPU of 2-3 threads the bf16 eager and
+TorchScript rows again as that many single-threaded streams side by side (pass_streams, the trainer's
+default there); on CUDA (--device cuda) the same rows there. The trainer's passes: eager, torchscript, auto
+(streams by default) and auto with frozenPassStreams 1 (the pass before streams). Numbers, not asserts.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -49,15 +52,19 @@ from finetune_trainer.freeze import plan_freeze
 from finetune_trainer.model import build_model
 from finetune_trainer.report import Reporter
 
-CHOICES = ("eager", "torchscript", "auto")  # training.frozenPass
+# (row, training.frozenPass, training.frozenPassStreams): the last is the pass as it ran before streams
+CHOICES = (("eager", "eager", None), ("torchscript", "torchscript", None), ("auto", "auto", None),
+           ("auto, 1 stream", "auto", 1))
 
 
 def _spec(args, weights: Path, data: Path, out: Path, epochs: int = 1):
     return parse_spec(_spec_dict(args, weights, data, out, epochs))
 
 
-def _spec_dict(args, weights: Path, data: Path, out: Path, epochs: int = 1, choice: str = "auto") -> dict:
+def _spec_dict(args, weights: Path, data: Path, out: Path, epochs: int = 1, choice: str = "auto",
+               streams: int | None = None) -> dict:
     views = {"featureCacheViews": args.views} if args.views else {}
+    views |= {"frozenPassStreams": streams} if streams else {}
     return ({
         "model": {"library": "timm", "architecture": "tf_efficientnet_lite0",
                   "weights": {"source": "file", "path": str(weights)}},
@@ -69,10 +76,11 @@ def _spec_dict(args, weights: Path, data: Path, out: Path, epochs: int = 1, choi
     })
 
 
-def trainer_pass(args, weights: Path, data: Path, out: Path, choice: str) -> dict:
+def trainer_pass(args, weights: Path, data: Path, out: Path, choice: str, streams: int | None) -> dict:
     """model.json's featureCache.frozenPass of a one-epoch fit() in this process under training.frozenPass
-    `choice`: the trainer's own pass over the photos (decoding, resizing, folding, compiling included)."""
-    fit(parse_spec(_spec_dict(args, weights, data, out, choice=choice)), Reporter(), out)
+    `choice` (and frozenPassStreams `streams`): the trainer's own pass over the photos (decoding, resizing,
+    folding, compiling included)."""
+    fit(parse_spec(_spec_dict(args, weights, data, out, choice=choice, streams=streams)), Reporter(), out)
     how = json.loads((out / "model.json").read_text())["featureCache"]["frozenPass"]
     shutil.rmtree(out, ignore_errors=True)
     return how
@@ -87,6 +95,26 @@ def _time(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batches:
             run(x)
         sync()
     return batches * x.shape[0] / (time.perf_counter() - start)
+
+
+def _time_streams(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batches: int, streams: int) -> float:
+    """img/s of `streams` threads side by side, each running `run` on its share of the torch threads (the
+    trainer's pass_streams, without the decoding)."""
+    every = torch.get_num_threads()
+
+    def work(n: int) -> None:
+        with torch.inference_mode():
+            for _ in range(n):
+                run(x)
+
+    each = max(1, batches // streams)
+    with ThreadPoolExecutor(streams, initializer=torch.set_num_threads, initargs=(max(1, every // streams),)) as pool:
+        list(pool.map(work, [1] * streams))  # warm-up
+        start = time.perf_counter()
+        list(pool.map(work, [each] * streams))
+        elapsed = time.perf_counter() - start
+    torch.set_num_threads(every)
+    return streams * each * x.shape[0] / elapsed
 
 
 def candidates(model, boundary: str, x: torch.Tensor, compile_too: bool) -> dict[str, Callable]:
@@ -146,28 +174,32 @@ def main() -> None:
             next(s for s in plan.stages if s.name in plan.trainable_stages).modules[0]
         x = torch.rand(args.batch, 3, args.size, args.size, device=device).contiguous(
             memory_format=torch.channels_last)
-        prepared = []  # (name, run, input, batches, preparation seconds)
+        prepared = []  # (name, run, input, batches, preparation seconds, streams)
+        streams = torch.get_num_threads() if device.type == "cpu" and 2 <= torch.get_num_threads() < 4 else 1
         for name, make in candidates(built.model, boundary, x, not args.no_compile).items():
             start = time.perf_counter()
             run = make()
             if name.startswith("bf16 torch.compile"):
                 _time(run, x, 1, sync)  # compilation happens on the first call: count it as preparation
-            prepared.append((name, run, x, args.batches, time.perf_counter() - start))
+            prepared.append((name, run, x, args.batches, time.perf_counter() - start, 1))
+            if streams > 1 and name.startswith(("bf16 autocast", "bf16 weights", "bf16 TorchScript")):
+                prepared.append((f"{name}, {streams} streams x 1 thread", run, x, args.batches, prepared[-1][4],
+                                 streams))
         for b in (4, 8, 16, 32, 64):  # the batch size matters as much as the path on CPUs (caches)
             if b != args.batch:
                 xb = torch.rand(b, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
                 run = candidates(built.model, boundary, xb, False)["bf16 autocast, eager (the fallback)"]()
                 prepared.append((f"bf16 autocast, eager, batch {b}", run, xb,
-                                 max(2, args.batches * args.batch // b), 0.0))
+                                 max(2, args.batches * args.batch // b), 0.0, 1))
         # Rounds interleave the paths, so a shared machine's drift falls on all of them alike; the median counts.
         rates: dict[str, list[float]] = {name: [] for name, *_ in prepared}
-        passes: dict[str, list[dict]] = {choice: [] for choice in CHOICES}
+        passes: dict[str, list[dict]] = {row: [] for row, *_ in CHOICES}
         for r in range(args.rounds):
-            for name, run, xi, batches, _prep in prepared:
-                rates[name].append(_time(run, xi, batches, sync))
-            for choice in CHOICES:
-                passes[choice].append(trainer_pass(args, weights, data, Path(tmp) / f"pass-{choice}-{r}", choice))
-        rows = [(name, statistics.median(rates[name]), prep) for name, _run, _x, _b, prep in prepared]
+            for name, run, xi, batches, _prep, k in prepared:
+                rates[name].append(_time(run, xi, batches, sync) if k == 1 else _time_streams(run, xi, batches, k))
+            for i, (row, choice, k) in enumerate(CHOICES):
+                passes[row].append(trainer_pass(args, weights, data, Path(tmp) / f"pass-{i}-{r}", choice, k))
+        rows = [(name, statistics.median(rates[name]), prep) for name, _run, _x, _b, prep, _k in prepared]
         # The trainer's own frozen pass in a real run over the demo's 605 photos (decode + resize included),
         # as `finetune-train train` in a process of its own: what a user's run does, start-up helpers included.
         out, job = Path(tmp) / "run", Path(tmp) / "job.yaml"
@@ -195,7 +227,8 @@ def main() -> None:
     rate, prep = how["imagesPerSecond"], how.get("preparationSeconds", 0.0)
     raced = f"; raced: {how['batchSeconds']} s per batch" if how.get("batchSeconds") else ""
     print(f"| the trainer's frozen pass in a real run ({how['path']}, batch {how['batchSize']}, {how['workers']} "
-          f"loader workers, {how['inputs']}; {images} photos, decoding included{raced}) | {rate:.1f} | one run | "
+          f"loader workers, {how.get('streams', 1)} streams, {how['inputs']}; {images} photos, decoding "
+          f"included{raced}) | {rate:.1f} | one run | "
           f"{prep:.2f} | {rate:.1f} | {rate / limit:.0%} | {rate / steady_limit:.0%} |")
     print(f"whole `finetune-train train` of 1 epoch: {whole:.1f} s; model.json timings: {timings}")
     print(f"\nthe trainer's frozen pass over the photos in this process (fit(), 1 epoch, views {args.views}), "
@@ -210,7 +243,8 @@ def main() -> None:
         secs = [h["seconds"] for h in hs]
         print(f"| {choice} | {taken} | {n} | {medians[choice]:.2f} | {min(secs):.2f}-{max(secs):.2f} | "
               f"{n / medians[choice]:.1f} | {best / medians[choice]:.0%} | {n / medians[choice] / limit:.0%} |")
-    print(f"auto's reasons: {sorted({h['reason'] for h in passes['auto']})}")
+    print(f"auto's reasons: {sorted({h['reason'] for h in passes['auto']})}; streams per row: "
+          f"{ {row: sorted({h.get('streams', 1) for h in hs}) for row, hs in passes.items()} }")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,12 @@ class Training(_Model):
         None, ge=0, le=64, description="DataLoader worker processes decoding images while the frozen pass runs "
         "(0: in the pass's own process; default: dataset.numWorkers when set, else none below 4 cores, then one per "
         "4 cores up to 4; on CUDA every core but one, up to 4)")
+    frozen_pass_streams: int | None = Field(
+        None, ge=1, le=64, description="CPU inference passes (the feature cache's frozen pass, the final evaluation): "
+        "batches computed side by side, each stream decoding its own and running the network on its share of the "
+        "torch threads (default: one stream per thread below 4 threads for bf16 passes without loader workers, "
+        "else 1; fp32 passes default to 1, bit-for-bit the plain loop's numbers; more than 1 takes no loader "
+        "workers)")
     warmup_epochs: int = Field(
         0, ge=0, le=1000,
         description="linear learning-rate warm-up: epoch e of the first N trains at learningRate x e/(N+1), "
@@ -251,7 +257,8 @@ class FineTuneJobSpec(_Model):
         t = _dump(self.training, {"warmup_epochs": 0, "grad_clip_norm": None, "ema": None,
                                   "feature_cache_views": 0},
                   {"epochs", "early_stopping", "log_every_steps", "device", "feature_cache", "frozen_pass",
-                   "feature_cache_dir", "frozen_pass_batch_size", "frozen_pass_workers"})
+                   "feature_cache_dir", "frozen_pass_batch_size", "frozen_pass_workers",
+                   "frozen_pass_streams"})
         model = self.model.model_dump(exclude={"library"} if self.model.library == "torchvision" else set())
         model["weights"] = self.model.weights.model_dump(include=fingerprint_fields(self.model.weights))
         dataset = self.dataset.model_dump(exclude={"num_workers", "augment", *(() if self.dataset.test_fraction else

@@ -98,13 +98,13 @@ def test_the_pass_plan_defaults_and_overrides(monkeypatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(pass_input.cpus, "usable_cores", lambda: 2)
-    assert pass_input.pass_plan(None, 32, None, 0, cpu) == pass_input.Plan(8, 0, False)  # small batches, no worker
-    assert pass_input.pass_plan(None, 256, None, 2, cpu) == pass_input.Plan(8, 2, False)  # dataset.numWorkers
-    assert pass_input.pass_plan(16, 256, 0, 3, cpu) == pass_input.Plan(16, 0, False)  # frozenPassWorkers: 0
+    assert pass_input.pass_plan(None, 32, None, 0, cpu) == pass_input.Plan(8, 0, False, 1, 2)  # small, no worker
+    assert pass_input.pass_plan(None, 256, None, 2, cpu) == pass_input.Plan(8, 2, False, 1, 2)  # dataset.numWorkers
+    assert pass_input.pass_plan(16, 256, 0, 3, cpu) == pass_input.Plan(16, 0, False, 1, 2)  # frozenPassWorkers: 0
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     monkeypatch.setattr(pass_input.cpus, "usable_cores", lambda: 16)
-    assert pass_input.pass_plan(None, 32, None, 0, cpu) == pass_input.Plan(64, 4, False)
-    assert pass_input.pass_plan(None, 32, None, 0, cuda) == pass_input.Plan(128, 4, True)
+    assert pass_input.pass_plan(None, 32, None, 0, cpu) == pass_input.Plan(64, 4, False, 1, 16)
+    assert pass_input.pass_plan(None, 32, None, 0, cuda) == pass_input.Plan(128, 4, True, 1, 16)
 
 
 def test_fit_records_how_the_frozen_pass_loaded(tmp_path) -> None:

@@ -86,7 +86,8 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
             return Prepared(net, *loaders, decision, "reused", note)
         train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size,
                                              dist, views, spec.training.seed, eager,
-                                             (spec.training.frozen_pass_batch_size, spec.training.frozen_pass_workers),
+                                             (spec.training.frozen_pass_batch_size, spec.training.frozen_pass_workers,
+                                              spec.training.frozen_pass_streams),
                                              # auto races the paths; under torchrun the ranks could pick apart
                                              race=spec.training.frozen_pass == "auto" and not dist.active)
         stored = _store(store, train, val)
@@ -133,7 +134,7 @@ def _of(views: int) -> str:
 
 def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_loader: DataLoader, env: Env,
                  batch_size: int, dist: Dist, views: int = 0, seed: int = 0, eager: str | None = None,
-                 pass_loading: tuple[int | None, int | None] = (None, None), race: bool = False):
+                 pass_loading: tuple[int | None, int | None, int | None] = (None, None, None), race: bool = False):
     """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
 
     `views` > 0: each train image is decoded once and passed as `views` augmented copies, view k of image i
@@ -147,7 +148,7 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
     """
     start = time.perf_counter()
     plan = pass_input.pass_plan(pass_loading[0], batch_size, pass_loading[1], train_loader.num_workers,
-                                env.frozen_compute.device)
+                                env.frozen_compute.device, pass_loading[2], env.frozen_precision.dtype is not None)
     order = shard(len(train_loader.dataset), dist.world, dist.rank) if dist.active else None
     train_in = pass_input.pass_input(train_loader.dataset, train_loader.collate_fn, plan, views, seed, order)
     val_in = pass_input.pass_input(val_loader.dataset, val_loader.collate_fn, plan,
@@ -173,7 +174,8 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
            "seconds": round(seconds, 3), "imagesPerSecond": round(passed / seconds, 1) if seconds > 0 else None}
     note = (f"frozen-part outputs for {len(train[1]) + n_val} images{_of(views)} computed once in "
             f"{seconds:.1f}s ({env.frozen_precision.name}, {how['path']}, {how['imagesPerSecond']} img/s, batch "
-            f"{plan.batch_size}, loader workers {plan.workers}); training continues from {boundary}")
+            f"{plan.batch_size}, loader workers {plan.workers}, streams {plan.streams}); training continues from "
+            f"{boundary}")
     return train, val, note, how
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +22,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune_api.spec import FineTuneJobSpec
-from finetune_trainer import timm_models
+from finetune_trainer import pass_streams, timm_models
 from finetune_trainer.cached_views import ViewSampler, ViewsDataset
 from finetune_trainer.engine import Compute, Precision
 from finetune_trainer.freeze import FreezePlan
 from finetune_trainer.frozen_pass import FastPrefix
-from finetune_trainer.pass_input import PassInput, batches
+from finetune_trainer.pass_input import PassInput
 from finetune_trainer.sampling import EpochSampler
 
 MAX_CACHE_BYTES = 4 << 30
@@ -83,30 +84,34 @@ def extract(model: nn.Module, boundary: str, loader, compute: Compute, limit: in
     the device until the end (no host sync per batch), in chunks of at most DEVICE_CHUNK bytes."""
     captured: list[torch.Tensor] = []
     moved: list[torch.Tensor] = []  # earlier chunks, already on the CPU
-    grabbed: list[torch.Tensor] = []
+    local = threading.local()  # the boundary's input, per thread: streams run the model side by side
 
     def grab(module, args):
-        grabbed.append(args[0].float())
+        local.grabbed = args[0].float()
         raise _Stop
 
     def eager(images: torch.Tensor) -> torch.Tensor:
         with compute.precision.autocast(), contextlib.suppress(_Stop):
             model(images)
-        return grabbed.pop()
+        return local.grabbed
+
+    def rest(images: torch.Tensor) -> torch.Tensor:
+        return fast(images) if fast is not None and fast.usable and fast.scripted is not None else eager(images)
+
+    def first(images: torch.Tensor) -> torch.Tensor:  # the first batch decides the path of the rest
+        if fast is None or fast.usable is not None:
+            return rest(images)
+        return fast.first_batch(images, eager(images), eager)
 
     model.eval()
     handle = model.get_submodule(boundary).register_forward_pre_hook(grab)
     labels, total, on_device = [], 0, 0
+    source = loader if isinstance(loader, PassInput) else PassInput(loader, None)
     try:
-        for images, targets in batches(loader, compute):
-            if fast is not None and fast.usable and fast.scripted is not None:
-                captured.append(fast(images))
-            else:
-                captured.append(eager(images))
-                if fast is not None and fast.usable is None:  # the first batch decides the path of the rest
-                    captured[-1] = fast.first_batch(images, captured[-1], eager)
+        for out, targets in pass_streams.map_batches(source, compute, first, rest, source.streams, source.threads):
+            captured.append(out)
             labels.append(targets)
-            size = captured[-1].numel() * 4
+            size = out.numel() * 4
             total, on_device = total + size, on_device + size
             if total > limit:
                 raise MemoryError("boundary activations exceed the in-memory cache budget")

@@ -116,7 +116,8 @@ def _evaluate_best(output: Path, model: nn.Module, splits: Splits, built: BuiltM
     (or, for head-only jobs sharing a feature cache folder, the head on the frozen part's shared outputs)."""
     split, samples = ("test", splits.test) if splits.test else ("val", splits.val)
     loader = eval_input(samples, built.preprocessing, spec.training.frozen_pass_batch_size, spec.dataset.num_workers,
-                        env.compute.device, train_batch=spec.training.batch_size)
+                        env.compute.device, spec.training.batch_size, spec.training.frozen_pass_streams,
+                        env.compute.precision.dtype is not None)
     shared = shared_head_eval(model, built.head_name, loader, samples, splits.classes, built.preprocessing,
                               env.compute, spec, frozen, output)
     labels, probs = shared if shared is not None else predict_probabilities(model, loader, env.compute)

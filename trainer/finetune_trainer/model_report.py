@@ -22,7 +22,8 @@ from torch import nn
 from finetune_trainer.checkpoint import atomic_write
 from finetune_trainer.engine import Compute
 from finetune_trainer.evaluation import evaluation_report, summary_line
-from finetune_trainer.pass_input import batches
+from finetune_trainer.pass_input import PassInput
+from finetune_trainer.pass_streams import map_batches
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,18 @@ def without_plots() -> Iterator[None]:
 @torch.inference_mode()
 def predict_probabilities(model: nn.Module, loader, compute: Compute) -> tuple[np.ndarray, np.ndarray]:
     """(labels, softmax probabilities) for every readable image of `loader` (a DataLoader or a
-    pass_input.PassInput), in order."""
+    pass_input.PassInput, whose streams it runs), in order."""
     model.eval()
-    labels, probs = [], []
-    for images, targets in batches(loader, compute):
+
+    def probabilities(images: torch.Tensor) -> torch.Tensor:
         with compute.precision.autocast():
             logits = model(images)
-        probs.append(logits.float().softmax(dim=1).cpu())
+        return logits.float().softmax(dim=1).cpu()
+
+    source = loader if isinstance(loader, PassInput) else PassInput(loader, None)
+    labels, probs = [], []
+    for out, targets in map_batches(source, compute, probabilities, probabilities, source.streams, source.threads):
+        probs.append(out)
         labels.append(targets)
     if not labels:
         raise ValueError("no readable images to evaluate")

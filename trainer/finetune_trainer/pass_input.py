@@ -16,6 +16,7 @@ the pass then reads float images as before, and `PassInput.batched` says so.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -65,7 +66,10 @@ class Pixels(Dataset):
 
 class Views(Pixels):
     """K augmented views of each image, decoded once: item i is (K, C, H, W) — view k drawn with torch's
-    generator seeded by image_seed(seed, k, i), exactly what SeededViews(…, k)[i] computes."""
+    generator seeded by image_seed(seed, k, i), exactly what SeededViews(…, k)[i] computes. The generator
+    is the process's: streams (pass_streams) draw one image's views at a time, decoding side by side."""
+
+    _seeded = threading.Lock()
 
     def __init__(self, images: ImageDataset, transform: Callable, seed: int, views: int):
         super().__init__(images, transform)
@@ -74,9 +78,10 @@ class Views(Pixels):
     def _pixels(self, i: int) -> torch.Tensor:
         image = self.samples[i].load()
         out = []
-        for k in range(self.views):
-            torch.manual_seed(image_seed(self.seed, k, i))
-            out.append(self.transform(image))
+        with self._seeded:
+            for k in range(self.views):
+                torch.manual_seed(image_seed(self.seed, k, i))
+                out.append(self.transform(image))
         return torch.stack(out)
 
 
@@ -87,6 +92,8 @@ class PassInput:
     loader: DataLoader
     tail: Callable | None  # per batch: uint8 → normalised float (None: the loader yields float already)
     views: int = 0  # > 0: batches are (B, K, C, H, W); the pass flattens them and regroups its outputs
+    streams: int = 1  # batches computed side by side (pass_streams), each on `threads` torch threads
+    threads: int = 1
 
     @property
     def batched(self) -> bool:
@@ -116,33 +123,49 @@ def batches(loader, compute) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 @dataclass(frozen=True)
 class Plan:
-    """How the frozen pass loads: images per batch, DataLoader workers, pinned memory (CUDA)."""
+    """How the frozen pass loads and runs: images per batch, DataLoader workers, pinned memory (CUDA), and
+    the streams computing batches side by side with their torch threads each (pass_streams)."""
 
     batch_size: int
     workers: int
     pin_memory: bool = False
+    streams: int = 1
+    threads: int = 1
 
     def describe(self) -> dict:
-        return {"batchSize": self.batch_size, "workers": self.workers, "pinMemory": self.pin_memory}
+        return {"batchSize": self.batch_size, "workers": self.workers, "pinMemory": self.pin_memory,
+                "streams": self.streams, **({"threadsPerStream": self.threads} if self.streams > 1 else {})}
 
 
 def pass_plan(batch_size: int | None, train_batch: int, workers: int | None, loader_workers: int,
-              device: torch.device) -> Plan:
-    """The pass's own batch size and loader workers, unless the spec sets them (frozenPassBatchSize,
-    frozenPassWorkers, else dataset.numWorkers when set).
+              device: torch.device, streams: int | None = None, reduced: bool = False) -> Plan:
+    """The pass's own batch size, loader workers and streams, unless the spec sets them (frozenPassBatchSize,
+    frozenPassWorkers, else dataset.numWorkers when set; frozenPassStreams). `reduced`: the pass runs in a
+    reduced precision (bf16), whose numbers need not be bit-for-bit those of one stream.
 
     On the CPU, small batches run fastest: measured on 2 cores (EfficientNet-Lite0, 224 px, bf16), batch 8
     passed 203 img/s, 16: 156, 32: 119 (activations that fit the caches), so the default is 4 images per
     torch thread, at least 8. On CUDA: the training batch, at least 128. Workers decode while the network
     runs where a core is spare for them: on 2 cores one worker competing with the network's two threads
     cost 30 % (sequential 207 img/s, one worker 145, a decoding thread 159), so the default is none below
-    4 cores, then one per 4 cores up to 4 (on CUDA, where the CPU only decodes, every core but one, up to 4)."""
+    4 cores, then one per 4 cores up to 4 (on CUDA, where the CPU only decodes, every core but one, up to 4).
+
+    Below 4 cores a reduced-precision CPU pass without workers runs one single-threaded stream per torch
+    thread instead, each decoding its own batches (pass_streams; measured in bench/README.md); streams
+    decode in the pass's process, so they take no loader workers. fp32 passes keep one stream by default:
+    bit-for-bit the plain loop's numbers."""
     cores, cuda = cpus.usable_cores(), device.type == "cuda"  # a pod's CPU limit, not the node's cores
-    size = batch_size or (max(train_batch, 128) if cuda else max(8, 4 * torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    size = batch_size or (max(train_batch, 128) if cuda else max(8, 4 * threads))
     if workers is None:
         spare = min(4, cores - 1) if cuda else (0 if cores < 4 else min(4, cores // 4))
         workers = loader_workers if loader_workers > 0 else max(0, spare)
-    return Plan(size, workers, cuda)
+    if streams is None:
+        streams = threads if not cuda and reduced and workers == 0 and 2 <= threads < 4 else 1
+    streams = 1 if cuda else min(streams, threads)  # more streams than threads would only queue for cores
+    if streams > 1:
+        workers = 0  # each stream decodes its own batches
+    return Plan(size, workers, cuda, streams, max(1, threads // streams))
 
 
 def pass_input(images: ImageDataset, collate_fn: Callable, plan: Plan, views: int = 0, seed: int = 0,
@@ -155,14 +178,15 @@ def pass_input(images: ImageDataset, collate_fn: Callable, plan: Plan, views: in
     loader = DataLoader(data, batch_size=per_batch, collate_fn=collate_fn, num_workers=plan.workers,
                         pin_memory=plan.pin_memory, shuffle=False, sampler=sampler,
                         **({"prefetch_factor": 4} if plan.workers else {}))
-    return PassInput(loader, tail, views)
+    return PassInput(loader, tail, views, plan.streams, plan.threads)
 
 
 def eval_input(samples: list[Sample], prep: Preprocessing, batch_size: int | None, workers: int,
-               device: torch.device, train_batch: int = 32) -> PassInput:
+               device: torch.device, train_batch: int = 32, streams: int | None = None,
+               reduced: bool = False) -> PassInput:
     """The held-out split in order with the eval transform (uint8 per image, float per batch): what the
     final evaluation and `evaluate` read. Same values as data.eval_loader; decoding overlaps with the network
-    (pass_plan's workers). `batch_size` None: the frozen pass's own default (small batches on the CPU), which
-    an inference-only pass over images runs fastest at, like the frozen pass."""
-    plan = pass_plan(batch_size, train_batch, None, workers, device)
+    (pass_plan's workers or streams; `reduced`: a bf16 pass). `batch_size` None: the frozen pass's own
+    default (small batches on the CPU), which an inference-only pass over images runs fastest at."""
+    plan = pass_plan(batch_size, train_batch, None, workers, device, streams, reduced)
     return pass_input(ImageDataset(samples, prep.eval_transform()), skip_broken, plan)

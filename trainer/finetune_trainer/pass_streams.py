@@ -1,0 +1,81 @@
+"""An inference pass over images as several streams on a few-core CPU: each stream decodes a batch of its own
+and runs the network on it with one torch thread, the streams side by side.
+
+Why: with one stream the pass alternates between the network (every core, one OpenMP fork/join per op, a
+core waiting while Python dispatches the next op) and decoding the next batch (one core, the others idle).
+A DataLoader worker does not help when there is no spare core: its process competes with the network's
+threads inside every parallel region. One single-threaded stream per core keeps every core busy with
+either and needs no fork/join. This is the "throughput streams" of OpenVINO's CPU plugin and of
+intel-extension-for-pytorch's MultiStreamModule, done with a thread pool: torch ops and Pillow's decoders
+release the GIL. Measured in bench/frozen_pass.py (bench/README.md).
+
+The numbers: every batch after the first runs on `threads` torch threads whichever stream takes it, so a
+pass is the same run to run; outputs come back in batch order. They are not bit-for-bit those of one
+stream on every core (the reductions split differently), which is why fp32 passes default to one stream
+(pass_input.pass_plan).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from finetune_trainer import startup
+from finetune_trainer.engine import Compute
+from finetune_trainer.pass_input import PassInput, batches
+
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+def map_batches(source: PassInput, compute: Compute, first: Step, rest: Step, streams: int = 1,
+                threads: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(step's output, labels) per readable batch of `source` (a pass_input.PassInput), in order.
+
+    `first` computes the first readable batch in the calling thread with all its torch threads (it may
+    choose the path the others take: frozen_pass.FastPrefix); `rest` computes the others — with
+    `streams` > 1 in that many threads of `threads` torch threads each, decoding included, at most two
+    batches per stream ahead of the consumer."""
+    if streams <= 1:
+        for i, (images, labels) in enumerate(batches(source, compute)):
+            yield (first if i == 0 else rest)(images), labels
+        return
+    loader, order = source.loader, list(source.loader.batch_sampler)
+
+    def load(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        batch = loader.collate_fn([loader.dataset[j] for j in order[i]])
+        return None if batch is None else (compute.batch(source.network_input(batch[0])), batch[1])
+
+    def run(i: int):
+        with torch.inference_mode():  # a thread-local mode: the caller's does not reach the pool's threads
+            loaded = load(i)
+            return None if loaded is None else (rest(loaded[0]), loaded[1])
+
+    start = 0
+    while start < len(order):  # the first readable batch, here: it may decide the path of the rest
+        loaded, start = load(start), start + 1
+        if loaded is not None:
+            startup.first_batch()
+            yield first(loaded[0]), loaded[1]
+            break
+    every = torch.get_num_threads()
+    pool = ThreadPoolExecutor(streams, "pass-stream", initializer=torch.set_num_threads, initargs=(threads,))
+    pending: collections.deque[Future] = collections.deque()
+    try:
+        for i in range(start, len(order)):
+            pending.append(pool.submit(run, i))
+            if len(pending) > 2 * streams:
+                done = pending.popleft().result()
+                if done is not None:
+                    yield done
+        while pending:
+            done = pending.popleft().result()
+            if done is not None:
+                yield done
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        # torch keeps one process-wide thread count besides each thread's own: the pool's threads set it
+        # to `threads`; the caller's threads (and any started later) get theirs back
+        torch.set_num_threads(every)
