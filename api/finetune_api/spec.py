@@ -135,11 +135,13 @@ class Training(_Model):
         None, description="a folder shared by several jobs (a sweep's trials) for the feature cache instead of "
         "<output>/cache: files there are published atomically, verified when read, kept after the export for the "
         "other jobs, and computed by one job at a time (the others wait and reuse them)")
-    frozen_pass: Literal["auto", "eager", "torchscript"] = Field(
-        "auto", description="how the feature cache's frozen pass runs: auto: on CPUs with bf16 and passes of "
-        "1024 images or more, a TorchScript-compiled bf16 prefix, kept only if it agrees with eager and is faster "
-        "on the first batch (timed), else eager; "
-        "eager: the model op by op; torchscript: the compiled prefix whatever the pass's size (bf16 CPU passes)")
+    frozen_pass: Literal["auto", "eager", "torchscript", "bf16-weights"] = Field(
+        "auto", description="how the feature cache's frozen pass runs on CPUs with bf16: auto: passes of 1024 "
+        "images or more through a TorchScript-compiled bf16 prefix, kept only if it agrees with eager and is faster "
+        "on the first batch (timed), shorter passes through the bf16-weights prefix, kept only if it agrees with "
+        "eager; eager: the model op by op under autocast; torchscript: the compiled prefix whatever the pass's "
+        "size; bf16-weights: the prefix with its weights cast to bf16 once, op by op (all but eager: bf16 CPU "
+        "passes only, checked against eager on the first batch)")
     frozen_pass_batch_size: int | None = Field(
         None, ge=1, le=65536, description="images per batch of the feature cache's frozen pass (inference only, "
         "no gradients; default on CPUs: 4 per torch thread, at least 8 — small batches run fastest there; on CUDA: "

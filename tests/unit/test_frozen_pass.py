@@ -1,6 +1,7 @@
-"""The frozen pass's compiled-prefix path (frozen_pass.FastPrefix): the prefix torch.fx cuts out computes the
-boundary's input exactly; the TorchScript bf16 prefix stays within bf16 tolerance of fp32 eager; a prefix that
-disagrees with eager on the first batch is dropped for eager with the reason; fp32 never takes it."""
+"""The frozen pass's fast paths (frozen_pass.FastPrefix, Bf16Weights): the prefix torch.fx cuts out computes the
+boundary's input exactly; the TorchScript bf16 prefix and the bf16-weights prefix stay within bf16 tolerance of
+fp32 eager; a prefix that disagrees with eager on the first batch is dropped for eager with the reason; fp32
+never takes them."""
 
 from __future__ import annotations
 
@@ -57,15 +58,19 @@ def test_the_cut_out_prefix_computes_exactly_the_boundarys_input(make, boundary)
     assert all(a is b for a, b in zip(prefix.parameters(), model.parameters(), strict=False))  # shared, not copied
 
 
+PATHS = [frozen_pass.FastPrefix, frozen_pass.Bf16Weights]
+
+
 @needs_bf16
+@pytest.mark.parametrize("kind", PATHS, ids=["torchscript", "bf16-weights"])
 @pytest.mark.parametrize("make,boundary", CASES, ids=["resnet-fc", "resnet-layer4", "mobilenet", "timm"])
-def test_the_compiled_bf16_prefix_is_within_bf16_tolerance_of_fp32_eager(make, boundary) -> None:
+def test_every_bf16_fast_path_is_within_bf16_tolerance_of_fp32_eager(make, boundary, kind) -> None:
     model = _pretrained_like(make())
     reference, labels = extract(model, boundary, _loader(), FP32)
     frozen = frozen_pass_model(model, BF16.precision)
-    fast = frozen_pass.FastPrefix(build_prefix(frozen, boundary))
+    fast = kind(build_prefix(frozen, boundary))
     got, got_labels = extract(frozen, boundary, _loader(), BF16, fast=fast)
-    assert fast.describe()["path"] == frozen_pass.PATH, fast.reason
+    assert fast.describe()["path"] == kind.path, fast.reason
     assert torch.equal(got_labels, labels) and got.shape == reference.shape and got.dtype == torch.float32
     # bf16 keeps 8 mantissa bits: a few per cent of the largest activation after a dozen layers.
     assert (got - reference).abs().max() <= 0.05 * reference.abs().max()
@@ -74,11 +79,12 @@ def test_the_compiled_bf16_prefix_is_within_bf16_tolerance_of_fp32_eager(make, b
 
 
 @needs_bf16
-def test_a_prefix_that_disagrees_with_eager_is_dropped_for_eager(monkeypatch) -> None:
+@pytest.mark.parametrize("kind", PATHS, ids=["torchscript", "bf16-weights"])
+def test_a_prefix_that_disagrees_with_eager_is_dropped_for_eager(monkeypatch, kind) -> None:
     model = _pretrained_like(resnet18(num_classes=5))
     frozen = frozen_pass_model(model, BF16.precision)
     eager, _ = extract(frozen, "fc", _loader(), BF16)
-    fast = frozen_pass.FastPrefix(build_prefix(frozen, "fc"))
+    fast = kind(build_prefix(frozen, "fc"))
     real = frozen_pass.FastPrefix.__call__
     monkeypatch.setattr(frozen_pass.FastPrefix, "__call__", lambda self, x: real(self, x) * 1.5)  # a broken kernel
     got, _ = extract(frozen, "fc", _loader(), BF16, fast=fast)
@@ -105,7 +111,9 @@ def test_the_fast_path_applies_to_bf16_on_the_cpu_only() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,choice,path,reason", [
     ("fp32", "auto", "eager", "fp32 (bit-for-bit"), ("fp32", "torchscript", "eager", "fp32 (bit-for-bit"),
-    ("bf16", "auto", "eager", f"images to pass (auto compiles from {frozen_pass.MIN_IMAGES})"),  # too short to pay
+    ("bf16", "auto", frozen_pass.WEIGHTS_PATH, "bf16-weights prefix, checked"),  # too short to compile
+    ("bf16", "bf16-weights", frozen_pass.WEIGHTS_PATH, "bf16-weights prefix, checked"),
+    ("fp32", "bf16-weights", "eager", "frozenPass bf16-weights applies to bf16 passes"),
     ("bf16", "torchscript", frozen_pass.PATH, "TorchScript bf16 prefix"),
     ("bf16", "eager", "eager", "training.frozenPass: eager")])
 def test_model_json_records_how_the_frozen_pass_ran(tmp_path, precision, choice, path, reason) -> None:
@@ -136,7 +144,7 @@ def test_auto_races_the_paths_on_the_first_batch_and_keeps_the_faster(monkeypatc
         assert how["path"] == frozen_pass.PATH and "faster there: 10 ms against eager's 20 ms" in how["reason"]
         assert torch.equal(got, compiled)  # every row from the compiled prefix, the first batch's too
     else:
-        assert how["path"] == "eager" and how["reason"].startswith("eager kept: the TorchScript prefix agreed")
+        assert how["path"] == "eager" and how["reason"].startswith("eager kept: the TorchScript bf16 prefix agreed")
         assert torch.equal(got, eager)  # every row from eager, the first batch's too
 
 

@@ -69,10 +69,10 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
         return Prepared(net, train_loader, val_loader, decision)
     # On disk for one process only: ranks of a group may not share a writable output volume.
     views = decision.views
-    eager = _eager_reason(spec, env, len(train_loader.dataset) * max(1, views) + len(val_loader.dataset))
+    path = _pass_path(spec, env, len(train_loader.dataset) * max(1, views) + len(val_loader.dataset))
     shared = Path(spec.training.feature_cache_dir) if spec.training.feature_cache_dir else None
     store = None if dist.active else (inputs.output, feature_store.cache_key(
-        inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, _precision_key(env, eager),
+        inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, _precision_key(env, path[0]),
         env.channels_last, views=feature_store.views_key(spec, inputs.preprocessing) if views else None), shared)
     lock = feature_store.computing(shared, store[1]) if store and shared else contextlib.nullcontext()
     with lock:  # a shared folder: one job computes a key at a time, the others wait and reuse its file
@@ -85,7 +85,7 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
             loaders = features.cached_loaders(found[0], found[1], batch_size, 1, 0, views)
             return Prepared(net, *loaders, decision, "reused", note)
         train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size,
-                                             dist, views, spec.training.seed, eager,
+                                             dist, views, spec.training.seed, path,
                                              (spec.training.frozen_pass_batch_size, spec.training.frozen_pass_workers,
                                               spec.training.frozen_pass_streams),
                                              # auto races the paths; under torchrun the ranks could pick apart
@@ -95,24 +95,24 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
     return Prepared(net, *loaders, decision, stored, note, how)
 
 
-def _eager_reason(spec: FineTuneJobSpec, env: Env, images: int) -> str | None:
-    """Why the frozen pass stays eager; None when the compiled prefix is to be tried (training.frozenPass)."""
+def _pass_path(spec: FineTuneJobSpec, env: Env, images: int) -> tuple[str, str]:
+    """(path, why) of the frozen pass (training.frozenPass): "eager" with the reason it stays eager, or the
+    path to try on the first batch (frozen_pass.PATH, frozen_pass.WEIGHTS_PATH) with an empty reason."""
     choice = spec.training.frozen_pass
     if choice == "eager":
-        return "training.frozenPass: eager"
+        return "eager", "training.frozenPass: eager"
     if not frozen_pass.intended(env.frozen_compute):
-        return ("fp32 (bit-for-bit the plain loop's numbers) or a CUDA pass" +
-                (": training.frozenPass torchscript applies to bf16 passes on the CPU" if choice != "auto" else ""))
-    if choice == "auto" and images < frozen_pass.MIN_IMAGES:
-        return (f"{images} images to pass (auto compiles from {frozen_pass.MIN_IMAGES}): compiling the prefix "
-                "costs about a second, more than it saves on a pass this short")
-    return None
+        asked = f": training.frozenPass {choice} applies to bf16 passes on the CPU" if choice != "auto" else ""
+        return "eager", f"fp32 (bit-for-bit the plain loop's numbers) or a CUDA pass{asked}"
+    if choice == "bf16-weights" or (choice == "auto" and images < frozen_pass.MIN_IMAGES):
+        return frozen_pass.WEIGHTS_PATH, ""  # auto: compiling costs about a second, more than a short pass saves
+    return frozen_pass.PATH, ""
 
 
-def _precision_key(env: Env, eager: str | None) -> str:
+def _precision_key(env: Env, path: str) -> str:
     """How the cached numbers were computed: the pass's precision, and its path when not eager."""
     name = env.frozen_precision.name
-    return name if eager else f"{name}+{frozen_pass.PATH}"
+    return name if path == "eager" else f"{name}+{path}"
 
 
 def _plan(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan) -> tuple[features.CacheDecision, nn.Module]:
@@ -133,7 +133,8 @@ def _of(views: int) -> str:
 
 
 def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_loader: DataLoader, env: Env,
-                 batch_size: int, dist: Dist, views: int = 0, seed: int = 0, eager: str | None = None,
+                 batch_size: int, dist: Dist, views: int = 0, seed: int = 0,
+                 path: tuple[str, str] = ("eager", "the default"),
                  pass_loading: tuple[int | None, int | None, int | None] = (None, None, None), race: bool = False):
     """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
 
@@ -155,7 +156,7 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
                                    sampler=val_loader.sampler if dist.active else None)
     limit = features.MAX_CACHE_BYTES // dist.world
     frozen = features.frozen_pass_model(model, env.frozen_precision)  # one copy for train and val
-    fast = _fast_prefix(frozen, boundary, race) if eager is None else None
+    fast = _fast_prefix(frozen, boundary, race, path[0]) if path[0] != "eager" else None
     run = functools.partial(features.extract, frozen, boundary, compute=env.frozen_compute, fast=fast, limit=limit)
     try:
         with torch.random.fork_rng(devices=[]):  # the views' per-image seeds leave the run's own stream as it was
@@ -169,7 +170,7 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
                  else dist.concat_rows(train[0]), dist.concat_rows(train[1]))
     n_val = len(val_loader.dataset) if dist.active else len(val[1])
     seconds, passed = time.perf_counter() - start, len(train[1]) * max(1, views) + len(val[1])
-    how = {**(fast.describe() if fast is not None else {"path": "eager", "reason": eager}), **plan.describe(),
+    how = {**(fast.describe() if fast is not None else {"path": "eager", "reason": path[1]}), **plan.describe(),
            "inputs": "uint8 per image, float per batch" if train_in.batched else "float per image",
            "seconds": round(seconds, 3), "imagesPerSecond": round(passed / seconds, 1) if seconds > 0 else None}
     note = (f"frozen-part outputs for {len(train[1]) + n_val} images{_of(views)} computed once in "
@@ -179,12 +180,14 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
     return train, val, note, how
 
 
-def _fast_prefix(frozen: nn.Module, boundary: str, race: bool) -> frozen_pass.FastPrefix:
-    """The compiled-prefix fast path (compiled, checked against eager and, with `race`, timed against it on
-    the first batch)."""
+def _fast_prefix(frozen: nn.Module, boundary: str, race: bool, path: str) -> frozen_pass.FastPrefix:
+    """The fast path `path` over the frozen prefix: compiled (or cast), checked against eager and, for the
+    TorchScript prefix with `race`, timed against it on the first batch."""
     prefix = features.build_prefix(frozen, boundary)
-    return frozen_pass.FastPrefix(prefix, "" if prefix is not None else
-                                  f"the frozen part cannot be cut out before {boundary} with torch.fx", race)
+    why_not = "" if prefix is not None else f"the frozen part cannot be cut out before {boundary} with torch.fx"
+    if path == frozen_pass.WEIGHTS_PATH:
+        return frozen_pass.Bf16Weights(prefix, why_not)
+    return frozen_pass.FastPrefix(prefix, why_not, race)
 
 
 def _store(store: tuple[Path, str, Path | None] | None, train, val) -> str | None:
