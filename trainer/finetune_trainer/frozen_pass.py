@@ -7,7 +7,8 @@ Measured side by side in bench/frozen_pass.py. The first batch runs through both
 only when it agrees with the eager one within bf16 tolerance and — under training.frozenPass auto — when it
 is faster on this CPU, timed there; otherwise, or when the prefix cannot be cut out or compiled, the pass
 stays eager and model.json says why. fp32 passes never take it: they stay bit-for-bit what the plain loop
-computes.
+computes. Bf16Weights is the same prefix cast to bf16 and run op by op, checked the same way: auto's path for
+passes too short to pay for compiling.
 """
 
 from __future__ import annotations
