@@ -93,7 +93,7 @@ def test_a_failing_batch_surfaces_from_the_pass_and_the_thread_count_comes_back(
         return x.mean(dim=(1, 2, 3))
 
     with pytest.raises(RuntimeError, match="boom"):
-        list(pass_streams.map_batches(source, FP32, fails_on_the_fourth, fails_on_the_fourth, 2, 1))
+        list(pass_streams.map_batches(source, FP32, fails_on_the_fourth, fails_on_the_fourth))
     assert torch.get_num_threads() == threads
 
 

@@ -106,9 +106,8 @@ def extract(model: nn.Module, boundary: str, loader, compute: Compute, limit: in
     model.eval()
     handle = model.get_submodule(boundary).register_forward_pre_hook(grab)
     labels, total, on_device = [], 0, 0
-    source = loader if isinstance(loader, PassInput) else PassInput(loader, None)
     try:
-        for out, targets in pass_streams.map_batches(source, compute, first, rest, source.streams, source.threads):
+        for out, targets in pass_streams.map_batches(loader, compute, first, rest):
             captured.append(out)
             labels.append(targets)
             size = out.numel() * 4

@@ -22,7 +22,6 @@ from torch import nn
 from finetune_trainer.checkpoint import atomic_write
 from finetune_trainer.engine import Compute
 from finetune_trainer.evaluation import evaluation_report, summary_line
-from finetune_trainer.pass_input import PassInput
 from finetune_trainer.pass_streams import map_batches
 
 log = logging.getLogger(__name__)
@@ -56,9 +55,8 @@ def predict_probabilities(model: nn.Module, loader, compute: Compute) -> tuple[n
             logits = model(images)
         return logits.float().softmax(dim=1).cpu()
 
-    source = loader if isinstance(loader, PassInput) else PassInput(loader, None)
     labels, probs = [], []
-    for out, targets in map_batches(source, compute, probabilities, probabilities, source.streams, source.threads):
+    for out, targets in map_batches(loader, compute, probabilities, probabilities):
         probs.append(out)
         labels.append(targets)
     if not labels:

@@ -25,19 +25,21 @@ import torch
 
 from finetune_trainer import startup
 from finetune_trainer.engine import Compute
-from finetune_trainer.pass_input import PassInput, batches
+from finetune_trainer.pass_input import as_pass_input, batches
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 
 
-def map_batches(source: PassInput, compute: Compute, first: Step, rest: Step, streams: int = 1,
-                threads: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(step's output, labels) per readable batch of `source` (a pass_input.PassInput), in order.
+def map_batches(loader, compute: Compute, first: Step, rest: Step) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(step's output, labels) per readable batch of `loader` (a pass_input.PassInput, or a float-image
+    DataLoader: one stream), in order.
 
     `first` computes the first readable batch in the calling thread with all its torch threads (it may
-    choose the path the others take: frozen_pass.FastPrefix); `rest` computes the others — with
-    `streams` > 1 in that many threads of `threads` torch threads each, decoding included, at most two
-    batches per stream ahead of the consumer."""
+    choose the path the others take: frozen_pass.FastPrefix); `rest` computes the others — with the
+    PassInput's `streams` > 1 in that many threads of its `threads` torch threads each, decoding included,
+    at most two batches per stream ahead of the consumer."""
+    source = as_pass_input(loader)
+    streams, threads = source.streams, source.threads
     if streams <= 1:
         for i, (images, labels) in enumerate(batches(source, compute)):
             yield (first if i == 0 else rest)(images), labels
@@ -46,7 +48,7 @@ def map_batches(source: PassInput, compute: Compute, first: Step, rest: Step, st
 
     def load(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         batch = loader.collate_fn([loader.dataset[j] for j in order[i]])
-        return None if batch is None else (compute.batch(source.network_input(batch[0])), batch[1])
+        return None if batch is None else (source.on_device(batch[0], compute), batch[1])
 
     def run(i: int):
         with torch.inference_mode():  # a thread-local mode: the caller's does not reach the pool's threads
