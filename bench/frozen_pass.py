@@ -10,8 +10,9 @@ Then the trainer's own frozen pass over the demo's photos, decoding and resizing
 `fit()` of one epoch under each training.frozenPass choice (eager, torchscript, auto), interleaved in the same
 rounds, read from model.json. The faster of eager and torchscript is the limit for a pass that must decode
 its images; auto is what a run picks. Last, one real `finetune-train train` in a process of its own, as a
-user runs it. `--views K` makes those runs head-only with augmentation and K cached views (N = K x train +
-val), the pass of issue 16's views.
+user runs it. And the pass's input alone (decoding, resizing, the float tail, in the pass's streams, no
+network), which gives the limit for a pass that must decode on the same cores. `--views K` makes the
+trainer's runs head-only with augmentation and K cached views (N = K x train + val), the pass of issue 16's views.
 
     .venv/bin/python bench/frozen_pass.py [--size 224] [--batch 8] [--batches 16] [--rounds 3] [--no-compile]
         [--views K]
@@ -45,8 +46,10 @@ import yaml
 from augmented_views import AUGMENT  # bench/augmented_views.py's augmentation, for --views
 
 from finetune_api.spec import parse_spec
-from finetune_trainer import features, frozen_pass
+from finetune_trainer import features, frozen_pass, pass_input, pass_streams
+from finetune_trainer.data import load_splits
 from finetune_trainer.demo import prepare
+from finetune_trainer.engine import Compute, Precision
 from finetune_trainer.fit import fit
 from finetune_trainer.freeze import plan_freeze
 from finetune_trainer.model import build_model
@@ -84,6 +87,22 @@ def trainer_pass(args, weights: Path, data: Path, out: Path, choice: str, stream
     how = json.loads((out / "model.json").read_text())["featureCache"]["frozenPass"]
     shutil.rmtree(out, ignore_errors=True)
     return how
+
+
+def decoding(spec, prep, device: torch.device) -> float:
+    """img/s of the trainer's pass input alone over the run's photos (train, then val), no network: decoding,
+    resizing and the per-batch float tail, in the streams the trainer's pass runs (pass_input, pass_streams)."""
+    splits = load_splits(spec.dataset, spec.training.seed)
+    source = pass_input.eval_input(splits.train + splits.val, prep, None, 0, device, streams=None, reduced=True)
+    compute = Compute(device, Precision("bf16", torch.bfloat16, device.type), channels_last=True)
+
+    def nothing(x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0, 0, 0]
+
+    start, n = time.perf_counter(), 0
+    for _, _out, labels in pass_streams.map_splits([source], compute, nothing, nothing):
+        n += len(labels)
+    return n / (time.perf_counter() - start)
 
 
 def _time(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batches: int, sync) -> float:
@@ -194,7 +213,9 @@ def main() -> None:
         # Rounds interleave the paths, so a shared machine's drift falls on all of them alike; the median counts.
         rates: dict[str, list[float]] = {name: [] for name, *_ in prepared}
         passes: dict[str, list[dict]] = {row: [] for row, *_ in CHOICES}
+        decoded: list[float] = []  # img/s of the pass's input alone (no network), per round
         for r in range(args.rounds):
+            decoded.append(decoding(spec, built.preprocessing, device))
             for name, run, xi, batches, _prep, k in prepared:
                 rates[name].append(_time(run, xi, batches, sync) if k == 1 else _time_streams(run, xi, batches, k))
             for i, (row, choice, k) in enumerate(CHOICES):
@@ -216,6 +237,10 @@ def main() -> None:
         timings = meta.get("timings", {})
     over = [(name, rate, prep, images / (prep + images / rate)) for name, rate, prep in rows]
     steady_limit, limit = max(r[1] for r in over), max(r[3] for r in over)
+    # Decoding is work the network-only rows leave out; with no idle core to hide it on, a pass that decodes
+    # its images can at best spend the network's time plus the decoding's, every core busy with one of them.
+    decode = statistics.median(decoded)
+    with_decoding = 1 / (1 / limit + 1 / decode)
     print(f"tf_efficientnet_lite0 to {boundary} ({args.boundary}), {args.size} px, batch {args.batch}, "
           f"{args.device}, {torch.get_num_threads()} threads; N = {images} images (the real run's pass)")
     print(f"img/s: median of {args.rounds} interleaved rounds (min-max beside it)")
@@ -231,10 +256,14 @@ def main() -> None:
           f"included{raced}) | {rate:.1f} | one run | "
           f"{prep:.2f} | {rate:.1f} | {rate / limit:.0%} | {rate / steady_limit:.0%} |")
     print(f"whole `finetune-train train` of 1 epoch: {whole:.1f} s; model.json timings: {timings}")
+    print(f"\nthe pass's input alone (decode, resize, float tail; no network), {images} photos in the pass's "
+          f"streams: {decode:.0f} img/s (median of {args.rounds}, {min(decoded):.0f}-{max(decoded):.0f}); "
+          f"the limit for N with that decoding on the same cores, 1 / (1 / {limit:.1f} + 1 / {decode:.0f}): "
+          f"{with_decoding:.1f} img/s; the real run's pass at {rate / with_decoding:.0%} of it")
     print(f"\nthe trainer's frozen pass over the photos in this process (fit(), 1 epoch, views {args.views}), "
           f"decoding and resizing included; seconds and img/s: median of {args.rounds} rounds (min-max)")
     print("| training.frozenPass | path taken | images | seconds | min-max | img/s | of the photo limit "
-          "| of the limit for N (in memory) |\n|---|---|---|---|---|---|---|---|")
+          "| of the limit for N (in memory) | of that limit with decoding |\n|---|---|---|---|---|---|---|---|---|")
     medians = {c: statistics.median(h["seconds"] for h in hs) for c, hs in passes.items()}
     best = min(medians.values())
     for choice, hs in passes.items():
@@ -242,7 +271,8 @@ def main() -> None:
         taken = "/".join(sorted({h["path"] for h in hs}))
         secs = [h["seconds"] for h in hs]
         print(f"| {choice} | {taken} | {n} | {medians[choice]:.2f} | {min(secs):.2f}-{max(secs):.2f} | "
-              f"{n / medians[choice]:.1f} | {best / medians[choice]:.0%} | {n / medians[choice] / limit:.0%} |")
+              f"{n / medians[choice]:.1f} | {best / medians[choice]:.0%} | {n / medians[choice] / limit:.0%} | "
+              f"{n / medians[choice] / with_decoding:.0%} |")
     print(f"auto's reasons: {sorted({h['reason'] for h in passes['auto']})}; streams per row: "
           f"{ {row: sorted({h.get('streams', 1) for h in hs}) for row, hs in passes.items()} }")
 

@@ -9,7 +9,6 @@ which it got. The cache is kept on disk (feature_store) for a retry or resume of
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -69,7 +68,10 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
         return Prepared(net, train_loader, val_loader, decision)
     # On disk for one process only: ranks of a group may not share a writable output volume.
     views = decision.views
-    path = _pass_path(spec, env, len(train_loader.dataset) * max(1, views) + len(val_loader.dataset))
+    t, reduced = spec.training, env.frozen_precision.dtype is not None
+    plan = pass_input.pass_plan(t.frozen_pass_batch_size, batch_size, t.frozen_pass_workers, train_loader.num_workers,
+                                env.frozen_compute.device, t.frozen_pass_streams, reduced)
+    path = _pass_path(spec, env, len(train_loader.dataset) * max(1, views) + len(val_loader.dataset), plan.streams)
     shared = Path(spec.training.feature_cache_dir) if spec.training.feature_cache_dir else None
     store = None if dist.active else (inputs.output, feature_store.cache_key(
         inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, _precision_key(env, path[0]),
@@ -85,25 +87,27 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
             loaders = features.cached_loaders(found[0], found[1], batch_size, 1, 0, views)
             return Prepared(net, *loaders, decision, "reused", note)
         train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size,
-                                             dist, views, spec.training.seed, path,
-                                             (spec.training.frozen_pass_batch_size, spec.training.frozen_pass_workers,
-                                              spec.training.frozen_pass_streams),
+                                             dist, views, t.seed, path, plan,
                                              # auto races the paths; under torchrun the ranks could pick apart
-                                             race=spec.training.frozen_pass == "auto" and not dist.active)
+                                             race=t.frozen_pass == "auto" and not dist.active)
         stored = _store(store, train, val)
     loaders = features.cached_loaders(train, val, batch_size, dist.world, dist.rank, views)
     return Prepared(net, *loaders, decision, stored, note, how)
 
 
-def _pass_path(spec: FineTuneJobSpec, env: Env, images: int) -> tuple[str, str]:
-    """(path, why) of the frozen pass (training.frozenPass): "eager" with the reason it stays eager, or the
-    path to try on the first batch (frozen_pass.PATH, frozen_pass.WEIGHTS_PATH) with an empty reason."""
+def _pass_path(spec: FineTuneJobSpec, env: Env, images: int, streams: int = 1) -> tuple[str, str]:
+    """(path, why) of the frozen pass (training.frozenPass) of `images` in `streams`: "eager" with the reason
+    it stays eager, or the path to try on the first batch (frozen_pass.PATH, frozen_pass.WEIGHTS_PATH) with an
+    empty reason."""
     choice = spec.training.frozen_pass
     if choice == "eager":
         return "eager", "training.frozenPass: eager"
     if not frozen_pass.intended(env.frozen_compute):
         asked = f": training.frozenPass {choice} applies to bf16 passes on the CPU" if choice != "auto" else ""
         return "eager", f"fp32 (bit-for-bit the plain loop's numbers) or a CUDA pass{asked}"
+    if choice == "auto" and images < frozen_pass.MIN_IMAGES and streams > 1:
+        return "eager", (f"training.frozenPass auto, {images} images in {streams} streams: eager autocast "
+                         "(over the photos in streams it matched or beat the bf16-weights prefix, bench/README.md)")
     if choice == "bf16-weights" or (choice == "auto" and images < frozen_pass.MIN_IMAGES):
         return frozen_pass.WEIGHTS_PATH, ""  # auto: compiling costs about a second, more than a short pass saves
     return frozen_pass.PATH, ""
@@ -134,22 +138,22 @@ def _of(views: int) -> str:
 
 def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_loader: DataLoader, env: Env,
                  batch_size: int, dist: Dist, views: int = 0, seed: int = 0,
-                 path: tuple[str, str] = ("eager", "the default"),
-                 pass_loading: tuple[int | None, int | None, int | None] = (None, None, None), race: bool = False):
+                 path: tuple[str, str] = ("eager", "the default"), plan: pass_input.Plan | None = None,
+                 race: bool = False):
     """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
 
     `views` > 0: each train image is decoded once and passed as `views` augmented copies, view k of image i
     as cached_views.SeededViews(seed, k)[i] draws it; the features are stacked to (views, N, ...); val is
     passed once, unaugmented, as always. The pass loads with a batch size and workers of its own
-    (pass_input.pass_plan), uint8 images made float per batch (pass_input: the same values).
+    (`plan`, else pass_input.pass_plan's defaults), uint8 images made float per batch (pass_input: the same values).
 
     Data parallel: each rank computes a contiguous slice of train, and the slices are gathered in rank
     order (= dataset order), so every rank holds the whole train cache and samples it exactly as one
     process would; each rank keeps only the features of its own val shard.
     """
     start = time.perf_counter()
-    plan = pass_input.pass_plan(pass_loading[0], batch_size, pass_loading[1], train_loader.num_workers,
-                                env.frozen_compute.device, pass_loading[2], env.frozen_precision.dtype is not None)
+    plan = plan or pass_input.pass_plan(None, batch_size, None, train_loader.num_workers, env.frozen_compute.device,
+                                        None, env.frozen_precision.dtype is not None)
     order = shard(len(train_loader.dataset), dist.world, dist.rank) if dist.active else None
     train_in = pass_input.pass_input(train_loader.dataset, train_loader.collate_fn, plan, views, seed, order)
     val_in = pass_input.pass_input(val_loader.dataset, val_loader.collate_fn, plan,
@@ -157,11 +161,12 @@ def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_
     limit = features.MAX_CACHE_BYTES // dist.world
     frozen = features.frozen_pass_model(model, env.frozen_precision)  # one copy for train and val
     fast = _fast_prefix(frozen, boundary, race, path[0]) if path[0] != "eager" else None
-    run = functools.partial(features.extract, frozen, boundary, compute=env.frozen_compute, fast=fast, limit=limit)
     try:
-        with torch.random.fork_rng(devices=[]):  # the views' per-image seeds leave the run's own stream as it was
-            train = run(train_in)
-        val = run(val_in)
+        # one pipeline for both splits (pass_streams.map_splits); the views' per-image seeds leave the run's
+        # own random stream as it was
+        with torch.random.fork_rng(devices=[]):
+            train, val = features.extract_splits(frozen, boundary, [train_in, val_in], env.frozen_compute,
+                                                 limit, fast)
     except MemoryError as err:
         fix = f"use fewer training.featureCacheViews (now {views})" if views else "set training.featureCache: off"
         raise TrainingError(f"feature cache: {err}{' (all views together)' if views else ''}; {fix}") from None

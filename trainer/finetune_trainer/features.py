@@ -71,19 +71,25 @@ class _Stop(Exception):
     """Raised by the boundary hook: nothing after the boundary needs computing."""
 
 
-@torch.inference_mode()
 def extract(model: nn.Module, boundary: str, loader, compute: Compute, limit: int = MAX_CACHE_BYTES,
             fast: FastPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs of `boundary`, labels) for every image, frozen prefix in eval mode, kept on the CPU.
+    """(inputs of `boundary`, labels) for every image of one split: extract_splits of that one loader."""
+    return extract_splits(model, boundary, [loader], compute, limit, fast)[0]
 
-    `model` comes from `frozen_pass_model`. `loader`: a DataLoader of float image batches, or a
+
+@torch.inference_mode()
+def extract_splits(model: nn.Module, boundary: str, loaders: list, compute: Compute, limit: int = MAX_CACHE_BYTES,
+                   fast: FastPrefix | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs of `boundary`, labels) for every image of each of `loaders`, frozen prefix in eval mode, kept
+    on the CPU; the splits pass through one pipeline (pass_streams.map_splits).
+
+    `model` comes from `frozen_pass_model`. A loader: a DataLoader of float image batches, or a
     pass_input.PassInput (uint8 batches made float per batch; with views, (B, K, ...) batches whose outputs
-    come back as (K, N, ...)). `limit` is this process's share of the budget (a data-parallel rank extracts
-    a shard that is then gathered, so every rank ends up holding the whole cache). `fast`: the compiled
-    prefix (frozen_pass), used once the first batch shows it agrees with the eager pass. Outputs stay on
-    the device until the end (no host sync per batch), in chunks of at most DEVICE_CHUNK bytes."""
-    captured: list[torch.Tensor] = []
-    moved: list[torch.Tensor] = []  # earlier chunks, already on the CPU
+    come back as (K, N, ...)). `limit` is this process's share of the budget, per split (a data-parallel
+    rank extracts a shard that is then gathered, so every rank ends up holding the whole cache). `fast`: the
+    compiled prefix (frozen_pass), used once the first batch shows it agrees with the eager pass. Outputs
+    stay on the device until the end (no host sync per batch), in chunks of at most DEVICE_CHUNK bytes."""
+    splits = [_Gathered() for _ in loaders]
     local = threading.local()  # the boundary's input, per thread: streams run the model side by side
 
     def grab(module, args):
@@ -101,32 +107,47 @@ def extract(model: nn.Module, boundary: str, loader, compute: Compute, limit: in
     def first(images: torch.Tensor) -> torch.Tensor:  # the first batch decides the path of the rest
         if fast is None or fast.usable is not None:
             return rest(images)
-        return fast.first_batch(images, eager(images), eager)
+        return fast.first_batch(images, eager)
 
     model.eval()
     handle = model.get_submodule(boundary).register_forward_pre_hook(grab)
-    labels, total, on_device = [], 0, 0
     try:
-        for out, targets in pass_streams.map_batches(loader, compute, first, rest):
-            captured.append(out)
-            labels.append(targets)
-            size = out.numel() * 4
-            total, on_device = total + size, on_device + size
-            if total > limit:
-                raise MemoryError("boundary activations exceed the in-memory cache budget")
-            if on_device > DEVICE_CHUNK:
-                moved.append(torch.cat(captured).cpu())
-                captured.clear()
-                on_device = 0
+        for s, out, targets in pass_streams.map_splits(loaders, compute, first, rest):
+            splits[s].add(out, targets, limit)
     finally:
         handle.remove()
-    if captured:
-        moved.append(torch.cat(captured).cpu())
-    out = torch.cat(moved)
-    views = loader.views if isinstance(loader, PassInput) else 0
-    if views:  # rows are (image, view) pairs in image order: regroup as (K, N, ...)
-        out = out.unflatten(0, (-1, views)).transpose(0, 1).contiguous()
-    return out, torch.cat(labels)
+    return [split.result(loader.views if isinstance(loader, PassInput) else 0)
+            for split, loader in zip(splits, loaders, strict=True)]
+
+
+class _Gathered:
+    """One split's outputs as they come: on the device in chunks, moved to the CPU a chunk at a time."""
+
+    def __init__(self) -> None:
+        self.captured: list[torch.Tensor] = []
+        self.moved: list[torch.Tensor] = []  # earlier chunks, already on the CPU
+        self.labels: list[torch.Tensor] = []
+        self.total = self.on_device = 0
+
+    def add(self, out: torch.Tensor, labels: torch.Tensor, limit: int) -> None:
+        self.captured.append(out)
+        self.labels.append(labels)
+        size = out.numel() * 4
+        self.total, self.on_device = self.total + size, self.on_device + size
+        if self.total > limit:
+            raise MemoryError("boundary activations exceed the in-memory cache budget")
+        if self.on_device > DEVICE_CHUNK:
+            self.moved.append(torch.cat(self.captured).cpu())
+            self.captured.clear()
+            self.on_device = 0
+
+    def result(self, views: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.captured:
+            self.moved.append(torch.cat(self.captured).cpu())
+        out = torch.cat(self.moved)
+        if views:  # rows are (image, view) pairs in image order: regroup as (K, N, ...)
+            out = out.unflatten(0, (-1, views)).transpose(0, 1).contiguous()
+        return out, torch.cat(self.labels)
 
 
 def build_prefix(model: nn.Module, boundary: str) -> fx.GraphModule | None:

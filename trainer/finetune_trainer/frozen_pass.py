@@ -3,12 +3,13 @@
 The eager pass runs the folded model op by op under autocast, which re-casts weights on every call; a copy
 of just the frozen prefix (everything before the boundary, cut out with torch.fx) in bf16 weights, traced,
 frozen and optimised for inference by TorchScript, lets oneDNN fuse convolutions with what follows them.
-Measured side by side in bench/frozen_pass.py. The first batch runs through both, and the fast path is kept
-only when it agrees with the eager one within bf16 tolerance and — under training.frozenPass auto — when it
-is faster on this CPU, timed there; otherwise, or when the prefix cannot be cut out or compiled, the pass
-stays eager and model.json says why. fp32 passes never take it: they stay bit-for-bit what the plain loop
-computes. Bf16Weights is the same prefix cast to bf16 and run op by op, checked the same way: auto's path for
-passes too short to pay for compiling.
+Measured side by side in bench/frozen_pass.py. The first batch's first images run through both, and the fast
+path is kept only when it agrees with the eager one within bf16 tolerance and — under training.frozenPass
+auto — when it is faster on this CPU, timed there; otherwise, or when the prefix cannot be cut out or
+compiled, the pass stays eager and model.json says why. fp32 passes never take it: they stay bit-for-bit what
+the plain loop computes. Bf16Weights is the same prefix cast to bf16 and run op by op, checked the same
+way: auto's path for passes too short to pay for compiling that run in one stream (in streams, auto stays
+eager: feature_cache._pass_path).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ WEIGHTS_PATH = "bf16-weights"
 # the race, still lost 0.2 s on the demo's 605-image pass and gained 0.4 s on 1925 images (4 views); the
 # same prefix gained 31 % on an AMD EPYC and 3 % on another VM. `torchscript` compiles whatever the size.
 MIN_IMAGES = 1024
+# The check compares the fast path with eager on the first batch's first few images, not the whole batch:
+# frozen eval-mode networks compute each image on its own, and a whole second pass of the first batch cost
+# 0.05 s of a 3.3 s pass over the demo's photos (2-core AMD EPYC, 2026-12-04).
+CHECK_IMAGES = 2
 RACE_RUNS = 2  # timed calls per path in auto's race: the best of two shrugs off one interrupted call
 
 
@@ -63,19 +68,18 @@ class FastPrefix:
         self.preparation = 0.0  # seconds spent compiling (and racing)
         self.batch_seconds: dict[str, float] = {}  # the race's steady per-batch times, by path
 
-    def first_batch(self, images: torch.Tensor, eager_out: torch.Tensor,
-                    eager: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def first_batch(self, images: torch.Tensor, eager: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The first batch's features, from the path the rest of the pass takes: compile, check against
-        `eager_out` (what `eager` computed for `images`), race when asked. Every row of the cache then comes
+        `eager` on the batch's first CHECK_IMAGES images, race when asked. Every row of the cache then comes
         from one path."""
         if not self.compile(images):
-            return eager_out
+            return eager(images)
         compiled = self(images)  # TorchScript's profiling executor records shapes on this first call
-        if not self.check(compiled, eager_out):
-            return eager_out
+        if not self.check(compiled[:CHECK_IMAGES], eager(images[:CHECK_IMAGES])):
+            return eager(images)
         if self.race and not self._faster(images, eager):
             self.usable, self.scripted = False, None  # the losing compiled module is not kept
-            return eager_out
+            return eager(images)
         return compiled
 
     def _faster(self, images: torch.Tensor, eager: Callable[[torch.Tensor], torch.Tensor]) -> bool:
@@ -124,10 +128,9 @@ class FastPrefix:
             scale = float(eager.abs().max()) or 1.0
             diff = float((fast - eager).abs().max())
             self.usable = diff <= TOLERANCE * scale
-            self.reason = (f"{self.label}, checked against eager on the first batch (max |diff| "
-                           f"{diff:.3g} of max {scale:.3g})" if self.usable else
-                           f"the {self.label} disagreed with eager on the first batch (max |diff| {diff:.3g} "
-                           f"of max {scale:.3g}): eager kept")
+            on = f"on the first batch's first {CHECK_IMAGES} images (max |diff| {diff:.3g} of max {scale:.3g})"
+            self.reason = (f"{self.label}, checked against eager {on}" if self.usable else
+                           f"the {self.label} disagreed with eager {on}: eager kept")
         return self.usable
 
     def describe(self) -> dict:
