@@ -91,18 +91,31 @@ def trainer_pass(args, weights: Path, data: Path, out: Path, choice: str, stream
 
 def decoding(spec, prep, device: torch.device) -> float:
     """img/s of the trainer's pass input alone over the run's photos (train, then val), no network: decoding,
-    resizing and the per-batch float tail, in the streams the trainer's pass runs (pass_input, pass_streams)."""
+    resizing and the per-batch float tail. The faster of: the streams the trainer's pass runs (pass_input,
+    pass_streams), and one single-threaded stream times the torch threads (decoding with no other thread to
+    contend with, perfectly parallel): the higher rate makes the stricter limit."""
     splits = load_splits(spec.dataset, spec.training.seed)
-    source = pass_input.eval_input(splits.train + splits.val, prep, None, 0, device, streams=None, reduced=True)
     compute = Compute(device, Precision("bf16", torch.bfloat16, device.type), channels_last=True)
 
     def nothing(x: torch.Tensor) -> torch.Tensor:
         return x[:, 0, 0, 0]
 
-    start, n = time.perf_counter(), 0
-    for _, _out, labels in pass_streams.map_splits([source], compute, nothing, nothing):
-        n += len(labels)
-    return n / (time.perf_counter() - start)
+    def rate(streams: int | None) -> float:
+        source = pass_input.eval_input(splits.train + splits.val, prep, None, 0, device, streams=streams,
+                                       reduced=True)
+        start, n = time.perf_counter(), 0
+        for _, _out, labels in pass_streams.map_splits([source], compute, nothing, nothing):
+            n += len(labels)
+        return n / (time.perf_counter() - start)
+
+    every = torch.get_num_threads()
+    in_streams = rate(None)
+    torch.set_num_threads(1)
+    try:
+        one = rate(1)
+    finally:
+        torch.set_num_threads(every)
+    return max(in_streams, one * every)
 
 
 def _time(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batches: int, sync) -> float:
@@ -256,8 +269,9 @@ def main() -> None:
           f"included{raced}) | {rate:.1f} | one run | "
           f"{prep:.2f} | {rate:.1f} | {rate / limit:.0%} | {rate / steady_limit:.0%} |")
     print(f"whole `finetune-train train` of 1 epoch: {whole:.1f} s; model.json timings: {timings}")
-    print(f"\nthe pass's input alone (decode, resize, float tail; no network), {images} photos in the pass's "
-          f"streams: {decode:.0f} img/s (median of {args.rounds}, {min(decoded):.0f}-{max(decoded):.0f}); "
+    print(f"\nthe pass's input alone (decode, resize, float tail; no network), {images} photos, the faster of "
+          f"the pass's streams and one thread x {torch.get_num_threads()}: {decode:.0f} img/s (median of "
+          f"{args.rounds}, {min(decoded):.0f}-{max(decoded):.0f}); "
           f"the limit for N with that decoding on the same cores, 1 / (1 / {limit:.1f} + 1 / {decode:.0f}): "
           f"{with_decoding:.1f} img/s; the real run's pass at {rate / with_decoding:.0%} of it")
     print(f"\nthe trainer's frozen pass over the photos in this process (fit(), 1 epoch, views {args.views}), "

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import mobilenet_v3_small, resnet18
 from trainer_util import tiny_spec
 
-from finetune_trainer import frozen_pass, pass_input
+from finetune_trainer import frozen_pass
 from finetune_trainer.engine import Compute, Precision
 from finetune_trainer.features import build_prefix, extract, folded_copy, frozen_pass_model
 from finetune_trainer.fit import fit
@@ -108,17 +108,10 @@ def test_the_fast_path_applies_to_bf16_on_the_cpu_only() -> None:
     assert not frozen_pass.intended(Compute(torch.device("cuda"), Precision("bf16", torch.bfloat16, "cuda")))
 
 
-# What auto picks for a pass too short to compile on this machine: in streams (2-3 torch threads), eager
-# autocast; in one stream, the bf16-weights prefix (feature_cache._pass_path).
-AUTO_SHORT = (("eager", "eager autocast") if pass_input.pass_plan(None, 32, None, 0, torch.device("cpu"),
-                                                                    reduced=True).streams > 1
-              else (frozen_pass.WEIGHTS_PATH, "bf16-weights prefix, checked"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,choice,path,reason", [
     ("fp32", "auto", "eager", "fp32 (bit-for-bit"), ("fp32", "torchscript", "eager", "fp32 (bit-for-bit"),
-    ("bf16", "auto", *AUTO_SHORT),  # too short to compile: the bf16-weights prefix, or eager in streams
+    ("bf16", "auto", frozen_pass.WEIGHTS_PATH, "bf16-weights prefix, checked"),  # too short to compile
     ("bf16", "bf16-weights", frozen_pass.WEIGHTS_PATH, "bf16-weights prefix, checked"),
     ("fp32", "bf16-weights", "eager", "frozenPass bf16-weights applies to bf16 passes"),
     ("bf16", "torchscript", frozen_pass.PATH, "TorchScript bf16 prefix"),

@@ -101,18 +101,17 @@ def extract_splits(model: nn.Module, boundary: str, loaders: list, compute: Comp
             model(images)
         return local.grabbed
 
-    def rest(images: torch.Tensor) -> torch.Tensor:
+    def step(images: torch.Tensor) -> torch.Tensor:
         return fast(images) if fast is not None and fast.usable and fast.scripted is not None else eager(images)
 
-    def first(images: torch.Tensor) -> torch.Tensor:  # the first batch decides the path of the rest
-        if fast is None or fast.usable is not None:
-            return rest(images)
-        return fast.first_batch(images, eager)
+    def decide(images: torch.Tensor) -> None:  # the first batch decides the path of all
+        fast.decide(images, eager)
 
     model.eval()
     handle = model.get_submodule(boundary).register_forward_pre_hook(grab)
     try:
-        for s, out, targets in pass_streams.map_splits(loaders, compute, first, rest):
+        deciding = fast is not None and fast.usable is None  # else every batch takes one known path
+        for s, out, targets in pass_streams.map_splits(loaders, compute, decide if deciding else None, step):
             splits[s].add(out, targets, limit)
     finally:
         handle.remove()

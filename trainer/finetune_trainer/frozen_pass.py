@@ -8,8 +8,7 @@ path is kept only when it agrees with the eager one within bf16 tolerance and â€
 auto â€” when it is faster on this CPU, timed there; otherwise, or when the prefix cannot be cut out or
 compiled, the pass stays eager and model.json says why. fp32 passes never take it: they stay bit-for-bit what
 the plain loop computes. Bf16Weights is the same prefix cast to bf16 and run op by op, checked the same
-way: auto's path for passes too short to pay for compiling that run in one stream (in streams, auto stays
-eager: feature_cache._pass_path).
+way: auto's path for passes too short to pay for compiling.
 """
 
 from __future__ import annotations
@@ -60,6 +59,7 @@ class FastPrefix:
     An explicit `torchscript` keeps the compiled prefix without racing."""
 
     path, label = PATH, "TorchScript bf16 prefix"
+    warm_on_batch = True  # decide() runs it on the whole first batch, not just the images it checks
 
     def __init__(self, prefix: nn.Module | None, why_not: str = "", race: bool = False) -> None:
         self._prefix, self.scripted = prefix, None
@@ -68,19 +68,18 @@ class FastPrefix:
         self.preparation = 0.0  # seconds spent compiling (and racing)
         self.batch_seconds: dict[str, float] = {}  # the race's steady per-batch times, by path
 
-    def first_batch(self, images: torch.Tensor, eager: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The first batch's features, from the path the rest of the pass takes: compile, check against
-        `eager` on the batch's first CHECK_IMAGES images, race when asked. Every row of the cache then comes
-        from one path."""
+    def decide(self, images: torch.Tensor, eager: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Choose the path of the whole pass from its first batch: compile, check against `eager` on the
+        batch's first CHECK_IMAGES images, race when asked. Afterwards `usable` says which path every batch
+        takes, this one included, so every row of the cache comes from one path."""
         if not self.compile(images):
-            return eager(images)
-        compiled = self(images)  # TorchScript's profiling executor records shapes on this first call
+            return
+        # TorchScript's profiling executor records shapes on its first calls: those are the pass's batches
+        compiled = self(images if self.warm_on_batch else images[:CHECK_IMAGES])
         if not self.check(compiled[:CHECK_IMAGES], eager(images[:CHECK_IMAGES])):
-            return eager(images)
+            return
         if self.race and not self._faster(images, eager):
             self.usable, self.scripted = False, None  # the losing compiled module is not kept
-            return eager(images)
-        return compiled
 
     def _faster(self, images: torch.Tensor, eager: Callable[[torch.Tensor], torch.Tensor]) -> bool:
         """Time both paths on the first batch (best of RACE_RUNS, after a warm-up call of the compiled
@@ -147,6 +146,7 @@ class Bf16Weights(FastPrefix):
     stays eager when they disagree. Nothing to compile: preparing it is one copy of the prefix."""
 
     path, label = WEIGHTS_PATH, "bf16-weights prefix"
+    warm_on_batch = False
 
     def compile(self, images: torch.Tensor) -> bool:
         if self.usable is not None:

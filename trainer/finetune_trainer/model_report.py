@@ -56,7 +56,7 @@ def predict_probabilities(model: nn.Module, loader, compute: Compute) -> tuple[n
         return logits.float().softmax(dim=1).cpu()
 
     labels, probs = [], []
-    for out, targets in map_batches(loader, compute, probabilities, probabilities):
+    for out, targets in map_batches(loader, compute, None, probabilities):
         probs.append(out)
         labels.append(targets)
     if not labels:

@@ -9,8 +9,8 @@ either and needs no fork/join. This is the "throughput streams" of OpenVINO's CP
 intel-extension-for-pytorch's MultiStreamModule, done with a thread pool: torch ops and Pillow's decoders
 release the GIL. Measured in bench/frozen_pass.py (bench/README.md).
 
-The numbers: every batch after the first runs on `threads` torch threads whichever stream takes it, so a
-pass is the same run to run; outputs come back in batch order. They are not bit-for-bit those of one
+The numbers: every batch runs on `threads` torch threads whichever stream takes it, so a pass is the
+same run to run; outputs come back in batch order. They are not bit-for-bit those of one
 stream on every core (the reductions split differently), which is why fp32 passes default to one stream
 (pass_input.pass_plan).
 """
@@ -18,6 +18,8 @@ stream on every core (the reductions split differently), which is why fp32 passe
 from __future__ import annotations
 
 import collections
+import itertools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -28,59 +30,80 @@ from finetune_trainer.engine import Compute
 from finetune_trainer.pass_input import as_pass_input, batches
 
 Step = Callable[[torch.Tensor], torch.Tensor]
+Decide = Callable[[torch.Tensor], None]
 
 
-def map_batches(loader, compute: Compute, first: Step, rest: Step) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def map_batches(loader, compute: Compute, decide: Decide | None,
+                step: Step) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(step's output, labels) per readable batch of `loader` (a pass_input.PassInput, or a float-image
     DataLoader: one stream), in order: map_splits over that one split."""
-    for _, out, labels in map_splits([loader], compute, first, rest):
+    for _, out, labels in map_splits([loader], compute, decide, step):
         yield out, labels
 
 
-def map_splits(loaders: Sequence, compute: Compute, first: Step,
-               rest: Step) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def map_splits(loaders: Sequence, compute: Compute, decide: Decide | None,
+               step: Step) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(split index, step's output, labels) per readable batch of each of `loaders` (pass_input.PassInputs or
     float-image DataLoaders), split after split, each in order.
 
-    `first` computes the first readable batch of all in the calling thread with all its torch threads (it
-    may choose the path the others take: frozen_pass.FastPrefix); `rest` computes the others — with the
-    first split's `streams` > 1 in that many threads of its `threads` torch threads each, decoding included,
-    at most two batches per stream ahead of the consumer. The splits share one pool, so the streams run on
-    from one split's last batches into the next split's first ones instead of waiting for each other (the
-    frozen pass's train and val: one pool start and one drain, not two)."""
+    `decide`, when given, sees the first readable batch of all before any batch is computed, in the calling
+    thread with all its torch threads (it may choose the path `step` takes: frozen_pass.FastPrefix). With
+    the first split's `streams` > 1, `step` runs in that many threads of its `threads` torch threads each,
+    decoding included, at most two batches per stream ahead of the consumer; the streams decode while
+    `decide` runs and compute once it returns. The splits share one pool, so the streams run on from one
+    split's last batches into the next split's first ones instead of waiting for each other (the frozen
+    pass's train and val: one pool start and one drain, not two)."""
     sources = [as_pass_input(loader) for loader in loaders]
     streams, threads = sources[0].streams, sources[0].threads
     if streams <= 1:
-        done_first = False
         for s, source in enumerate(sources):
             for images, labels in batches(source, compute):
-                yield s, (rest if done_first else first)(images), labels
-                done_first = True
+                if decide is not None:
+                    decide(images)
+                    decide = None
+                yield s, step(images), labels
         return
     jobs = [(s, order) for s, source in enumerate(sources) for order in source.loader.batch_sampler]
 
     def load(job) -> tuple[torch.Tensor, torch.Tensor] | None:
         source, order = sources[job[0]], job[1]
         batch = source.loader.collate_fn([source.loader.dataset[j] for j in order])
-        return None if batch is None else (source.on_device(batch[0], compute), batch[1])
+        if batch is None:
+            return None
+        startup.first_batch()
+        return source.on_device(batch[0], compute), batch[1]
 
-    def run(job):
+    decided = threading.Event()  # the path is chosen: the streams may compute
+
+    def run(job, loaded=None):
         with torch.inference_mode():  # a thread-local mode: the caller's does not reach the pool's threads
-            loaded = load(job)
-            return None if loaded is None else (job[0], rest(loaded[0]), loaded[1])
+            loaded = loaded or load(job)
+            decided.wait()
+            return None if loaded is None else (job[0], step(loaded[0]), loaded[1])
 
-    start = 0
-    while start < len(jobs):  # the first readable batch, here: it may decide the path of the rest
+    start, head = 0, None
+    while decide is not None and start < len(jobs):  # the first readable batch, for decide()
         loaded, start = load(jobs[start]), start + 1
         if loaded is not None:
-            startup.first_batch()
-            yield jobs[start - 1][0], first(loaded[0]), loaded[1]
+            head = jobs[start - 1], loaded
             break
+    if head is None:
+        decided.set()
     every = torch.get_num_threads()
     pool = ThreadPoolExecutor(streams, "pass-stream", initializer=torch.set_num_threads, initargs=(threads,))
     pending: collections.deque[Future] = collections.deque()
+    later = iter(jobs[start:])
     try:
-        for job in jobs[start:]:
+        if head is not None:
+            pending.append(pool.submit(run, *head))
+        # the streams decode their first batches while the calling thread decides
+        pending.extend(pool.submit(run, job) for job in itertools.islice(later, 2 * streams))
+        if head is not None:
+            try:
+                decide(head[1][0])
+            finally:
+                decided.set()
+        for job in later:
             pending.append(pool.submit(run, job))
             if len(pending) > 2 * streams:
                 done = pending.popleft().result()
@@ -91,6 +114,7 @@ def map_splits(loaders: Sequence, compute: Compute, first: Step,
             if done is not None:
                 yield done
     finally:
+        decided.set()  # a failing decide(): the streams' waiting batches finish (and are dropped)
         pool.shutdown(wait=True, cancel_futures=True)
         # torch keeps one process-wide thread count besides each thread's own: the pool's threads set it
         # to `threads`; the caller's threads (and any started later) get theirs back
