@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from finetune_trainer import cpus, startup
-from finetune_trainer.cached_views import image_seed
+from finetune_trainer.cached_views import image_seed, seed_cpu
 from finetune_trainer.data import ImageDataset, Preprocessing, Sample, skip_broken
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Views(Pixels):
         out = []
         with self._seeded:
             for k in range(self.views):
-                torch.manual_seed(image_seed(self.seed, k, i))
+                seed_cpu(image_seed(self.seed, k, i))
                 out.append(self.transform(image))
         return torch.stack(out)
 
