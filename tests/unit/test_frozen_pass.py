@@ -6,6 +6,7 @@ never takes them."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from trainer_util import tiny_spec
 
 from finetune_trainer import frozen_pass
 from finetune_trainer.engine import Compute, Precision
+from finetune_trainer.feature_cache import _pass_path
 from finetune_trainer.features import build_prefix, extract, folded_copy, frozen_pass_model
 from finetune_trainer.fit import fit
 from finetune_trainer.model import new_model
@@ -161,9 +163,18 @@ def test_an_explicit_torchscript_choice_is_not_raced(monkeypatch) -> None:
 @needs_bf16
 def test_a_long_enough_auto_pass_records_its_race_in_model_json(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(frozen_pass, "MIN_IMAGES", 1)  # the tiny dataset counts as long: auto compiles and races
+    monkeypatch.setattr(frozen_pass, "MIN_IMAGES_IN_STREAMS", 1)  # in streams too (2-3 torch threads)
     fit(tiny_spec(tmp_path, **{"training.precision": "bf16", "training.epochs": 1}), Reporter(), tmp_path)
     how = json.loads((tmp_path / "model.json").read_text())["featureCache"]["frozenPass"]
     times = how["batchSeconds"]
     assert set(times) == {frozen_pass.PATH, "eager"} and all(t > 0 for t in times.values()), how
     assert how["path"] == (frozen_pass.PATH if times[frozen_pass.PATH] < times["eager"] else "eager"), how
     assert how["preparationSeconds"] > 0
+
+
+@pytest.mark.parametrize("images,streams,path", [
+    (1000, 1, frozen_pass.WEIGHTS_PATH), (2000, 1, frozen_pass.PATH),  # one stream: compiling pays from 1024
+    (2000, 2, frozen_pass.WEIGHTS_PATH), (5000, 2, frozen_pass.PATH)])  # in streams: from 4096
+def test_auto_compiles_only_passes_long_enough_to_pay_for_it(tmp_path, images, streams, path) -> None:
+    env = SimpleNamespace(frozen_compute=BF16)
+    assert _pass_path(tiny_spec(tmp_path, **{"training.precision": "bf16"}), env, images, streams) == (path, "")

@@ -71,7 +71,7 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
     t, reduced = spec.training, env.frozen_precision.dtype is not None
     plan = pass_input.pass_plan(t.frozen_pass_batch_size, batch_size, t.frozen_pass_workers, train_loader.num_workers,
                                 env.frozen_compute.device, t.frozen_pass_streams, reduced)
-    path = _pass_path(spec, env, len(train_loader.dataset) * max(1, views) + len(val_loader.dataset))
+    path = _pass_path(spec, env, len(train_loader.dataset) * max(1, views) + len(val_loader.dataset), plan.streams)
     shared = Path(spec.training.feature_cache_dir) if spec.training.feature_cache_dir else None
     store = None if dist.active else (inputs.output, feature_store.cache_key(
         inputs.splits, inputs.preprocessing, decision.boundary, inputs.frozen_digest, _precision_key(env, path[0]),
@@ -95,17 +95,18 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
     return Prepared(net, *loaders, decision, stored, note, how)
 
 
-def _pass_path(spec: FineTuneJobSpec, env: Env, images: int) -> tuple[str, str]:
-    """(path, why) of the frozen pass (training.frozenPass) of `images`: "eager" with the reason it stays
-    eager, or the path to try on the first batch (frozen_pass.PATH, frozen_pass.WEIGHTS_PATH) with an empty
-    reason."""
+def _pass_path(spec: FineTuneJobSpec, env: Env, images: int, streams: int = 1) -> tuple[str, str]:
+    """(path, why) of the frozen pass (training.frozenPass) of `images` in `streams`: "eager" with the reason
+    it stays eager, or the path to try on the first batch (frozen_pass.PATH, frozen_pass.WEIGHTS_PATH) with an
+    empty reason."""
     choice = spec.training.frozen_pass
     if choice == "eager":
         return "eager", "training.frozenPass: eager"
     if not frozen_pass.intended(env.frozen_compute):
         asked = f": training.frozenPass {choice} applies to bf16 passes on the CPU" if choice != "auto" else ""
         return "eager", f"fp32 (bit-for-bit the plain loop's numbers) or a CUDA pass{asked}"
-    if choice == "bf16-weights" or (choice == "auto" and images < frozen_pass.MIN_IMAGES):
+    short = frozen_pass.MIN_IMAGES if streams <= 1 else frozen_pass.MIN_IMAGES_IN_STREAMS
+    if choice == "bf16-weights" or (choice == "auto" and images < short):
         return frozen_pass.WEIGHTS_PATH, ""  # auto: compiling costs about a second, more than a short pass saves
     return frozen_pass.PATH, ""
 

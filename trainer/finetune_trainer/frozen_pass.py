@@ -37,6 +37,12 @@ WEIGHTS_PATH = "bf16-weights"
 # the race, still lost 0.2 s on the demo's 605-image pass and gained 0.4 s on 1925 images (4 views); the
 # same prefix gained 31 % on an AMD EPYC and 3 % on another VM. `torchscript` compiles whatever the size.
 MIN_IMAGES = 1024
+# In streams (pass_streams: 2-3 single-threaded streams) the compiled prefix gains less over the bf16-weights
+# prefix: in memory 263 against 254 img/s (2-core AMD EPYC, 2026-12-04), so its 0.5 s of preparation pays off
+# only past about 3700 images; the demo's views pass (1925 images, 4 interleaved pairs of whole runs) took
+# 11.7 s with the weights prefix against 12.3 s compiled and raced. Below this many images a pass in streams
+# takes the weights prefix.
+MIN_IMAGES_IN_STREAMS = 4096
 # The check compares the fast path with eager on the first batch's first few images, not the whole batch:
 # frozen eval-mode networks compute each image on its own, and a whole second pass of the first batch cost
 # 0.05 s of a 3.3 s pass over the demo's photos (2-core AMD EPYC, 2026-12-04).
