@@ -74,14 +74,20 @@ class Views(Pixels):
     def __init__(self, images: ImageDataset, transform: Callable, seed: int, views: int):
         super().__init__(images, transform)
         self.seed, self.views = seed, views
+        # A leading ToImage draws nothing and gives every view the same tensor: done once per image
+        ops = list(getattr(transform, "transforms", ()))
+        self.once, self.per_view = ((ops[0], T.Compose(ops[1:])) if ops and isinstance(ops[0], T.ToImage)
+                                    else (None, transform))
 
     def _pixels(self, i: int) -> torch.Tensor:
         image = self.samples[i].load()
+        if self.once is not None:
+            image = self.once(image)
         out = []
         with self._seeded:
             for k in range(self.views):
                 seed_cpu(image_seed(self.seed, k, i))
-                out.append(self.transform(image))
+                out.append(self.per_view(image))
         return torch.stack(out)
 
 
