@@ -15,7 +15,7 @@ from trainer_util import tiny_spec
 from finetune_trainer import pass_input, pass_streams
 from finetune_trainer.data import ImageDataset, Preprocessing, Sample, load_splits, skip_broken
 from finetune_trainer.engine import Compute, Precision
-from finetune_trainer.features import extract
+from finetune_trainer.features import extract, extract_splits
 from finetune_trainer.fit import fit
 from finetune_trainer.model_report import predict_probabilities
 from finetune_trainer.report import Reporter
@@ -132,3 +132,31 @@ def test_fit_records_the_streams_of_its_frozen_pass(tmp_path) -> None:
     expected = min(2, torch.get_num_threads())
     assert how["streams"] == expected and how["workers"] == 0
     assert how.get("threadsPerStream") == (torch.get_num_threads() // 2 if expected == 2 else None)
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_splits_share_one_pipeline_and_come_back_as_each_alone(streams) -> None:
+    train, val, model = _images(14), _images(5), _model()
+    inputs = [pass_input.pass_input(d, skip_broken, _plan(streams)) for d in (train, val)]
+    alone = [extract(model, "fc", one, FP32) for one in inputs]
+    together = extract_splits(model, "fc", inputs, FP32)
+    for (x, y), (x1, y1) in zip(together, alone, strict=True):
+        assert torch.equal(y, y1) and torch.equal(x, x1)
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_decide_sees_the_first_batch_before_any_batch_is_computed(streams) -> None:
+    source = pass_input.pass_input(_images(14), skip_broken, _plan(streams))
+    seen: list[str] = []
+
+    def decide(x: torch.Tensor) -> None:
+        assert not seen  # no batch was computed yet: not even the first one
+        seen.append("decided")
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        assert seen[0] == "decided"  # every stream waits for the choice, the first batch's too
+        seen.append("step")
+        return x.mean(dim=(1, 2, 3))
+
+    outputs = list(pass_streams.map_batches(source, FP32, decide, step))
+    assert seen.count("decided") == 1 and seen.count("step") == len(outputs) == 7  # 14 images, batches of 2
