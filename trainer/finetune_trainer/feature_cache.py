@@ -86,8 +86,8 @@ def prepare(spec: FineTuneJobSpec, model: nn.Module, plan: FreezePlan, loaders: 
                     f"{where}; training continues from {decision.boundary}")
             loaders = features.cached_loaders(found[0], found[1], batch_size, 1, 0, views)
             return Prepared(net, *loaders, decision, "reused", note)
-        train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, batch_size,
-                                             dist, views, t.seed, path, plan,
+        train, val, note, how = _frozen_pass(model, decision.boundary, train_loader, val_loader, env, plan,
+                                             dist, views, t.seed, path,
                                              # auto races the paths; under torchrun the ranks could pick apart
                                              race=t.frozen_pass == "auto" and not dist.active)
         stored = _store(store, train, val)
@@ -135,23 +135,20 @@ def _of(views: int) -> str:
 
 
 def _frozen_pass(model: nn.Module, boundary: str, train_loader: DataLoader, val_loader: DataLoader, env: Env,
-                 batch_size: int, dist: Dist, views: int = 0, seed: int = 0,
-                 path: tuple[str, str] = ("eager", "the default"), plan: pass_input.Plan | None = None,
-                 race: bool = False):
+                 plan: pass_input.Plan, dist: Dist, views: int = 0, seed: int = 0,
+                 path: tuple[str, str] = ("eager", "the default"), race: bool = False):
     """One frozen pass over train (in dataset order, so later shuffles match the image loader) and val.
 
     `views` > 0: each train image is decoded once and passed as `views` augmented copies, view k of image i
     as cached_views.SeededViews(seed, k)[i] draws it; the features are stacked to (views, N, ...); val is
     passed once, unaugmented, as always. The pass loads with a batch size and workers of its own
-    (`plan`, else pass_input.pass_plan's defaults), uint8 images made float per batch (pass_input: the same values).
+    (`plan`: pass_input.pass_plan), uint8 images made float per batch (pass_input: the same values).
 
     Data parallel: each rank computes a contiguous slice of train, and the slices are gathered in rank
     order (= dataset order), so every rank holds the whole train cache and samples it exactly as one
     process would; each rank keeps only the features of its own val shard.
     """
     start = time.perf_counter()
-    plan = plan or pass_input.pass_plan(None, batch_size, None, train_loader.num_workers, env.frozen_compute.device,
-                                        None, env.frozen_precision.dtype is not None)
     order = shard(len(train_loader.dataset), dist.world, dist.rank) if dist.active else None
     train_in = pass_input.pass_input(train_loader.dataset, train_loader.collate_fn, plan, views, seed, order)
     val_in = pass_input.pass_input(val_loader.dataset, val_loader.collate_fn, plan,
