@@ -104,7 +104,7 @@ def decoding(spec, prep, device: torch.device) -> float:
         source = pass_input.eval_input(splits.train + splits.val, prep, None, 0, device, streams=streams,
                                        reduced=True)
         start, n = time.perf_counter(), 0
-        for _, _out, labels in pass_streams.map_splits([source], compute, nothing, nothing):
+        for _, _out, labels in pass_streams.map_splits([source], compute, None, nothing):
             n += len(labels)
         return n / (time.perf_counter() - start)
 
