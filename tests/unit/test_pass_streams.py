@@ -160,3 +160,32 @@ def test_decide_sees_the_first_batch_before_any_batch_is_computed(streams) -> No
 
     outputs = list(pass_streams.map_batches(source, FP32, decide, step))
     assert seen.count("decided") == 1 and seen.count("step") == len(outputs) == 7  # 14 images, batches of 2
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_the_collector_is_off_during_a_pass_and_back_as_it_was_after(streams, enabled_before) -> None:
+    import gc
+
+    source = pass_input.pass_input(_images(6), skip_broken, _plan(streams))
+    during: list[bool] = []
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        during.append(gc.isenabled())
+        return x.mean(dim=(1, 2, 3))
+
+    was = gc.isenabled()
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        list(pass_streams.map_batches(source, FP32, None, step))
+        after_pass = gc.isenabled()
+        with pytest.raises(RuntimeError, match="boom"), pass_streams.gc_paused():
+            with pass_streams.gc_paused():  # nested: the outer one still holds it off
+                pass
+            assert not gc.isenabled()
+            raise RuntimeError("boom")
+        after_failure = gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert during == [False] * 3
+    assert after_pass is after_failure is enabled_before

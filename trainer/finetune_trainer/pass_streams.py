@@ -18,6 +18,8 @@ stream on every core (the reductions split differently), which is why fp32 passe
 from __future__ import annotations
 
 import collections
+import contextlib
+import gc
 import itertools
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +33,32 @@ from finetune_trainer.pass_input import as_pass_input, batches
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 Decide = Callable[[torch.Tensor], None]
+
+_paused = {"passes": 0, "was_enabled": False}
+_pausing = threading.Lock()
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the pass (reference counting still frees every tensor).
+
+    A pass makes almost no reference cycles, but a full collection of a process holding torch, torchvision
+    and a model walks every object it has, holding the GIL: 0.36-0.47 s for ~750,000 objects measured on
+    2 cores, in one pass of 2.9 s out of three or four, stalling every stream that needs the GIL to dispatch
+    its next op. torchtitan turns automatic collection off in its training loop for the same reason. Nested
+    and concurrent passes share one count: the collector comes back, as it was, when the last one ends."""
+    with _pausing:
+        if _paused["passes"] == 0:
+            _paused["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _paused["passes"] += 1
+    try:
+        yield
+    finally:
+        with _pausing:
+            _paused["passes"] -= 1
+            if _paused["passes"] == 0 and _paused["was_enabled"]:
+                gc.enable()
 
 
 def map_batches(loader, compute: Compute, decide: Decide | None,
@@ -53,7 +81,12 @@ def map_splits(loaders: Sequence, compute: Compute, decide: Decide | None,
     `decide` runs and compute once it returns. The splits share one pool, so the streams run on from one
     split's last batches into the next split's first ones instead of waiting for each other (the frozen
     pass's train and val: one pool start and one drain, not two)."""
-    sources = [as_pass_input(loader) for loader in loaders]
+    with gc_paused():
+        yield from _map_splits([as_pass_input(loader) for loader in loaders], compute, decide, step)
+
+
+def _map_splits(sources: list, compute: Compute, decide: Decide | None,
+                step: Step) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     streams, threads = sources[0].streams, sources[0].threads
     if streams <= 1:
         for s, source in enumerate(sources):
